@@ -1,0 +1,77 @@
+"""`atlas-voice`: serve, talk, models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+
+def _configure_logging(level: str) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper())
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from bots.server import create_app
+    from config.settings import get_settings
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    _configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=1 << 20)
+    return 0
+
+
+def cmd_talk(args) -> int:
+    from bots.talk import run_talk
+
+    return asyncio.run(run_talk(args.url, args.wav, args.repeat, args.out, args.timeout))
+
+
+def cmd_models(args) -> int:
+    from config.settings import get_settings
+    from services.local import models
+
+    settings = get_settings()
+    path = models.resolve_llm_path(settings.llm_model_path, settings.cache_dir, progress=True)
+    print(f"LLM: {path}")
+    print(f"Whisper: {models.whisper_model_dir()}")
+    print(f"Piper voice: {models.piper_voice_dir() / (models.PIPER_VOICE + '.onnx')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="atlas-voice", description="Atlas Voice: a voice agent on Pipecat")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server (browser page at /, voice at /ws)")
+    p.add_argument("--host", default=None, help="default ATLAS_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default ATLAS_PORT or 8000")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("talk", help="speak WAV files to a server and measure voice-to-voice latency")
+    p.add_argument("--wav", action="append", required=True, help="16-bit WAV to speak (repeatable)")
+    p.add_argument("--url", default="ws://127.0.0.1:8000/ws")
+    p.add_argument("--out", default=None, help="save all reply audio to this WAV")
+    p.add_argument("--repeat", type=int, default=1, help="speak the list this many times")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    p.set_defaults(func=cmd_talk)
+
+    p = sub.add_parser("models", help="assemble and verify the offline models (with progress)")
+    p.set_defaults(func=cmd_models)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

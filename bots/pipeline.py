@@ -1,0 +1,155 @@
+"""The one pipeline builder every door (WebSocket today; Twilio and Daily next) shares.
+
+transport in -> STT -> user aggregator (Silero VAD + smart-turn) -> context window (last N
+messages; the system prompt lives in the LLM settings) -> LLM -> TTS (sentence aggregation) ->
+transport out -> assistant aggregator (keeps only what was actually sent to be spoken).
+
+`Runtime` holds what is loaded once per process (engines, the local LLM server) and is passed to
+every build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from loguru import logger
+from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.services.openai.llm import OpenAILLMService
+from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
+from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import TurnAnalyzerUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from config.prompts import system_prompt
+from config.settings import Settings
+from processors.context_window import ContextWindow
+from processors.sentence_marker import SentenceMarker
+from services.local.engines import (
+    LocalEngines,
+    SharedPiperTTSService,
+    SharedSileroVADAnalyzer,
+    SharedSmartTurnAnalyzerV3,
+    SharedWhisperSTTService,
+)
+
+CLIENT_SAMPLE_RATE = 16000
+
+
+@dataclass
+class Runtime:
+    """Process-wide state: loaded once at start-up, shared by every session."""
+
+    settings: Settings
+    engines: LocalEngines | None = None
+    llm_base_url: str | None = None
+    llm_model: str = "local"
+    llm_server: object | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    load_error: str | None = None
+
+    @property
+    def output_sample_rate(self) -> int:
+        voice = getattr(self.engines, "piper_voice", None)
+        return voice.config.sample_rate if voice is not None else 22050
+
+    @classmethod
+    async def start(cls, settings: Settings) -> "Runtime":
+        runtime = cls(settings=settings)
+        await runtime.load()
+        return runtime
+
+    async def load(self) -> None:
+        """Load engines (in a thread: seconds of model loading) and start the local LLM if used."""
+        s = self.settings
+        try:
+            self.engines = await asyncio.to_thread(LocalEngines.load, smart_turn=s.smart_turn)
+            if s.resolved_llm == "openai":
+                if not s.llm_url:
+                    raise ValueError("ATLAS_LLM=openai needs ATLAS_LLM_URL")
+                self.llm_base_url, self.llm_model = s.llm_url, s.llm_model_name
+            else:
+                from services.local.llama_server import LlamaServer
+                from services.local.models import resolve_llm_path
+
+                path = await asyncio.to_thread(resolve_llm_path, s.llm_model_path, s.cache_dir, False)
+                server = LlamaServer(path, threads=s.llm_threads, context_tokens=s.llm_context_tokens)
+                await server.start()
+                self.llm_server, self.llm_base_url, self.llm_model = server, server.base_url, "local"
+            self.ready.set()
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            logger.exception(f"Engine loading failed: {e}")
+            raise
+
+    async def close(self) -> None:
+        if self.llm_server is not None:
+            await self.llm_server.stop()
+
+
+@dataclass
+class BuiltPipeline:
+    pipeline: Pipeline
+    context: LLMContext
+    llm: OpenAILLMService
+    context_window: ContextWindow
+
+
+def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
+    s = runtime.settings
+    engines = runtime.engines
+    assert engines is not None, "engines are not loaded"
+
+    stt = SharedWhisperSTTService(
+        engines.whisper, partials=s.whisper_partials, partial_interval=s.whisper_partial_interval_secs
+    )
+    llm = OpenAILLMService(
+        api_key=s.llm_api_key,
+        base_url=runtime.llm_base_url,
+        settings=OpenAILLMService.Settings(
+            model=runtime.llm_model,
+            system_instruction=system_prompt(local_model=True),
+            max_tokens=s.max_tokens,
+            temperature=s.llm_temperature,
+        ),
+    )
+    tts = SharedPiperTTSService(engines.piper_voice)
+
+    vad = SharedSileroVADAnalyzer(engines.silero_session, params=VADParams(stop_secs=s.vad_stop_secs))
+    if s.smart_turn and engines.smart_turn_session is not None:
+        stop = [
+            TurnAnalyzerUserTurnStopStrategy(
+                turn_analyzer=SharedSmartTurnAnalyzerV3(
+                    engines.smart_turn_session, params=SmartTurnParams(stop_secs=s.smart_turn_stop_secs)
+                )
+            )
+        ]
+    else:
+        stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.vad_stop_secs)]
+
+    context = LLMContext()
+    aggregators = LLMContextAggregatorPair(
+        context,
+        user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=stop)),
+    )
+    window = ContextWindow(max_messages=s.context_messages)
+    pipeline = Pipeline(
+        [
+            transport.input(),
+            stt,
+            aggregators.user(),
+            window,
+            llm,
+            tts,
+            SentenceMarker(),
+            transport.output(),
+            aggregators.assistant(),
+        ]
+    )
+    return BuiltPipeline(pipeline=pipeline, context=context, llm=llm, context_window=window)

@@ -1,0 +1,66 @@
+"""The HTTP server: the browser page at `/`, `/healthz`, and the `/ws` voice door.
+
+Engines load in the background after the server starts listening, so `/healthz` can say
+"loading" (503) and then "ok" (200) rather than the port being closed for a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from loguru import logger
+
+from bots.pipeline import Runtime
+from bots.websocket_bot import serve_websocket
+from config.settings import Settings, get_settings
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    runtime = Runtime(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(runtime.load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await runtime.close()
+
+    app = FastAPI(title="Atlas Voice", lifespan=lifespan)
+    app.state.runtime = runtime
+
+    @app.get("/healthz")
+    async def healthz():
+        if runtime.ready.is_set():
+            return {"status": "ok", "stt": settings.resolved_stt, "llm": settings.resolved_llm,
+                    "tts": settings.resolved_tts}
+        if runtime.load_error:
+            return JSONResponse({"status": "error", "error": runtime.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        if settings.allowed_origins:
+            origin = websocket.headers.get("origin", "")
+            if origin not in settings.allowed_origins:
+                logger.warning(f"websocket from origin {origin!r} refused")
+                await websocket.close(code=1008)
+                return
+        await serve_websocket(websocket, runtime)
+
+    return app

@@ -1,0 +1,255 @@
+"""The browser/WebSocket door: handshake, one Pipecat pipeline per session, clean endings.
+
+Life of a connection:
+1. accept; wait (up to ATLAS_SESSION_START_TIMEOUT_SECS) for a valid `session_start`. Anything
+   else before it gets an `error` (NOT_STARTED, INVALID_JSON, ...) and the wait goes on.
+2. `session_started` with the audio format, `status: listening`; the pipeline runs.
+3. it ends on `session_stop`, on idle timeout, on max duration, on a pipeline failure, or when
+   the client goes away. Whenever the client is still there it gets `session_end` with the metrics
+   (sent from the serializer as the output transport stops, before the socket closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import WebSocket, WebSocketDisconnect
+from loguru import logger
+from pipecat.frames.frames import CancelFrame, EndFrame, Frame, OutputTransportMessageUrgentFrame
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
+from pipecat.workers.runner import WorkerRunner
+from starlette.websockets import WebSocketState
+
+from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
+from processors.client_events import ClientEventsObserver
+from processors.turn_metrics import TurnMetricsObserver
+from transports.protocol import (
+    AtlasProtocolSerializer,
+    AtlasWebsocketTransport,
+    ErrorCode,
+    ProtocolError,
+    SessionStart,
+    check_audio,
+    error_message,
+    parse_session_start,
+    parse_text_message,
+)
+
+# WebSocket close codes (documented in docs/PROTOCOL.md)
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008  # no session_start in time
+CLOSE_TRY_AGAIN = 1013  # server not ready
+
+
+async def _send_json(websocket: WebSocket, message: dict) -> None:
+    if websocket.client_state == WebSocketState.CONNECTED:
+        try:
+            await websocket.send_text(json.dumps(message))
+        except Exception as e:  # the client may vanish at any moment
+            logger.debug(f"send failed: {e}")
+
+
+async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | None:
+    """Wait for a valid session_start; answer every other message with an error."""
+    s = runtime.settings
+    deadline = time.monotonic() + s.session_start_timeout_secs
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(websocket.receive(), timeout=max(remaining, 0.001))
+        except TimeoutError:
+            await _send_json(
+                websocket,
+                error_message(ErrorCode.SESSION_START_TIMEOUT, f"no session_start within {s.session_start_timeout_secs:g}s"),
+            )
+            await websocket.close(CLOSE_POLICY)
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        try:
+            if message.get("bytes") is not None:
+                check_audio(message["bytes"], s.max_audio_frame_bytes)
+                raise ProtocolError(ErrorCode.NOT_STARTED, "send session_start before audio")
+            msg = parse_text_message(message.get("text") or "", s.max_text_message_bytes)
+            if msg["type"] != "session_start":
+                raise ProtocolError(ErrorCode.NOT_STARTED, f"send session_start before '{msg['type']}'")
+            return parse_session_start(msg)
+        except ProtocolError as e:
+            await _send_json(websocket, e.to_message())
+
+
+@dataclass
+class Session:
+    """One live conversation over one WebSocket."""
+
+    runtime: Runtime
+    websocket: WebSocket
+    start: SessionStart
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started_at: float = field(default_factory=time.monotonic)
+    last_audio_at: float = field(default_factory=time.monotonic)
+    end_reason: str = "client_disconnected"
+    worker: PipelineWorker | None = None
+    metrics: TurnMetricsObserver = field(default_factory=TurnMetricsObserver)
+
+    def _touch_audio(self, _n: int) -> None:
+        self.last_audio_at = time.monotonic()
+
+    def session_end_message(self) -> dict:
+        return {
+            "type": "session_end",
+            "sessionId": self.session_id,
+            "reason": self.end_reason,
+            "duration": round(time.monotonic() - self.started_at, 3),
+            "metrics": self.metrics.summary(),
+        }
+
+    async def stop(self, reason: str, error: tuple[ErrorCode, str] | None = None) -> None:
+        if self.worker is None or self.worker.has_finished():
+            return
+        self.end_reason = reason
+        if error:
+            await _send_json(self.websocket, error_message(*error))
+        await self.worker.cancel(reason=reason)
+
+    async def _watchdog(self) -> None:
+        s = self.runtime.settings
+        while True:
+            await asyncio.sleep(min(1.0, s.session_idle_timeout_secs / 4))
+            now = time.monotonic()
+            if now - self.last_audio_at > s.session_idle_timeout_secs:
+                await self.stop(
+                    "idle_timeout",
+                    (ErrorCode.SESSION_IDLE_TIMEOUT, f"no audio for {s.session_idle_timeout_secs:g}s"),
+                )
+                return
+            if now - self.started_at > s.session_max_secs:
+                await self.stop(
+                    "max_duration",
+                    (ErrorCode.SESSION_MAX_DURATION, f"sessions last at most {s.session_max_secs:g}s"),
+                )
+                return
+
+    async def run(self) -> None:
+        rt, s = self.runtime, self.runtime.settings
+        out_rate = rt.output_sample_rate
+
+        async def on_session_stop():
+            # Called from inside the input transport's receive loop: end from another task.
+            asyncio.get_running_loop().create_task(self.stop("client_stop"))
+
+        session = self
+
+        class _Serializer(AtlasProtocolSerializer):
+            async def serialize(self, frame: Frame):
+                if isinstance(frame, (EndFrame, CancelFrame)):
+                    return json.dumps(session.session_end_message())
+                return await super().serialize(frame)
+
+        serializer = _Serializer(
+            max_audio_bytes=s.max_audio_frame_bytes,
+            max_text_bytes=s.max_text_message_bytes,
+            on_session_stop=on_session_stop,
+            on_audio=self._touch_audio,
+        )
+        transport = AtlasWebsocketTransport(
+            self.websocket,
+            FastAPIWebsocketParams(
+                audio_in_enabled=True,
+                audio_out_enabled=True,
+                audio_in_sample_rate=CLIENT_SAMPLE_RATE,
+                audio_out_sample_rate=out_rate,
+                serializer=serializer,
+                allowed_origins=[],
+            ),
+        )
+        built = build_pipeline(rt, transport)
+
+        async def send(message: dict) -> None:
+            if self.worker is not None and not self.worker.has_finished():
+                await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message=message))
+
+        events = ClientEventsObserver(send)
+        self.worker = PipelineWorker(
+            built.pipeline,
+            params=PipelineParams(
+                audio_in_sample_rate=CLIENT_SAMPLE_RATE,
+                audio_out_sample_rate=out_rate,
+                enable_metrics=True,
+                enable_usage_metrics=True,
+            ),
+            observers=[events, self.metrics],
+            idle_timeout_secs=None,
+            enable_rtvi=False,
+            conversation_id=self.start.conversation_id,
+        )
+
+        @transport.event_handler("on_client_disconnected")
+        async def _on_disconnected(_transport, _ws):
+            await self.stop(self.end_reason if self.end_reason != "client_disconnected" else "client_disconnected")
+
+        @self.worker.event_handler("on_pipeline_error")
+        async def _on_error(_worker, frame):
+            logger.warning(f"session {self.session_id}: pipeline error: {frame.error}")
+            await send(error_message(ErrorCode.PIPELINE_ERROR, "a speech engine failed; the session goes on"))
+
+        await _send_json(
+            self.websocket,
+            {
+                "type": "session_started",
+                "sessionId": self.session_id,
+                "audioFormat": {"encoding": "pcm_s16le", "sampleRate": out_rate, "channels": 1},
+                "input": {"encoding": "pcm_s16le", "sampleRate": CLIENT_SAMPLE_RATE, "channels": 1,
+                          "maxFrameBytes": s.max_audio_frame_bytes},
+            },
+        )
+        await _send_json(self.websocket, {"type": "status", "status": "listening"})
+        logger.info(f"session {self.session_id} started (user {self.start.user_id})")
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(self.worker)
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await runner.run()
+        finally:
+            watchdog.cancel()
+            summary = self.metrics.summary()
+            logger.info(
+                f"session {self.session_id} ended ({self.end_reason}): {summary['turns']} turns, "
+                f"v2v p50 {summary['p50Latency']} ms p95 {summary['p95Latency']} ms"
+            )
+            if self.websocket.client_state == WebSocketState.CONNECTED:
+                try:
+                    await self.websocket.close(CLOSE_NORMAL)
+                except Exception:
+                    pass
+
+
+async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
+    await websocket.accept()
+    try:
+        if not runtime.ready.is_set():
+            await _send_json(
+                websocket,
+                error_message(ErrorCode.SERVER_NOT_READY, "engines are still loading; retry in a few seconds"),
+            )
+            await websocket.close(CLOSE_TRY_AGAIN)
+            return
+        start = await handshake(websocket, runtime)
+        if start is None:
+            return
+        await Session(runtime, websocket, start).run()
+    except WebSocketDisconnect:
+        pass
+    except Exception as e:  # never let one session take the server down
+        logger.exception(f"websocket session failed: {e}")
+        await _send_json(websocket, error_message(ErrorCode.INTERNAL_ERROR, "internal error; the session ended"))
+        try:
+            await websocket.close(1011)
+        except Exception:
+            pass

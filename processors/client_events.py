@@ -1,0 +1,92 @@
+"""Tell the client what the conversation is doing: `status`, `partial_transcript`, `final_transcript`.
+
+An observer, because these moments are spread over the pipeline (STT, the user aggregator, the
+output transport) and an observer sees all of them without adding a hop to the audio path. It
+sends through `send`, which queues an urgent transport message into the session's pipeline.
+
+Status moves listening -> transcribing (the user is talking) -> thinking (the user's turn ended
+with words; the LLM is working) -> speaking (the first reply audio has left the server) ->
+listening (the reply is done or was interrupted and the user is quiet).
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    InterimTranscriptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    TranscriptionFrame,
+    TTSStartedFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.stt_service import STTService
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+def transcript_message(kind: str, frame) -> dict:
+    result = frame.result if isinstance(frame.result, dict) else {}
+    confidence = result.get("confidence")
+    return {
+        "type": kind,
+        "text": frame.text.strip(),
+        "confidence": float(confidence) if isinstance(confidence, (int, float)) else None,
+    }
+
+
+class ClientEventsObserver(BaseObserver):
+    def __init__(self, send: Send, **kwargs):
+        super().__init__(observe_every_push=False, **kwargs)
+        self._send = send
+        self.status = "listening"
+        self._user_speaking = False
+        self._turn_has_words = False
+        self._bot_speaking = False
+        self._response_spoke = False
+
+    async def _set(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            await self._send({"type": "status", "status": status})
+
+    async def on_push_frame(self, data: FramePushed):
+        frame = data.frame
+        if data.direction != FrameDirection.DOWNSTREAM:
+            return
+        if isinstance(frame, (TranscriptionFrame, InterimTranscriptionFrame)):
+            if not isinstance(data.source, STTService) or not frame.text.strip():
+                return
+            final = isinstance(frame, TranscriptionFrame)
+            if final:
+                self._turn_has_words = True
+            await self._send(transcript_message("final_transcript" if final else "partial_transcript", frame))
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            self._user_speaking = True
+            self._turn_has_words = False
+            await self._set("transcribing")
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            self._user_speaking = False
+            if not self._bot_speaking:
+                await self._set("thinking" if self._turn_has_words else "listening")
+        elif isinstance(frame, LLMFullResponseStartFrame):
+            self._response_spoke = False
+            if not self._user_speaking and not self._bot_speaking:
+                await self._set("thinking")
+        elif isinstance(frame, TTSStartedFrame):
+            self._response_spoke = True
+        elif isinstance(frame, LLMFullResponseEndFrame):
+            if not self._response_spoke and self.status == "thinking":
+                await self._set("listening")
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+            await self._set("speaking")
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_speaking = False
+            await self._set("transcribing" if self._user_speaking else "listening")

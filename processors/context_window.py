@@ -1,0 +1,46 @@
+"""Keep the LLM's conversation to the last N messages.
+
+Pipecat has no "last N messages" cap (its context grows without bound, one of the complaints
+about long calls), so this processor sits between the user aggregator and the LLM and trims the
+shared `LLMContext` in place each time it is sent for inference. Trimming in place (not a copy)
+keeps memory and request size flat for the whole call. The system prompt lives in the LLM
+service's settings, never in the message list, so it is never trimmed. A cut never separates a
+tool result from the call that produced it.
+"""
+
+from __future__ import annotations
+
+from pipecat.frames.frames import Frame, LLMContextFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+
+def _is_tool_result(message) -> bool:
+    return isinstance(message, dict) and message.get("role") == "tool"
+
+
+def trim_messages(messages: list, keep: int) -> list:
+    """The last `keep` messages, moving the cut earlier rather than orphan a tool result."""
+    if keep <= 0 or len(messages) <= keep:
+        return list(messages)
+    start = len(messages) - keep
+    while start > 0 and _is_tool_result(messages[start]):
+        start -= 1
+    return list(messages[start:])
+
+
+class ContextWindow(FrameProcessor):
+    def __init__(self, max_messages: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        self.max_messages = max_messages
+        self.trimmed_total = 0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            context = frame.context
+            messages = context.get_messages()
+            kept = trim_messages(messages, self.max_messages)
+            if len(kept) != len(messages):
+                self.trimmed_total += len(messages) - len(kept)
+                context.set_messages(kept)
+        await self.push_frame(frame, direction)

@@ -1,0 +1,211 @@
+"""Local engines, loaded once per process and shared by every session.
+
+Pipecat's local services each load their model in `__init__` (Whisper 245 MB, Piper 63 MB, Silero
+and smart-turn ONNX sessions ~22 MB plus ~20 MB after first use), which is why a bare Pipecat server
+costs ~50 MB and a model load per call. Here one `LocalEngines` object holds the heavy, read-only
+parts (the CTranslate2 Whisper model, the Piper voice, the ONNX inference sessions) and thin
+subclasses of Pipecat's services and analyzers take them instead of loading their own. Per-session
+state (VAD recurrent state, audio buffers) stays per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import AsyncGenerator
+
+import numpy as np
+from loguru import logger
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipecat.audio.turn.smart_turn.base_smart_turn import BaseSmartTurn  # noqa: E402
+from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3  # noqa: E402
+from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer  # noqa: E402
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams  # noqa: E402
+from pipecat.frames.frames import (  # noqa: E402
+    ErrorFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.services.piper.tts import PiperTTSService  # noqa: E402
+from pipecat.services.tts_service import TTSService  # noqa: E402
+from pipecat.services.whisper.stt import WhisperSTTService  # noqa: E402
+from pipecat.utils.time import time_now_iso8601  # noqa: E402
+
+from services.local import models  # noqa: E402
+
+
+@dataclass
+class LocalEngines:
+    """The process-wide models. Build with `LocalEngines.load()` (blocking, seconds)."""
+
+    whisper: object | None = None
+    piper_voice: object | None = None
+    silero_session: object | None = None
+    smart_turn_session: object | None = None
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, *, stt: bool = True, tts: bool = True, smart_turn: bool = True) -> "LocalEngines":
+        engines = cls()
+        t0 = time.perf_counter()
+        # Silero and smart-turn: build one analyzer each the normal way and keep its session.
+        engines.silero_session = SileroVADAnalyzer()._model.session
+        engines.load_seconds["silero"] = time.perf_counter() - t0
+        if smart_turn:
+            t = time.perf_counter()
+            engines.smart_turn_session = LocalSmartTurnAnalyzerV3()._session
+            engines.load_seconds["smart_turn"] = time.perf_counter() - t
+        if stt:
+            from faster_whisper import WhisperModel
+
+            t = time.perf_counter()
+            engines.whisper = WhisperModel(
+                str(models.whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=2, num_workers=2
+            )
+            engines.load_seconds["whisper"] = time.perf_counter() - t
+        if tts:
+            from piper import PiperVoice
+
+            t = time.perf_counter()
+            engines.piper_voice = PiperVoice.load(models.piper_voice_dir() / f"{models.PIPER_VOICE}.onnx")
+            engines.load_seconds["piper"] = time.perf_counter() - t
+        logger.info(
+            "Local engines loaded: " + ", ".join(f"{k} {v:.2f}s" for k, v in engines.load_seconds.items())
+        )
+        return engines
+
+
+class SharedSileroVADAnalyzer(SileroVADAnalyzer):
+    """Pipecat's Silero analyzer with the process-wide ONNX session (state stays per session)."""
+
+    def __init__(self, session, *, sample_rate: int | None = None, params: VADParams | None = None):
+        VADAnalyzer.__init__(self, sample_rate=sample_rate, params=params)
+        model = SileroOnnxModel.__new__(SileroOnnxModel)
+        model.session = session
+        model.sample_rates = [8000, 16000]
+        model.reset_states()
+        self._model = model
+        self._windows_since_reset = 0
+        self._low_confidence_windows = 0
+
+
+class SharedSmartTurnAnalyzerV3(LocalSmartTurnAnalyzerV3):
+    """Pipecat's local smart-turn v3 with the process-wide ONNX session."""
+
+    def __init__(self, session, **kwargs):
+        BaseSmartTurn.__init__(self, **kwargs)
+        self._log_data = False
+        self._session = session
+
+
+class SharedPiperTTSService(PiperTTSService):
+    """Pipecat's Piper service speaking with the process-wide voice instead of loading its own."""
+
+    def __init__(self, voice, **kwargs):
+        settings = PiperTTSService.Settings(model=None, voice=models.PIPER_VOICE, language=None)
+        TTSService.__init__(self, push_start_frame=True, push_stop_frames=True, settings=settings, **kwargs)
+        self._voice = voice
+
+
+def _confidence(segments) -> float:
+    """Whisper gives a mean log-probability per segment; exp() of its duration-weighted mean."""
+    total = sum(max(s.end - s.start, 0.01) for s in segments)
+    if not total:
+        return 0.0
+    logprob = sum(s.avg_logprob * max(s.end - s.start, 0.01) for s in segments) / total
+    return round(min(1.0, math.exp(logprob)), 3)
+
+
+class SharedWhisperSTTService(WhisperSTTService):
+    """Pipecat's segmented Whisper service on the shared model, with confidence and live partials.
+
+    Pipecat's service transcribes only once the VAD says the user stopped. We add two things users
+    notice: `confidence` on every transcript (exp of Whisper's mean log-probability), and partial
+    transcripts while the user is still talking, by re-transcribing the growing segment every
+    `partial_interval` seconds (greedy, one at a time, skipped when the previous one still runs).
+    """
+
+    def __init__(self, model, *, beam_size: int = 1, partials: bool = True, partial_interval: float = 0.8, **kwargs):
+        self._shared_model = model
+        self._beam_size = beam_size
+        self._partials = partials
+        self._partial_interval = partial_interval
+        self._partial_task: asyncio.Task | None = None
+        self._last_partial = 0.0
+        self._segment_generation = 0
+        settings = WhisperSTTService.Settings(model="tiny.en", language="en", no_speech_prob=0.6)
+        super().__init__(settings=settings, **kwargs)
+
+    def _load(self):
+        self._model = self._shared_model
+
+    def _transcribe(self, pcm: bytes, beam_size: int):
+        audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+        segments, _ = self._model.transcribe(
+            audio, language="en", beam_size=beam_size, condition_on_previous_text=False, without_timestamps=True
+        )
+        kept = [s for s in segments if s.no_speech_prob < 0.6]
+        text = " ".join(s.text.strip() for s in kept).strip()
+        return text, _confidence(kept)
+
+    async def process_frame(self, frame: Frame, direction):
+        if isinstance(frame, (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame)):
+            # A new segment boundary: any partial still running belongs to the old one.
+            self._segment_generation += 1
+            self._last_partial = time.monotonic()
+        await super().process_frame(frame, direction)
+
+    async def process_audio_frame(self, frame, direction):
+        await super().process_audio_frame(frame, direction)
+        if (
+            self._partials
+            and self._user_speaking
+            and (self._partial_task is None or self._partial_task.done())
+            and time.monotonic() - self._last_partial >= self._partial_interval
+        ):
+            self._last_partial = time.monotonic()
+            self._partial_task = self.create_task(
+                self._run_partial(bytes(self._audio_buffer), self._segment_generation), name="whisper-partial"
+            )
+
+    async def _run_partial(self, pcm: bytes, generation: int):
+        try:
+            text, confidence = await asyncio.to_thread(self._transcribe, pcm, 1)
+        except Exception as e:  # a failed partial is not worth an error to the user
+            logger.debug(f"{self}: partial transcription failed: {e}")
+            return
+        if text and generation == self._segment_generation and self._user_speaking:
+            await self.push_frame(
+                InterimTranscriptionFrame(
+                    text, self._user_id, time_now_iso8601(), "en", result={"confidence": confidence}
+                )
+            )
+
+    async def cancel(self, frame):
+        if self._partial_task:
+            await self.cancel_task(self._partial_task)
+        await super().cancel(frame)
+
+    async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame, None]:
+        if not self._model:
+            yield ErrorFrame("Whisper model not available")
+            return
+        await self.start_processing_metrics()
+        try:
+            text, confidence = await asyncio.to_thread(self._transcribe, audio, self._beam_size)
+        finally:
+            await self.stop_processing_metrics()
+        if text:
+            logger.debug(f"{self}: transcription [{text}] confidence {confidence}")
+            yield TranscriptionFrame(
+                text, self._user_id, time_now_iso8601(), "en", result={"confidence": confidence}
+            )
+

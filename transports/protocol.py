@@ -1,0 +1,243 @@
+"""The Atlas WebSocket protocol: message validation, error codes, and Pipecat's serializer for it.
+
+Pipecat has no serializer for a JSON-control + raw-PCM protocol, so this module writes one
+(`AtlasProtocolSerializer`) on Pipecat's `FrameSerializer` interface. Everything a client can send
+is validated here, and every rejection is an `error` message with a code from `ErrorCode` (the
+list in docs/PROTOCOL.md). `docs/PROTOCOL.md` is the contract; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    OutputTransportMessageFrame,
+    OutputTransportMessageUrgentFrame,
+    TTSTextFrame,
+)
+from pipecat.serializers.base_serializer import FrameSerializer
+from processors.sentence_marker import SentenceStartFrame
+from pipecat.transports.websocket.fastapi import (
+    FastAPIWebsocketOutputTransport,
+    FastAPIWebsocketTransport,
+)
+
+CLIENT_SAMPLE_RATE = 16000
+MAX_ID_LENGTH = 256
+
+
+class ErrorCode(StrEnum):
+    NOT_STARTED = "NOT_STARTED"  # audio or a control message before session_start
+    ALREADY_STARTED = "ALREADY_STARTED"  # a second session_start
+    INVALID_JSON = "INVALID_JSON"  # a text frame that is not JSON
+    INVALID_MESSAGE = "INVALID_MESSAGE"  # JSON that is not an object, or has no string `type`
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"  # a `type` the server does not know
+    INVALID_FIELD = "INVALID_FIELD"  # a required field missing, or a field of the wrong type
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"  # a binary or text frame over the documented maximum
+    ODD_LENGTH_PCM = "ODD_LENGTH_PCM"  # binary audio whose length is not whole 16-bit samples
+    SESSION_START_TIMEOUT = "SESSION_START_TIMEOUT"  # no session_start soon enough after connecting
+    SESSION_IDLE_TIMEOUT = "SESSION_IDLE_TIMEOUT"  # no audio for ATLAS_SESSION_IDLE_TIMEOUT_SECS
+    SESSION_MAX_DURATION = "SESSION_MAX_DURATION"  # the session reached ATLAS_SESSION_MAX_SECS
+    SERVER_NOT_READY = "SERVER_NOT_READY"  # engines still loading
+    PIPELINE_ERROR = "PIPELINE_ERROR"  # an engine failed during the session
+    INTERNAL_ERROR = "INTERNAL_ERROR"  # anything else; the message names no internals
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_message(self) -> dict[str, Any]:
+        return error_message(self.code, self.message)
+
+
+def error_message(code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": str(code), "message": message}
+
+
+CONTROL_TYPES = {"mute", "unmute", "interrupt", "session_stop"}
+CLIENT_TYPES = CONTROL_TYPES | {"session_start"}
+
+
+@dataclass(frozen=True)
+class SessionStart:
+    user_id: str
+    conversation_id: str
+    auth_token: str | None
+
+
+def _string_field(msg: dict, name: str, required: bool) -> str | None:
+    if name not in msg or msg[name] is None:
+        if required:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"session_start needs a string field '{name}'")
+        return None
+    value = msg[name]
+    if not isinstance(value, str):
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD, f"'{name}' must be a string, got {type(value).__name__}"
+        )
+    if len(value) > MAX_ID_LENGTH and name != "authToken":
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"'{name}' is longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def parse_text_message(data: str, max_bytes: int) -> dict[str, Any]:
+    """Parse one client text frame into a validated message dict, or raise ProtocolError."""
+    if len(data) > max_bytes:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"text messages are limited to {max_bytes} bytes")
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "text frames must be JSON objects") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
+    kind = msg.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message needs a string field 'type'")
+    if kind not in CLIENT_TYPES:
+        shown = kind if len(kind) <= 40 else kind[:40] + "..."
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type '{shown}'")
+    return msg
+
+
+def parse_session_start(msg: dict[str, Any]) -> SessionStart:
+    return SessionStart(
+        user_id=_string_field(msg, "userId", True),
+        conversation_id=_string_field(msg, "conversationId", True),
+        auth_token=_string_field(msg, "authToken", False),
+    )
+
+
+def check_audio(data: bytes, max_bytes: int) -> None:
+    if len(data) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.FRAME_TOO_LARGE, f"audio frames are limited to {max_bytes} bytes; this one has {len(data)}"
+        )
+    if len(data) % 2:
+        raise ProtocolError(
+            ErrorCode.ODD_LENGTH_PCM, f"audio must be whole 16-bit samples; got {len(data)} bytes (odd)"
+        )
+
+
+class AtlasProtocolSerializer(FrameSerializer):
+    """Serializer for one session of the Atlas protocol (it keeps that session's small state).
+
+    In: binary PCM s16le 16 kHz mono -> InputAudioRawFrame; `mute`/`unmute` gate the audio (muted
+    audio becomes silence of the same length, so the VAD closes any open turn); `interrupt` ->
+    InterruptionFrame; `session_stop` is handed to `on_session_stop`. Bad input becomes an urgent
+    `error` message that travels to the output transport; the session goes on.
+
+    Out: audio -> `audio_chunk` (base64 PCM at the session's output rate) stamped with the
+    reply sentence it belongs to; spoken text -> `bot_transcript`; an interruption while the client
+    may still be playing -> `audio_flush`; transport messages -> their JSON.
+    """
+
+    def __init__(self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None):
+        super().__init__()
+        self._max_audio = max_audio_bytes
+        self._max_text = max_text_bytes
+        self._on_session_stop = on_session_stop
+        self._on_audio = on_audio
+        self.muted = False
+        self.sentence_index = -1  # the first SentenceStartFrame makes it 0
+        self._client_playing_until = 0.0
+        self.interruptions_flushed = 0
+
+    # ---- client -> server -------------------------------------------------------------------
+    async def deserialize(self, data: str | bytes) -> Frame | None:
+        try:
+            if isinstance(data, (bytes, bytearray)):
+                check_audio(data, self._max_audio)
+                if not data:
+                    return None
+                if self._on_audio:
+                    self._on_audio(len(data))
+                audio = bytes(len(data)) if self.muted else bytes(data)
+                return InputAudioRawFrame(audio=audio, sample_rate=CLIENT_SAMPLE_RATE, num_channels=1)
+            msg = parse_text_message(data, self._max_text)
+        except ProtocolError as e:
+            return OutputTransportMessageUrgentFrame(message=e.to_message())
+        kind = msg["type"]
+        if kind == "session_start":
+            return OutputTransportMessageUrgentFrame(
+                message=error_message(ErrorCode.ALREADY_STARTED, "this connection already has a session")
+            )
+        if kind == "mute":
+            self.muted = True
+        elif kind == "unmute":
+            self.muted = False
+        elif kind == "interrupt":
+            return InterruptionFrame()
+        elif kind == "session_stop" and self._on_session_stop:
+            await self._on_session_stop()
+        return None
+
+    # ---- server -> client -------------------------------------------------------------------
+    async def serialize(self, frame: Frame) -> str | bytes | None:
+        if isinstance(frame, OutputAudioRawFrame):
+            now = time.monotonic()
+            duration = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+            self._client_playing_until = max(now, self._client_playing_until) + duration
+            return json.dumps(
+                {
+                    "type": "audio_chunk",
+                    "audio": base64.b64encode(frame.audio).decode("ascii"),
+                    "sentenceIndex": max(self.sentence_index, 0),
+                }
+            )
+        if isinstance(frame, SentenceStartFrame):
+            self.sentence_index += 1
+            return None
+        if isinstance(frame, TTSTextFrame):
+            # Queued behind its sentence's audio: that sentence has now been sent in full.
+            text = frame.text.strip()
+            if not text:
+                return None
+            return json.dumps({"type": "bot_transcript", "text": text, "sentenceIndex": max(self.sentence_index, 0)})
+        if isinstance(frame, InterruptionFrame):
+            # Pipecat interrupts at every user turn start; only tell the client to drop audio
+            # when some may still be queued or playing there.
+            if time.monotonic() < self._client_playing_until + 0.25:
+                self._client_playing_until = 0.0
+                self.interruptions_flushed += 1
+                return json.dumps({"type": "audio_flush", "reason": "interruption"})
+            return None
+        if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
+            return json.dumps(frame.message)
+        if isinstance(frame, (EndFrame, CancelFrame)):
+            return None
+        return None
+
+
+class AtlasOutputTransport(FastAPIWebsocketOutputTransport):
+    """Pipecat's WebSocket output, also handing queued non-audio frames to the serializer.
+
+    Pipecat's media sender releases frames such as TTSTextFrame in order behind the audio queued
+    before them and then calls `write_transport_frame`, which the FastAPI transport ignores. We
+    serialize them, so the client learns which sentence the audio belongs to at the moment that
+    audio has actually been sent.
+    """
+
+    async def write_transport_frame(self, frame: Frame):
+        await self._write_frame(frame)
+
+
+class AtlasWebsocketTransport(FastAPIWebsocketTransport):
+    """FastAPIWebsocketTransport with `AtlasOutputTransport` as its output."""
+
+    def __init__(self, websocket, params, **kwargs):
+        super().__init__(websocket, params, **kwargs)
+        self._output = AtlasOutputTransport(self, self._client, self._params, name=self._output_name)
