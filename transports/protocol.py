@@ -8,6 +8,7 @@ list in docs/PROTOCOL.md). `docs/PROTOCOL.md` is the contract; keep the two in s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -223,16 +224,38 @@ class AtlasProtocolSerializer(FrameSerializer):
 
 
 class AtlasOutputTransport(FastAPIWebsocketOutputTransport):
-    """Pipecat's WebSocket output, also handing queued non-audio frames to the serializer.
+    """Pipecat's WebSocket output with two changes.
 
-    Pipecat's media sender releases frames such as TTSTextFrame in order behind the audio queued
-    before them and then calls `write_transport_frame`, which the FastAPI transport ignores. We
-    serialize them, so the client learns which sentence the audio belongs to at the moment that
-    audio has actually been sent.
+    1. Queued non-audio frames reach the serializer. Pipecat's media sender releases frames such
+       as TTSTextFrame in order behind the audio queued before them and then calls
+       `write_transport_frame`, which the FastAPI transport ignores. We serialize them, so the
+       client learns which sentence the audio belongs to when that audio has been sent.
+    2. Pacing keeps the client `PLAYBACK_LEAD_SECS` ahead instead of one 40 ms chunk. Pipecat
+       sends audio at exactly real time once the first chunk is out, so any network hiccup longer
+       than a chunk is an audible gap. A 200 ms lead absorbs ordinary jitter while keeping "sent"
+       within 200 ms of "heard", which is what the context keeps on interruption.
     """
+
+    PLAYBACK_LEAD_SECS = 0.2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._client_clock = 0.0  # when the client will have played everything sent so far
 
     async def write_transport_frame(self, frame: Frame):
         await self._write_frame(frame)
+
+    async def process_frame(self, frame: Frame, direction):
+        if isinstance(frame, InterruptionFrame):
+            self._client_clock = 0.0  # the client drops its queue (audio_flush)
+        await super().process_frame(frame, direction)
+
+    async def _write_audio_sleep(self):
+        now = time.monotonic()
+        self._client_clock = max(self._client_clock, now) + self._send_interval
+        ahead = self._client_clock - now - self.PLAYBACK_LEAD_SECS
+        if ahead > 0:
+            await asyncio.sleep(ahead)
 
 
 class AtlasWebsocketTransport(FastAPIWebsocketTransport):

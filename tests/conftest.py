@@ -1,0 +1,98 @@
+"""Fixtures: real engines everywhere. One local llama.cpp server (behind a recording proxy) and one
+Atlas server per test session; utterances synthesized once by Piper."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import REPO, Speaker, free_port, running_server
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+UTTERANCES = {
+    "puppy": "Hi Atlas, can you suggest a good name for my new puppy?",
+    "dinner": "What should I cook for dinner tonight?",
+    "story": "Please tell me a long and detailed story about a brave little dragon who learns to fly.",
+    "cats": "Wait, stop. Tell me about cats instead.",
+}
+WINDOW_TOPICS = [
+    "apples", "rivers", "mountains", "violins", "gardens", "oceans",
+    "bicycles", "libraries", "volcanoes", "penguins", "lanterns", "castles",
+]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    path = REPO / "tests" / "artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("speech")
+    speaker = Speaker(out)
+    wavs = {name: speaker.say(name, text) for name, text in UTTERANCES.items()}
+    for i, topic in enumerate(WINDOW_TOPICS):
+        wavs[f"topic{i}"] = speaker.say(f"topic{i}", f"Say one short sentence about {topic}.")
+    return wavs
+
+
+@pytest.fixture(scope="session")
+def llm_upstream(tmp_path_factory):
+    """The real local LLM (llama.cpp server with the default, checksum-verified model)."""
+    from config.settings import Settings
+    from services.local.llama_server import LlamaServer
+    from services.local.models import resolve_llm_path
+
+    settings = Settings()
+    server = LlamaServer(resolve_llm_path(settings.llm_model_path, settings.cache_dir), threads=2)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(server.start())
+    yield server.base_url.removesuffix("/v1")
+    loop.run_until_complete(server.stop())
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def llm_record(tmp_path_factory, llm_upstream) -> Path:
+    """A recording proxy in front of the real LLM; returns the JSONL file of request bodies."""
+    record = tmp_path_factory.mktemp("llm") / "requests.jsonl"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "llm_recorder.py"), "--upstream", llm_upstream,
+         "--port", str(port), "--record", str(record)],
+    )
+    for _ in range(100):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    record.with_suffix(".url").write_text(f"http://127.0.0.1:{port}/v1")
+    yield record
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def atlas(llm_record, artifacts) -> str:
+    """The Atlas server on the real local engines, its LLM reached through the recording proxy."""
+    # Temperature 0: the same speech gets the same (long) reply every run, so tests are repeatable.
+    env = {"ATLAS_LLM_URL": llm_record.with_suffix(".url").read_text(), "ATLAS_LLM_MODEL_NAME": "local",
+           "ATLAS_LLM_TEMPERATURE": "0"}
+    with running_server(env, artifacts / "server.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def atlas_ws(atlas) -> str:
+    return atlas.replace("http://", "ws://") + "/ws"
