@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fastapi import WebSocket, WebSocketDisconnect
 from loguru import logger
-from pipecat.frames.frames import CancelFrame, EndFrame, Frame, OutputTransportMessageUrgentFrame
+from pipecat.frames.frames import OutputTransportMessageUrgentFrame
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from pipecat.workers.runner import WorkerRunner
@@ -94,6 +94,7 @@ class Session:
     started_at: float = field(default_factory=time.monotonic)
     last_audio_at: float = field(default_factory=time.monotonic)
     end_reason: str = "client_disconnected"
+    stopping: bool = False
     worker: PipelineWorker | None = None
     metrics: TurnMetricsObserver = field(default_factory=TurnMetricsObserver)
 
@@ -110,8 +111,10 @@ class Session:
         }
 
     async def stop(self, reason: str, error: tuple[ErrorCode, str] | None = None) -> None:
-        if self.worker is None or self.worker.has_finished():
+        """End the session once, for the first reason that comes (later ones are ignored)."""
+        if self.worker is None or self.worker.has_finished() or self.stopping:
             return
+        self.stopping = True
         self.end_reason = reason
         if error:
             await _send_json(self.websocket, error_message(*error))
@@ -143,19 +146,12 @@ class Session:
             # Called from inside the input transport's receive loop: end from another task.
             asyncio.get_running_loop().create_task(self.stop("client_stop"))
 
-        session = self
-
-        class _Serializer(AtlasProtocolSerializer):
-            async def serialize(self, frame: Frame):
-                if isinstance(frame, (EndFrame, CancelFrame)):
-                    return json.dumps(session.session_end_message())
-                return await super().serialize(frame)
-
-        serializer = _Serializer(
+        serializer = AtlasProtocolSerializer(
             max_audio_bytes=s.max_audio_frame_bytes,
             max_text_bytes=s.max_text_message_bytes,
             on_session_stop=on_session_stop,
             on_audio=self._touch_audio,
+            session_end=self.session_end_message,
         )
         transport = AtlasWebsocketTransport(
             self.websocket,
@@ -191,7 +187,7 @@ class Session:
 
         @transport.event_handler("on_client_disconnected")
         async def _on_disconnected(_transport, _ws):
-            await self.stop(self.end_reason if self.end_reason != "client_disconnected" else "client_disconnected")
+            await self.stop("client_disconnected")
 
         @self.worker.event_handler("on_pipeline_error")
         async def _on_error(_worker, frame):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from pipecat.frames.frames import InterruptionFrame, OutputAudioRawFrame, TTSTextFrame
+from pipecat.frames.frames import (
+    InterruptionFrame,
+    LLMContextFrame,
+    OutputAudioRawFrame,
+    TTSTextFrame,
+)
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.frames.frames import LLMContextFrame
 from pipecat.tests.utils import run_test
+from pipecat.utils.text.base_text_aggregator import TextType
 
 from processors.context_window import ContextWindow, trim_messages
 from processors.sentence_marker import SentenceStartFrame
@@ -65,8 +70,8 @@ async def test_serializer_numbers_sentences_and_flushes_only_while_audio_plays()
     s = AtlasProtocolSerializer(max_audio_bytes=65536, max_text_bytes=8192)
     audio = OutputAudioRawFrame(audio=b"\x00" * 1764, sample_rate=22050, num_channels=1)
     out = []
-    for frame in [SentenceStartFrame(), audio, audio, TTSTextFrame("One.", aggregated_by="sentence"),
-                  SentenceStartFrame(), audio, TTSTextFrame("Two.", aggregated_by="sentence")]:
+    for frame in [SentenceStartFrame(), audio, audio, TTSTextFrame("One.", text_type=TextType.SENTENCE),
+                  SentenceStartFrame(), audio, TTSTextFrame("Two.", text_type=TextType.SENTENCE)]:
         payload = await s.serialize(frame)
         if payload:
             out.append(json.loads(payload))

@@ -28,11 +28,12 @@ from pipecat.frames.frames import (
     TTSTextFrame,
 )
 from pipecat.serializers.base_serializer import FrameSerializer
-from processors.sentence_marker import SentenceStartFrame
 from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketOutputTransport,
     FastAPIWebsocketTransport,
 )
+
+from processors.sentence_marker import SentenceStartFrame
 
 CLIENT_SAMPLE_RATE = 16000
 MAX_ID_LENGTH = 256
@@ -143,15 +144,20 @@ class AtlasProtocolSerializer(FrameSerializer):
 
     Out: audio -> `audio_chunk` (base64 PCM at the session's output rate) stamped with the
     reply sentence it belongs to; spoken text -> `bot_transcript`; an interruption while the client
-    may still be playing -> `audio_flush`; transport messages -> their JSON.
+    may still be playing -> `audio_flush`; transport messages -> their JSON; the end of the
+    pipeline (End/Cancel, written just before the transport closes the socket) -> `session_end`
+    from the `session_end` callback.
     """
 
-    def __init__(self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None):
+    def __init__(
+        self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None
+    ):
         super().__init__()
         self._max_audio = max_audio_bytes
         self._max_text = max_text_bytes
         self._on_session_stop = on_session_stop
         self._on_audio = on_audio
+        self._session_end = session_end
         self.muted = False
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
         self._client_playing_until = 0.0
@@ -218,8 +224,8 @@ class AtlasProtocolSerializer(FrameSerializer):
             return None
         if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
             return json.dumps(frame.message)
-        if isinstance(frame, (EndFrame, CancelFrame)):
-            return None
+        if isinstance(frame, (EndFrame, CancelFrame)) and self._session_end is not None:
+            return json.dumps(self._session_end())
         return None
 
 
