@@ -263,6 +263,8 @@ async def run_talk(url: str, wavs: list[str], repeat: int, out: str | None, time
         print(f"voice-to-voice over {len(v2v)} turns: p50 {percentile(v2v, 0.5)} ms, p95 {percentile(v2v, 0.95)} ms")
     if end:
         breakdown = end["metrics"].get("turnBreakdown", [])
+        for b in breakdown:
+            print("server turn " + json.dumps(b))
         keys = ["vadStopMs", "sttMs", "turnEndMs", "llmFirstTokenMs", "firstSentenceMs", "ttsFirstAudioMs", "voiceToVoiceMs"]
         print("server breakdown (ms, p50 / p95): " + ", ".join(
             f"{k} {percentile([b[k] for b in breakdown if b[k] is not None], 0.5)} / "

@@ -33,6 +33,7 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
+    VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import (
@@ -108,7 +109,8 @@ class TurnMetricsObserver(BaseObserver):
         super().__init__(observe_every_push=False, **kwargs)
         self.turns: list[Turn] = []
         self.totals = SessionTotals()
-        self._current: Turn | None = None
+        self._current: Turn | None = None  # the user turn being spoken or transcribed
+        self._responding: Turn | None = None  # the last ended turn, which the bot is answering
         self._bot_speaking_turn: Turn | None = None
 
     def _turn(self) -> Turn:
@@ -127,9 +129,12 @@ class TurnMetricsObserver(BaseObserver):
             return
         if data.direction != FrameDirection.DOWNSTREAM:
             return
-        if isinstance(frame, UserStartedSpeakingFrame):
-            # A new user turn begins; the previous one (if any) is closed.
-            self._current = None
+        if isinstance(frame, (VADUserStartedSpeakingFrame, UserStartedSpeakingFrame)):
+            # Speech after a finished turn opens a new one. A pause inside a turn does not, and a
+            # turn that Pipecat starts from a late transcription keeps the VAD times it already has.
+            if self._current is not None and self._current.turn_end is not None:
+                self._current = None
+            self._turn()
         elif isinstance(frame, InterruptionFrame):
             turn = self._bot_speaking_turn
             if turn is not None and not turn.interrupted:
@@ -144,20 +149,22 @@ class TurnMetricsObserver(BaseObserver):
                 turn.transcript = t
             turn.user_text = (turn.user_text + " " + frame.text).strip()
         elif isinstance(frame, UserStoppedSpeakingFrame):
-            self._turn().turn_end = t
+            # The turn the reply that follows belongs to, even if the user starts talking again.
+            self._responding = self._turn()
+            self._responding.turn_end = t
         elif isinstance(frame, LLMTextFrame):
-            if self._current and self._current.llm_token is None:
-                self._current.llm_token = t
+            if self._responding and self._responding.llm_token is None:
+                self._responding.llm_token = t
         elif isinstance(frame, TTSStartedFrame):
-            if self._current and self._current.tts_start is None:
-                self._current.tts_start = t
+            if self._responding and self._responding.tts_start is None:
+                self._responding.tts_start = t
         elif isinstance(frame, TTSAudioRawFrame):
-            if self._current and self._current.tts_audio is None:
-                self._current.tts_audio = t
+            if self._responding and self._responding.tts_audio is None:
+                self._responding.tts_audio = t
         elif isinstance(frame, BotStartedSpeakingFrame):
-            if self._current and self._current.bot_audio is None:
-                self._current.bot_audio = t
-            self._bot_speaking_turn = self._current
+            if self._responding and self._responding.bot_audio is None:
+                self._responding.bot_audio = t
+            self._bot_speaking_turn = self._responding
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking_turn = None
 
