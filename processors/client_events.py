@@ -11,12 +11,14 @@ listening (the reply is done or was interrupted and the user is quiet).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Awaitable, Callable
 
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     InterimTranscriptionFrame,
+    InterruptionFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     TranscriptionFrame,
@@ -50,11 +52,16 @@ class ClientEventsObserver(BaseObserver):
         self._turn_has_words = False
         self._bot_speaking = False
         self._response_spoke = False
+        self._response_open = False  # the LLM is still producing the current reply
 
     async def _set(self, status: str) -> None:
         if status != self.status:
             self.status = status
             await self._send({"type": "status", "status": status})
+
+    def _settle(self) -> None:
+        if self.status == "thinking" and not (self._bot_speaking or self._user_speaking or self._response_open):
+            asyncio.get_running_loop().create_task(self._set("listening"))
 
     async def on_push_frame(self, data: FramePushed):
         frame = data.frame
@@ -75,18 +82,32 @@ class ClientEventsObserver(BaseObserver):
             self._user_speaking = False
             if not self._bot_speaking:
                 await self._set("thinking" if self._turn_has_words else "listening")
+        elif isinstance(frame, InterruptionFrame):
+            self._response_open = False
         elif isinstance(frame, LLMFullResponseStartFrame):
             self._response_spoke = False
+            self._response_open = True
             if not self._user_speaking and not self._bot_speaking:
                 await self._set("thinking")
         elif isinstance(frame, TTSStartedFrame):
             self._response_spoke = True
         elif isinstance(frame, LLMFullResponseEndFrame):
-            if not self._response_spoke and self.status == "thinking":
-                await self._set("listening")
+            self._response_open = False
+            if self.status == "thinking" and not self._bot_speaking and not self._user_speaking:
+                if not self._response_spoke:
+                    await self._set("listening")  # nothing to say (e.g. an empty reply)
+                else:
+                    # The last sentences may still be in TTS; if no audio follows, we are done.
+                    asyncio.get_running_loop().call_later(1.5, self._settle)
         elif isinstance(frame, BotStartedSpeakingFrame):
             self._bot_speaking = True
             await self._set("speaking")
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking = False
-            await self._set("transcribing" if self._user_speaking else "listening")
+            if self._user_speaking:
+                await self._set("transcribing")
+            elif self._response_open:
+                # The audio ran out before the LLM finished the reply: it is still thinking.
+                await self._set("thinking")
+            else:
+                await self._set("listening")

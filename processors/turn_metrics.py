@@ -7,9 +7,10 @@ and only downstream copies of broadcast frames are read. Times are the pipeline 
 
 Turn timeline (seconds on the pipeline clock):
   speech_end  = VAD stop - VAD stop_secs (when the user really went quiet)
-  vad_stop    = VADUserStoppedSpeakingFrame
-  transcript  = the final TranscriptionFrame
-  turn_end    = UserStoppedSpeakingFrame (after smart-turn and the transcript)
+  vad_stop    = the last VADUserStoppedSpeakingFrame before the turn ended
+  transcript  = the last final TranscriptionFrame before the turn ended
+  turn_end    = UserStoppedSpeakingFrame (after smart-turn and the transcript); a turn record is
+                made here, so a turn is one reply's worth of user speech
   llm_token   = the first LLMTextFrame of the reply
   tts_start   = the first TTSStartedFrame (the first sentence reached TTS)
   tts_audio   = the first TTSAudioRawFrame out of TTS
@@ -31,9 +32,7 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
-    UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
-    VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import (
@@ -109,15 +108,12 @@ class TurnMetricsObserver(BaseObserver):
         super().__init__(observe_every_push=False, **kwargs)
         self.turns: list[Turn] = []
         self.totals = SessionTotals()
-        self._current: Turn | None = None  # the user turn being spoken or transcribed
         self._responding: Turn | None = None  # the last ended turn, which the bot is answering
+        self._last_vad_stop: float | None = None
+        self._last_vad_stop_secs = 0.0
+        self._last_transcript: float | None = None
+        self._user_text = ""
         self._bot_speaking_turn: Turn | None = None
-
-    def _turn(self) -> Turn:
-        if self._current is None:
-            self._current = Turn(index=len(self.turns))
-            self.turns.append(self._current)
-        return self._current
 
     async def on_push_frame(self, data: FramePushed):
         frame, t = data.frame, data.timestamp / 1e9
@@ -129,29 +125,27 @@ class TurnMetricsObserver(BaseObserver):
             return
         if data.direction != FrameDirection.DOWNSTREAM:
             return
-        if isinstance(frame, (VADUserStartedSpeakingFrame, UserStartedSpeakingFrame)):
-            # Speech after a finished turn opens a new one. A pause inside a turn does not, and a
-            # turn that Pipecat starts from a late transcription keeps the VAD times it already has.
-            if self._current is not None and self._current.turn_end is not None:
-                self._current = None
-            self._turn()
-        elif isinstance(frame, InterruptionFrame):
+        if isinstance(frame, InterruptionFrame):
             turn = self._bot_speaking_turn
             if turn is not None and not turn.interrupted:
                 turn.interrupted = True
                 self.totals.interruptions += 1
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            turn = self._turn()
-            turn.vad_stop, turn.vad_stop_secs = t, frame.stop_secs
+            self._last_vad_stop, self._last_vad_stop_secs = t, frame.stop_secs
         elif isinstance(frame, TranscriptionFrame) and isinstance(data.source, STTService):
-            turn = self._turn()
-            if turn.transcript is None:
-                turn.transcript = t
-            turn.user_text = (turn.user_text + " " + frame.text).strip()
+            self._last_transcript = t
+            self._user_text = (self._user_text + " " + frame.text).strip()
         elif isinstance(frame, UserStoppedSpeakingFrame):
-            # The turn the reply that follows belongs to, even if the user starts talking again.
-            self._responding = self._turn()
-            self._responding.turn_end = t
+            # A turn is measured from the user's last speech before it ended, however Pipecat
+            # split that speech into VAD segments and whenever it decided the turn began.
+            turn = Turn(index=len(self.turns), vad_stop=self._last_vad_stop, vad_stop_secs=self._last_vad_stop_secs,
+                        transcript=self._last_transcript, turn_end=t, user_text=self._user_text)
+            self.turns.append(turn)
+            self._responding = turn
+            self._user_text = ""
+            # The VAD stop is not cleared: when Pipecat ends a turn on speech the VAD already
+            # stopped for (a late transcript after a premature turn end), that stop is the user's
+            # real end of speech for the next turn too.
         elif isinstance(frame, LLMTextFrame):
             if self._responding and self._responding.llm_token is None:
                 self._responding.llm_token = t
