@@ -127,3 +127,13 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def connected_client(url: str):
+    """A VoiceClient with a started session and a moment of silence sent (the usual test opening)."""
+    from bots.talk import VoiceClient
+
+    client = VoiceClient(url)
+    await client.connect()
+    await client.send_silence(0.3)
+    return client

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-from bots.talk import VoiceClient
 from config.prompts import system_prompt
 from tests.conftest import WINDOW_TOPICS
-from tests.helpers import read_records, words
+from tests.helpers import connected_client, read_records, words
 
 
 def conversation_requests(record, since: int) -> list[dict]:
@@ -25,9 +24,7 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_exactly_the_las
     atlas_ws, speech, llm_record
 ):
     since = len(read_records(llm_record))
-    client = VoiceClient(atlas_ws)
-    await client.connect()
-    await client.send_silence(0.3)
+    client = await connected_client(atlas_ws)
     finals = []
     for i in range(len(WINDOW_TOPICS)):
         turn = await client.say(speech[f"topic{i}"])
@@ -60,9 +57,7 @@ async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_w
     atlas_ws, speech, llm_record
 ):
     since = len(read_records(llm_record))
-    client = VoiceClient(atlas_ws)
-    await client.connect()
-    await client.send_silence(0.3)
+    client = await connected_client(atlas_ws)
     story = await client.say(speech["story"])
     # Barge in once the first sentence has been spoken in full (its bot_transcript has arrived).
     await client.wait_for(lambda e: e.get("type") == "bot_transcript", timeout=60)
@@ -98,9 +93,7 @@ async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_w
 
 
 async def test_interrupt_message_stops_the_reply(atlas_ws, speech):
-    client = VoiceClient(atlas_ws)
-    await client.connect()
-    await client.send_silence(0.3)
+    client = await connected_client(atlas_ws)
     turn = await client.say(speech["story"])
     await client.wait_for(lambda e: e.get("type") == "audio_chunk", timeout=60)
     await client.ws.send('{"type": "interrupt"}')

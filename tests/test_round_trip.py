@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bots.talk import VoiceClient
-from tests.helpers import librivox_clips, wer, write_wav
+from tests.helpers import connected_client, librivox_clips, wer, write_wav
 
 STATUS_ORDER = ["listening", "transcribing", "thinking", "speaking", "listening"]
 
@@ -23,10 +22,9 @@ def contains_in_order(seq: list[str], wanted: list[str]) -> bool:
 async def test_piper_speech_round_trip(atlas_ws, speech, artifacts):
     from tests.conftest import UTTERANCES
 
-    client = VoiceClient(atlas_ws)
-    started = await client.connect()
+    client = await connected_client(atlas_ws)
+    started = client.events[0]
     assert started["audioFormat"] == {"encoding": "pcm_s16le", "sampleRate": 22050, "channels": 1}
-    await client.send_silence(0.3)
     turns = []
     for name in ("puppy", "dinner"):
         turn = await client.say(speech[name])
@@ -76,9 +74,7 @@ async def test_piper_speech_round_trip(atlas_ws, speech, artifacts):
 async def test_real_recordings_round_trip(atlas_ws, clip):
     """Real human speech (LibriVox, Debian's pocketsphinx-testdata) is transcribed and answered."""
     path, reference = librivox_clips()[clip]
-    client = VoiceClient(atlas_ws)
-    await client.connect()
-    await client.send_silence(0.3)
+    client = await connected_client(atlas_ws)
     turn = await client.say(path)
     await client.wait_reply_done(timeout=60)
     end = await client.stop()
