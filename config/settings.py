@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     max_tokens: int = Field(300, validation_alias=_env("ATLAS_MAX_TOKENS"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
     vad_stop_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
+    vad_start_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_START_SECS"))
+    # Pipecat's 0.6 volume gate held quiet speech back ~0.5 s past its onset (barge-in at ~750 ms);
+    # 0.3 starts the turn ~0.3 s after onset on the same audio. Browsers' echo cancellation keeps
+    # the bot's own voice out.
+    vad_min_volume: float = Field(0.3, validation_alias=_env("ATLAS_VAD_MIN_VOLUME"))
     smart_turn: bool = Field(True, validation_alias=_env("ATLAS_SMART_TURN"))
     smart_turn_stop_secs: float = Field(1.5, validation_alias=_env("ATLAS_SMART_TURN_STOP_SECS"))
 

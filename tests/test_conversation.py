@@ -67,7 +67,8 @@ async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_w
     flush = next((e for e in client.events[n_before:] if e.get("type") == "audio_flush"), None)
     if flush is None:
         flush = await client.wait_for(lambda e: e.get("type") == "audio_flush", timeout=10)
-    stop_latency = flush["_t"] - barge_start
+    stop_latency = flush["_t"] - (barge_start + 0.3)  # the utterance starts after 0.3 s of silence
+    print(f"barge-in speech start -> audio_flush at the client: {stop_latency * 1000:.0f} ms")
     assert stop_latency < 1.5, stop_latency  # generous sanity bound; the target (300 ms) is benchmarked
     flush_at = client.events.index(flush)
     spoken_before_flush = [e["text"] for e in client.events[:flush_at] if e.get("type") == "bot_transcript"]
@@ -83,10 +84,11 @@ async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_w
     assert barge.final_transcript and "cats" in words(barge.final_transcript)
 
     # The interrupted reply is in the context only as far as it was spoken.
+    # A pause inside the barge-in ("Wait. Stop. ...") may make one more request; the last one counts.
     requests = conversation_requests(llm_record, since)
-    assert len(requests) == 2
-    second = requests[1]["messages"]
-    assistant = [text_of(m) for m in second if m["role"] == "assistant"]
+    assert len(requests) >= 2
+    last = requests[-1]["messages"]
+    assistant = [text_of(m) for m in last if m["role"] == "assistant"]
     assert spoken_before_flush and len(assistant) == 1
     assert words(assistant[0]) == words(" ".join(spoken_before_flush))
     assert client.session_end["metrics"]["interruptions"] == 1
