@@ -125,7 +125,10 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
     )
     tts = SharedPiperTTSService(engines.piper_voice)
 
-    vad = SharedSileroVADAnalyzer(engines.silero_session, params=VADParams(stop_secs=s.vad_stop_secs, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume))
+    vad = SharedSileroVADAnalyzer(
+        engines.silero_session,
+        params=VADParams(stop_secs=s.vad_stop_secs, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume),
+    )
     if s.smart_turn and engines.smart_turn_session is not None:
         stop = [
             TurnAnalyzerUserTurnStopStrategy(

@@ -160,8 +160,8 @@ class AtlasProtocolSerializer(FrameSerializer):
         self._session_end = session_end
         self.muted = False
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
-        self._client_playing_until = 0.0
-        self.interruptions_flushed = 0
+        # When the client will have played every audio chunk sent so far (monotonic clock).
+        self.client_playing_until = 0.0
 
     # ---- client -> server -------------------------------------------------------------------
     async def deserialize(self, data: str | bytes) -> Frame | None:
@@ -197,7 +197,7 @@ class AtlasProtocolSerializer(FrameSerializer):
         if isinstance(frame, OutputAudioRawFrame):
             now = time.monotonic()
             duration = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
-            self._client_playing_until = max(now, self._client_playing_until) + duration
+            self.client_playing_until = max(now, self.client_playing_until) + duration
             return json.dumps(
                 {
                     "type": "audio_chunk",
@@ -217,9 +217,9 @@ class AtlasProtocolSerializer(FrameSerializer):
         if isinstance(frame, InterruptionFrame):
             # Pipecat interrupts at every user turn start; only tell the client to drop audio
             # when some may still be queued or playing there.
-            if time.monotonic() < self._client_playing_until + 0.25:
-                self._client_playing_until = 0.0
-                self.interruptions_flushed += 1
+            playing = time.monotonic() < self.client_playing_until + 0.25
+            self.client_playing_until = 0.0  # the client drops its queue
+            if playing:
                 return json.dumps({"type": "audio_flush", "reason": "interruption"})
             return None
         if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
@@ -240,26 +240,18 @@ class AtlasOutputTransport(FastAPIWebsocketOutputTransport):
        sends audio at exactly real time once the first chunk is out, so any network hiccup longer
        than a chunk is an audible gap. A 200 ms lead absorbs ordinary jitter while keeping "sent"
        within 200 ms of "heard", which is what the context keeps on interruption.
+
+    The client's playback clock is the serializer's `client_playing_until`, advanced as each
+    chunk is serialized and reset on interruption, so pacing and `audio_flush` read one clock.
     """
 
     PLAYBACK_LEAD_SECS = 0.2
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._client_clock = 0.0  # when the client will have played everything sent so far
-
     async def write_transport_frame(self, frame: Frame):
         await self._write_frame(frame)
 
-    async def process_frame(self, frame: Frame, direction):
-        if isinstance(frame, InterruptionFrame):
-            self._client_clock = 0.0  # the client drops its queue (audio_flush)
-        await super().process_frame(frame, direction)
-
     async def _write_audio_sleep(self):
-        now = time.monotonic()
-        self._client_clock = max(self._client_clock, now) + self._send_interval
-        ahead = self._client_clock - now - self.PLAYBACK_LEAD_SECS
+        ahead = self._params.serializer.client_playing_until - time.monotonic() - self.PLAYBACK_LEAD_SECS
         if ahead > 0:
             await asyncio.sleep(ahead)
 
