@@ -5,7 +5,10 @@ about long calls), so this processor sits between the user aggregator and the LL
 shared `LLMContext` in place each time it is sent for inference. Trimming in place (not a copy)
 keeps memory and request size flat for the whole call. The system prompt lives in the LLM
 service's settings, never in the message list, so it is never trimmed. A cut never separates a
-tool result from the call that produced it.
+tool result from the call that produced it, and the kept window always opens with a user message
+(as the spec's "last 10 messages" does): Claude's Messages API expects the user to speak first,
+and a window opening on a reply to a question it no longer shows confuses any model. So a window
+of 10 holds 9 messages when the 10th-newest is the bot's: four exchanges and the new question.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from pipecat.frames.frames import Frame, LLMContextFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 
+def _role(message) -> str | None:
+    return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+
+
 def _is_tool_result(message) -> bool:
-    return isinstance(message, dict) and message.get("role") == "tool"
+    return _role(message) == "tool"
 
 
 def trim_messages(messages: list, keep: int) -> list:
@@ -25,6 +32,8 @@ def trim_messages(messages: list, keep: int) -> list:
     start = len(messages) - keep
     while start > 0 and _is_tool_result(messages[start]):
         start -= 1
+    while start < len(messages) - 1 and _role(messages[start]) != "user":
+        start += 1
     return list(messages[start:])
 
 

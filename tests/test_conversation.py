@@ -20,7 +20,7 @@ def text_of(message) -> str:
     return content
 
 
-async def test_after_12_turns_the_llm_gets_the_system_prompt_and_exactly_the_last_10_messages(
+async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_last_10_messages_from_a_user_turn(
     atlas_ws, speech, llm_record
 ):
     since = len(read_records(llm_record))
@@ -38,7 +38,8 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_exactly_the_las
         messages = request["messages"]
         assert messages[0] == {"role": "system", "content": system_prompt(local_model=True)}
         rest = messages[1:]
-        assert len(rest) == min(2 * n - 1, 10), (n, [m["role"] for m in rest])
+        # At most 10, opening with the user: 9 once the window is full (4 exchanges + the new turn).
+        assert len(rest) == min(2 * n - 1, 9), (n, [m["role"] for m in rest])
         # Alternating, ending with the user's new message.
         assert [m["role"] for m in rest] == [
             "user" if (len(rest) - 1 - i) % 2 == 0 else "assistant" for i in range(len(rest))
@@ -46,7 +47,7 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_exactly_the_las
         assert text_of(rest[-1]).strip() == finals[n - 1].strip()
         assert request["max_tokens"] == 300
         assert request["stream"] is True
-    # The 12th request holds turns 8-12's user messages and replies 7-11: the oldest six turns are gone.
+    # The 12th request holds turns 8-12's user messages and replies 8-11: the oldest seven turns are gone.
     last = requests[-1]["messages"][1:]
     kept_users = [text_of(m) for m in last if m["role"] == "user"]
     assert kept_users == [f.strip() for f in finals[7:]]

@@ -93,12 +93,14 @@ async def test_serializer_mute_sends_silence_and_bad_input_becomes_an_error_fram
     assert isinstance(await s.deserialize('{"type": "interrupt"}'), InterruptionFrame)
 
 
-def test_trim_keeps_the_last_n_and_never_orphans_a_tool_result():
+def test_trim_keeps_at_most_n_opening_with_the_user_and_never_orphans_a_tool_result():
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(i)} for i in range(23)]
-    assert [m["content"] for m in trim_messages(msgs, 10)] == [str(i) for i in range(13, 23)]
+    # The 10 newest open with a reply (13): the window starts at the question after it.
+    assert [m["content"] for m in trim_messages(msgs, 10)] == [str(i) for i in range(14, 23)]
+    assert [m["content"] for m in trim_messages(msgs[:22], 10)] == [str(i) for i in range(12, 22)]
     with_tool = msgs[:12] + [{"role": "assistant", "tool_calls": []}, {"role": "tool", "content": "r"}] + msgs[12:21]
     kept = trim_messages(with_tool, 10)
-    assert kept[0]["role"] != "tool" and len(kept) == 11
+    assert kept[0] == {"role": "user", "content": "12"} and all(m["role"] != "tool" for m in kept)
 
 
 async def test_context_window_trims_the_shared_context_in_place():
