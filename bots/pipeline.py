@@ -22,7 +22,6 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
-from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
     SpeechTimeoutUserTurnStopStrategy,
 )
@@ -31,16 +30,14 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from config.prompts import system_prompt
 from config.settings import Settings
 from processors.context_window import ContextWindow
 from processors.sentence_marker import SentenceMarker
+from services.factory import make_llm, make_stt, make_tts
 from services.local.engines import (
     LocalEngines,
-    SharedPiperTTSService,
     SharedSileroVADAnalyzer,
     SharedSmartTurnAnalyzerV3,
-    SharedWhisperSTTService,
 )
 
 CLIENT_SAMPLE_RATE = 16000
@@ -70,15 +67,24 @@ class Runtime:
         return runtime
 
     async def load(self) -> None:
-        """Load engines (in a thread: seconds of model loading) and start the local LLM if used."""
+        """Load engines (in a thread: seconds of model loading) and start the local LLM if used.
+
+        Piper is always loaded: it is every cloud voice's fallback. Whisper only when it is the STT.
+        With Claude, the local LLM is its fallback (ATLAS_LLM_FALLBACK=local, the default).
+        """
         s = self.settings
         try:
-            self.engines = await asyncio.to_thread(LocalEngines.load, smart_turn=s.smart_turn)
-            if s.resolved_llm == "openai":
-                if not s.llm_url:
-                    raise ValueError("ATLAS_LLM=openai needs ATLAS_LLM_URL")
+            s.check_providers()
+            logger.info(f"providers: stt={s.resolved_stt} llm={s.resolved_llm} tts={s.resolved_tts}")
+            self.engines = await asyncio.to_thread(
+                LocalEngines.load, stt=s.resolved_stt == "whisper", smart_turn=s.smart_turn
+            )
+            local_llm = s.resolved_llm != "anthropic" or s.llm_fallback == "local"
+            if s.llm_url and local_llm:
                 self.llm_base_url, self.llm_model = s.llm_url, s.llm_model_name
-            else:
+            elif s.resolved_llm == "openai":
+                raise ValueError("ATLAS_LLM=openai needs ATLAS_LLM_URL")
+            elif local_llm:
                 from services.local.llama_server import LlamaServer
                 from services.local.models import resolve_llm_path
 
@@ -101,7 +107,7 @@ class Runtime:
 class BuiltPipeline:
     pipeline: Pipeline
     context: LLMContext
-    llm: OpenAILLMService
+    llm: object
     context_window: ContextWindow
 
 
@@ -110,20 +116,7 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
     engines = runtime.engines
     assert engines is not None, "engines are not loaded"
 
-    stt = SharedWhisperSTTService(
-        engines.whisper, partials=s.whisper_partials, partial_interval=s.whisper_partial_interval_secs
-    )
-    llm = OpenAILLMService(
-        api_key=s.llm_api_key,
-        base_url=runtime.llm_base_url,
-        settings=OpenAILLMService.Settings(
-            model=runtime.llm_model,
-            system_instruction=system_prompt(local_model=True),
-            max_tokens=s.max_tokens,
-            temperature=s.llm_temperature,
-        ),
-    )
-    tts = SharedPiperTTSService(engines.piper_voice)
+    stt, llm, tts = make_stt(runtime), make_llm(runtime), make_tts(runtime)
 
     vad = SharedSileroVADAnalyzer(
         engines.silero_session,

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocketState
 
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
 from processors.client_events import ClientEventsObserver
+from processors.errors import CodedErrorFrame
 from processors.turn_metrics import TurnMetricsObserver
 from transports.protocol import (
     AtlasProtocolSerializer,
@@ -192,7 +193,10 @@ class Session:
         @self.worker.event_handler("on_pipeline_error")
         async def _on_error(_worker, frame):
             logger.warning(f"session {self.session_id}: pipeline error: {frame.error}")
-            await send(error_message(ErrorCode.PIPELINE_ERROR, "a speech engine failed; the session goes on"))
+            if isinstance(frame, CodedErrorFrame):
+                await send(error_message(frame.code, frame.client_message))
+            else:
+                await send(error_message(ErrorCode.PIPELINE_ERROR, "a speech engine failed; the session goes on"))
 
         await _send_json(
             self.websocket,

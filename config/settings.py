@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,9 +34,45 @@ class Settings(BaseSettings):
     allowed_origins: list[str] = Field(default_factory=list, validation_alias=_env("ATLAS_ALLOWED_ORIGINS"))
 
     # --- engine choice ------------------------------------------------------------------------
-    stt: Literal["auto", "whisper"] = Field("auto", validation_alias=_env("ATLAS_STT"))
-    llm: Literal["auto", "llama", "openai"] = Field("auto", validation_alias=_env("ATLAS_LLM"))
-    tts: Literal["auto", "piper"] = Field("auto", validation_alias=_env("ATLAS_TTS"))
+    # "auto" picks the cloud provider whose key is set, else the local engine.
+    stt: Literal["auto", "whisper", "deepgram"] = Field("auto", validation_alias=_env("ATLAS_STT"))
+    llm: Literal["auto", "llama", "openai", "anthropic"] = Field("auto", validation_alias=_env("ATLAS_LLM"))
+    tts: Literal["auto", "piper", "elevenlabs", "playht"] = Field("auto", validation_alias=_env("ATLAS_TTS"))
+
+    # --- cloud providers (vendor-standard variable names) ---------------------------------------
+    deepgram_api_key: SecretStr | None = Field(None, validation_alias=_env("DEEPGRAM_API_KEY"))
+    deepgram_base_url: str = Field("wss://api.deepgram.com", validation_alias=_env("DEEPGRAM_BASE_URL"))
+    # nova-3 rather than the spec's nova-2: Deepgram's current streaming model, lower WER on
+    # conversational English at the same latency; nova-2 still works through this setting.
+    deepgram_model: str = Field("nova-3", validation_alias=_env("DEEPGRAM_MODEL"))
+    deepgram_endpointing_ms: int = Field(300, validation_alias=_env("ATLAS_DEEPGRAM_ENDPOINTING_MS"))
+    deepgram_utterance_end_ms: int = Field(1000, validation_alias=_env("ATLAS_DEEPGRAM_UTTERANCE_END_MS"))
+    stt_replay_secs: float = Field(30.0, validation_alias=_env("ATLAS_STT_REPLAY_SECS"))
+
+    anthropic_api_key: SecretStr | None = Field(None, validation_alias=_env("ANTHROPIC_API_KEY"))
+    anthropic_base_url: str = Field("https://api.anthropic.com", validation_alias=_env("ANTHROPIC_BASE_URL"))
+    anthropic_model: str = Field("claude-haiku-4-5", validation_alias=_env("ANTHROPIC_MODEL"))
+    llm_retries: int = Field(2, validation_alias=_env("ATLAS_LLM_RETRIES"))
+    llm_retry_budget_secs: float = Field(3.0, validation_alias=_env("ATLAS_LLM_RETRY_BUDGET_SECS"))
+    llm_timeout_secs: float = Field(8.0, validation_alias=_env("ATLAS_LLM_TIMEOUT_SECS"))
+    llm_fallback: Literal["local", "apology"] = Field("local", validation_alias=_env("ATLAS_LLM_FALLBACK"))
+
+    elevenlabs_api_key: SecretStr | None = Field(None, validation_alias=_env("ELEVENLABS_API_KEY"))
+    elevenlabs_base_url: str = Field("wss://api.elevenlabs.io", validation_alias=_env("ELEVENLABS_BASE_URL"))
+    elevenlabs_voice_id: str = Field("21m00Tcm4TlvDq8EAJjs", validation_alias=_env("ELEVENLABS_VOICE_ID"))
+    elevenlabs_model: str = Field("eleven_flash_v2_5", validation_alias=_env("ELEVENLABS_MODEL"))
+
+    playht_api_key: SecretStr | None = Field(None, validation_alias=_env("PLAYHT_API_KEY"))
+    playht_user_id: str | None = Field(None, validation_alias=_env("PLAYHT_USER_ID"))
+    playht_base_url: str = Field("https://api.play.ht", validation_alias=_env("PLAYHT_BASE_URL"))
+    playht_voice: str = Field(
+        "s3://voice-cloning-zero-shot/d9ff78ba-d016-47f6-b0ef-dd630f59414e/female-cs/manifest.json",
+        validation_alias=_env("PLAYHT_VOICE"),
+    )
+    playht_output_format: Literal["raw", "mp3"] = Field("raw", validation_alias=_env("PLAYHT_OUTPUT_FORMAT"))
+    playht_speed: float = Field(1.05, validation_alias=_env("PLAYHT_SPEED"))
+    playht_voice_engine: str = Field("PlayHT2.0-turbo", validation_alias=_env("PLAYHT_VOICE_ENGINE"))
+    tts_timeout_secs: float = Field(5.0, validation_alias=_env("ATLAS_TTS_TIMEOUT_SECS"))
 
     # --- local engines --------------------------------------------------------------------------
     cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias=_env("ATLAS_CACHE_DIR"))
@@ -69,6 +105,12 @@ class Settings(BaseSettings):
     max_audio_frame_bytes: int = Field(65536, validation_alias=_env("ATLAS_MAX_AUDIO_FRAME_BYTES"))
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
 
+    @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
+                     "playht_user_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value):
@@ -78,19 +120,48 @@ class Settings(BaseSettings):
 
     @property
     def resolved_stt(self) -> str:
-        return "whisper" if self.stt == "auto" else self.stt
+        if self.stt == "auto":
+            return "deepgram" if self.deepgram_api_key else "whisper"
+        return self.stt
 
     @property
     def resolved_llm(self) -> str:
         if self.llm == "auto":
+            if self.anthropic_api_key:
+                return "anthropic"
             return "openai" if self.llm_url else "llama"
         return self.llm
 
     @property
     def resolved_tts(self) -> str:
-        return "piper" if self.tts == "auto" else self.tts
+        if self.tts == "auto":
+            if self.elevenlabs_api_key:
+                return "elevenlabs"
+            return "playht" if self.playht_api_key and self.playht_user_id else "piper"
+        return self.tts
+
+    def check_providers(self) -> None:
+        """Fail at start-up, with the variable to set, when a chosen cloud provider has no key."""
+        needs = {
+            ("stt", "deepgram"): ["deepgram_api_key"],
+            ("llm", "anthropic"): ["anthropic_api_key"],
+            ("tts", "elevenlabs"): ["elevenlabs_api_key"],
+            ("tts", "playht"): ["playht_api_key", "playht_user_id"],
+        }
+        chosen = {"stt": self.resolved_stt, "llm": self.resolved_llm, "tts": self.resolved_tts}
+        for (kind, provider), fields in needs.items():
+            if chosen[kind] != provider:
+                continue
+            missing = [f.upper() for f in fields if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"ATLAS_{kind.upper()}={provider} needs {', '.join(missing)}")
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def secret(value: SecretStr | None) -> str:
+    """The plain value of a key setting (kept as SecretStr so it never shows in a repr or a log)."""
+    return value.get_secret_value() if value is not None else ""

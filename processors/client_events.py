@@ -21,6 +21,7 @@ from pipecat.frames.frames import (
     InterruptionFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
+    LLMTextFrame,
     TranscriptionFrame,
     TTSStartedFrame,
     UserStartedSpeakingFrame,
@@ -32,10 +33,23 @@ from pipecat.services.stt_service import STTService
 
 Send = Callable[[dict], Awaitable[None]]
 
+# After a reply's text is complete, how long to wait for its audio before going back to listening
+# (a cloud voice may take a second or two; a voice that never answers must not leave "thinking" up).
+SETTLE_SECS = 4.0
+
+
+def transcript_confidence(result) -> float | None:
+    """Whisper results carry {"confidence": x}; Deepgram's carry channel.alternatives[0].confidence."""
+    if isinstance(result, dict):
+        return result.get("confidence")
+    try:
+        return result.channel.alternatives[0].confidence
+    except (AttributeError, IndexError, TypeError):
+        return None
+
 
 def transcript_message(kind: str, frame) -> dict:
-    result = frame.result if isinstance(frame.result, dict) else {}
-    confidence = result.get("confidence")
+    confidence = transcript_confidence(frame.result)
     return {
         "type": kind,
         "text": frame.text.strip(),
@@ -89,7 +103,8 @@ class ClientEventsObserver(BaseObserver):
             self._response_open = True
             if not self._user_speaking and not self._bot_speaking:
                 await self._set("thinking")
-        elif isinstance(frame, TTSStartedFrame):
+        elif isinstance(frame, TTSStartedFrame) or (isinstance(frame, LLMTextFrame) and frame.text.strip()):
+            # Text on its way to TTS: a streaming voice may start its audio only after the LLM ends.
             self._response_spoke = True
         elif isinstance(frame, LLMFullResponseEndFrame):
             self._response_open = False
@@ -98,7 +113,7 @@ class ClientEventsObserver(BaseObserver):
                     await self._set("listening")  # nothing to say (e.g. an empty reply)
                 else:
                     # The last sentences may still be in TTS; if no audio follows, we are done.
-                    asyncio.get_running_loop().call_later(1.5, self._settle)
+                    asyncio.get_running_loop().call_later(SETTLE_SECS, self._settle)
         elif isinstance(frame, BotStartedSpeakingFrame):
             self._bot_speaking = True
             await self._set("speaking")

@@ -27,6 +27,14 @@ class SentenceStartFrame(DataFrame):
     """The audio after this frame belongs to a new reply sentence."""
 
 
+def _ends_sentence(frame: Frame) -> bool:
+    """A sentence's text (Piper: one frame per sentence) or, from a voice with word timestamps
+    (ElevenLabs: one timed frame per word), a word that ends a sentence."""
+    if not isinstance(frame, TTSTextFrame):
+        return False
+    return not frame.pts or frame.text.rstrip().endswith((".", "!", "?"))
+
+
 class SentenceMarker(FrameProcessor):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -35,7 +43,7 @@ class SentenceMarker(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if direction == FrameDirection.DOWNSTREAM:
-            if isinstance(frame, (TTSStartedFrame, TTSTextFrame, InterruptionFrame)):
+            if isinstance(frame, (TTSStartedFrame, InterruptionFrame)) or _ends_sentence(frame):
                 self._new_sentence = True
             elif isinstance(frame, TTSAudioRawFrame) and self._new_sentence:
                 self._new_sentence = False

@@ -27,6 +27,7 @@ from pipecat.frames.frames import (
     OutputTransportMessageUrgentFrame,
     TTSTextFrame,
 )
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.serializers.base_serializer import FrameSerializer
 from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketOutputTransport,
@@ -53,6 +54,9 @@ class ErrorCode(StrEnum):
     SESSION_MAX_DURATION = "SESSION_MAX_DURATION"  # the session reached ATLAS_SESSION_MAX_SECS
     SERVER_NOT_READY = "SERVER_NOT_READY"  # engines still loading
     PIPELINE_ERROR = "PIPELINE_ERROR"  # an engine failed during the session
+    STT_RECONNECTING = "STT_RECONNECTING"  # the STT provider's socket dropped; reconnecting, audio replayed
+    LLM_UNAVAILABLE = "LLM_UNAVAILABLE"  # the LLM provider failed after retries; a fallback answers
+    TTS_FALLBACK = "TTS_FALLBACK"  # the TTS provider failed; the local voice speaks the rest of the reply
     INTERNAL_ERROR = "INTERNAL_ERROR"  # anything else; the message names no internals
 
 
@@ -230,7 +234,7 @@ class AtlasProtocolSerializer(FrameSerializer):
 
 
 class AtlasOutputTransport(FastAPIWebsocketOutputTransport):
-    """Pipecat's WebSocket output with two changes.
+    """Pipecat's WebSocket output with three changes.
 
     1. Queued non-audio frames reach the serializer. Pipecat's media sender releases frames such
        as TTSTextFrame in order behind the audio queued before them and then calls
@@ -249,6 +253,14 @@ class AtlasOutputTransport(FastAPIWebsocketOutputTransport):
 
     async def write_transport_frame(self, frame: Frame):
         await self._write_frame(frame)
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        # 3. Word-timed text (a voice with word timestamps, e.g. ElevenLabs) is released by the media
+        #    sender's clock when the word plays and pushed on without reaching the serializer: send
+        #    it to the client then, as that word's `bot_transcript`.
+        if direction == FrameDirection.DOWNSTREAM and isinstance(frame, TTSTextFrame) and frame.pts:
+            await self._write_frame(frame)
+        await super().push_frame(frame, direction)
 
     async def _write_audio_sleep(self):
         ahead = self._params.serializer.client_playing_until - time.monotonic() - self.PLAYBACK_LEAD_SECS

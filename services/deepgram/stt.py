@@ -1,0 +1,167 @@
+"""Deepgram streaming STT that survives a dropped socket without losing what the user said.
+
+Pipecat's DeepgramSTTService reconnects after an error, but with a 4-10 s exponential backoff and
+while it is disconnected `run_stt` drops the audio on the floor; the words in flight when the
+socket died (sent, but not yet finalized by Deepgram) are lost too. On a phone call that is a
+sentence the bot never hears. This subclass keeps Pipecat's service (settings, message handling,
+finalize-on-VAD-stop, metrics) and changes only the connection loop:
+
+- every chunk of audio is also kept in a replay buffer until a final `Results` covers it
+  (`start + duration` of each final, in the connection's own timeline, tells how far Deepgram has
+  committed), capped at `replay_secs`;
+- when the socket drops, it reconnects at once (then 0.25 s, 0.5 s, 1 s ... between attempts) and
+  first sends the buffered audio (Deepgram accepts faster than real time), so the utterance that
+  was cut is transcribed whole; a Finalize the VAD asked for during the gap is sent after it;
+- the client is told with a recoverable `STT_RECONNECTING` error, never a session end.
+
+A handshake refused with a 4xx (bad key, bad parameters) still gives up at once, as in Pipecat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from deepgram.core import ApiError
+from deepgram.core.events import EventType
+from deepgram.listen.v1.types import ListenV1Finalize, ListenV1Results
+from loguru import logger
+from pipecat.frames.frames import Frame, VADUserStoppedSpeakingFrame
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.deepgram.stt import DeepgramSTTService
+
+from processors.errors import coded_error
+from transports.protocol import ErrorCode
+
+RECONNECT_DELAYS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+class ResilientDeepgramSTTService(DeepgramSTTService):
+    def __init__(self, *, replay_secs: float = 30.0, **kwargs):
+        super().__init__(**kwargs)
+        self._replay_secs = replay_secs
+        self._buffer = bytearray()  # audio not yet covered by a final, starting at absolute byte _buffer_base
+        self._buffer_base = 0
+        self._conn_base = 0  # absolute byte offset where the current connection's stream began
+        self._finalize_pending = False
+        self.reconnects = 0
+
+    # --- audio in -------------------------------------------------------------------------------------
+
+    @property
+    def _bytes_per_sec(self) -> int:
+        return self.sample_rate * 2 * self._channels
+
+    def _keep(self, audio: bytes) -> None:
+        self._buffer += audio
+        limit = int(self._replay_secs * self._bytes_per_sec)
+        excess = len(self._buffer) - limit
+        if excess > 0:
+            excess -= excess % 2
+            del self._buffer[:excess]
+            self._buffer_base += excess
+
+    async def run_stt(self, audio: bytes):
+        self._keep(audio)
+        connection = self._connection
+        if connection is not None:
+            try:
+                await connection.send_media(audio)
+            except Exception as e:  # the connection loop notices the drop and replays this chunk
+                logger.warning(f"{self}: send failed, reconnecting: {e}")
+                self._connection = None
+        yield None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._connection is None:
+            self._finalize_pending = True  # sent after the replay, once a connection is back
+        await super().process_frame(frame, direction)
+
+    async def _on_message(self, message):
+        if isinstance(message, ListenV1Results) and message.is_final:
+            end = (message.start or 0.0) + (message.duration or 0.0)
+            committed = self._conn_base + int(end * self._bytes_per_sec)
+            committed -= committed % 2
+            drop = min(len(self._buffer), committed - self._buffer_base)
+            if drop > 0:
+                del self._buffer[:drop]
+                self._buffer_base += drop
+        await super()._on_message(message)
+
+    # --- the connection loop ------------------------------------------------------------------------
+
+    async def _on_error(self, error):
+        # The SDK reports the drop here and then ends `start_listening`; the loop below reconnects
+        # and tells the client once (STT_RECONNECTING), so no second, generic error goes out.
+        logger.warning(f"{self}: Deepgram connection error: {error}")
+        await self.stop_all_metrics()
+
+    async def _replay(self, connection) -> None:
+        """Send what Deepgram has not finalized, then hand live audio over to `run_stt`."""
+        self._conn_base = self._buffer_base
+        sent = 0
+        chunk = self._bytes_per_sec // 10
+        while sent < len(self._buffer):  # run_stt may append while we send
+            piece = bytes(self._buffer[sent:sent + chunk])
+            await connection.send_media(piece)
+            sent += len(piece)
+        self._connection = connection
+        if sent:
+            logger.info(f"{self}: replayed {sent / self._bytes_per_sec:.2f}s of audio after reconnecting")
+        if self._finalize_pending:
+            self._finalize_pending = False
+            self.request_finalize()
+            await connection.send_finalize(ListenV1Finalize(type="Finalize"))
+
+    async def _connection_handler(self):
+        attempt = 0
+        try:
+            while True:
+                connected_at = None
+                keepalive_task = listener = None
+                try:
+                    async with self._client.listen.v1.connect(**self._build_connect_kwargs()) as connection:
+                        connected_at = time.monotonic()
+                        connection.on(EventType.MESSAGE, self._on_message)
+                        connection.on(EventType.ERROR, self._on_error)
+                        listener = self.create_task(connection.start_listening(), f"{self}::listen")
+                        await self._replay(connection)
+                        self._connection_settled.set()
+                        if attempt:
+                            self.reconnects += 1
+                            logger.info(f"{self}: reconnected to Deepgram (attempt {attempt})")
+                        keepalive_task = self.create_task(self._keepalive_handler(), f"{self}::keepalive")
+                        await listener
+                except ApiError as e:
+                    if e.status_code is not None and 400 <= e.status_code < 500:
+                        await self.push_error(
+                            error_msg=f"Deepgram rejected the connection (status {e.status_code}): {e.body}",
+                            exception=e, force_treat_as_permanent=True,
+                        )
+                        return
+                    logger.warning(f"{self}: Deepgram connection failed: {e}")
+                except Exception as e:
+                    logger.warning(f"{self}: Deepgram connection lost: {type(e).__name__}: {e}")
+                finally:
+                    self._connection = None
+                    for task in (keepalive_task, listener):
+                        if task is not None and not task.done():
+                            await self.cancel_task(task)
+
+                uptime = time.monotonic() - connected_at if connected_at is not None else 0.0
+                if self._quick_failure_tracker.record(uptime).should_give_up:
+                    await self.push_error(
+                        error_msg="Deepgram connection failed to stay up", force_treat_as_permanent=True
+                    )
+                    return
+                attempt = attempt + 1 if uptime < 5.0 else 1
+                await self.push_error_frame(
+                    coded_error(
+                        ErrorCode.STT_RECONNECTING,
+                        "speech recognition reconnecting; your audio is kept",
+                        "Deepgram socket dropped",
+                    )
+                )
+                await asyncio.sleep(RECONNECT_DELAYS[min(attempt - 1, len(RECONNECT_DELAYS) - 1)])
+        finally:
+            self._connection_settled.set()

@@ -1,0 +1,91 @@
+"""ElevenLabs streaming TTS: Pipecat's multi-stream-input WebSocket service, plus a Piper safety net.
+
+Pipecat's ElevenLabsTTSService does the protocol (contexts, voice settings, flush/close_context,
+word alignment, keepalive, reconnect). What it does not do is finish a reply whose audio never
+arrives: when the socket dies mid-context, the text already sent is simply never heard, and when
+it cannot reconnect, run_tts yields an error and the sentence is skipped. This subclass:
+
+- counts, per reply (audio context), the words sent to ElevenLabs and the words its alignment
+  says were voiced;
+- when the receive loop ends while a reply still has unvoiced words, speaks those words with the
+  local Piper voice into the same audio context (so they play in order, right after the last
+  ElevenLabs audio), and sends every later sentence of that reply to Piper too;
+- when ElevenLabs cannot be reached for a sentence, Piper speaks it.
+
+The client gets one recoverable `TTS_FALLBACK` error per reply that needed the local voice.
+"""
+
+from __future__ import annotations
+
+from pipecat.frames.frames import ErrorFrame, TTSStartedFrame, TTSStoppedFrame
+from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
+
+from services.fallback import PiperFallbackMixin
+
+
+class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
+    def __init__(self, *, fallback_voice=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_fallback(fallback_voice)
+        self._sent_words: dict[str, list[str]] = {}
+        self._voiced_words: dict[str, int] = {}
+
+    async def _open_context(self, context_id: str):
+        if not self.audio_context_available(context_id):
+            await self.create_audio_context(context_id)
+            yield TTSStartedFrame(context_id=context_id)
+
+    async def run_tts(self, text: str, context_id: str):
+        if not self._use_fallback(context_id):
+            failed = False
+            async for frame in super().run_tts(text, context_id):
+                if isinstance(frame, ErrorFrame):
+                    failed = True
+                elif not (failed and isinstance(frame, TTSStoppedFrame)):
+                    yield frame
+            if not failed:
+                self._sent_words.setdefault(context_id, []).extend(text.split())
+                return
+            await self._start_fallback(context_id, "ElevenLabs could not be reached")
+        async for frame in self._open_context(context_id):
+            yield frame
+        async for frame in self._piper_frames(text, context_id):
+            yield frame
+
+    async def add_word_timestamps(self, word_times, context_id=None, *args, **kwargs):
+        if context_id in self._sent_words:
+            self._voiced_words[context_id] = self._voiced_words.get(context_id, 0) + len(word_times)
+        await super().add_word_timestamps(word_times, context_id, *args, **kwargs)
+
+    async def remove_audio_context(self, context_id):
+        self._sent_words.pop(context_id, None)
+        self._voiced_words.pop(context_id, None)
+        await super().remove_audio_context(context_id)
+
+    async def on_audio_context_interrupted(self, context_id: str):
+        self._sent_words.pop(context_id, None)
+        self._voiced_words.pop(context_id, None)
+        await super().on_audio_context_interrupted(context_id)
+
+    async def _receive_messages(self):
+        try:
+            await super()._receive_messages()
+        finally:
+            if not self._disconnecting:
+                await self._finish_unvoiced("the ElevenLabs connection dropped mid-reply")
+
+    async def _finish_unvoiced(self, reason: str) -> None:
+        for context_id in list(self._sent_words):
+            words = self._sent_words.pop(context_id)
+            rest = " ".join(words[self._voiced_words.pop(context_id, 0):])
+            if not rest or not self.audio_context_available(context_id):
+                continue
+            await self._start_fallback(context_id, reason)
+            async for frame in self._piper_frames(rest, context_id):
+                await self.append_to_audio_context(context_id, frame)
+            if context_id == self._turn_context_id:
+                # The reply is still being written: its end closes the context, as for HTTP services.
+                self._is_yielding_frames_synchronously = True
+            else:
+                await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
+                await super().remove_audio_context(context_id)

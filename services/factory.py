@@ -1,0 +1,109 @@
+"""Build the STT, LLM and TTS services a session uses, from the settings (ATLAS_STT/LLM/TTS).
+
+Cloud providers come from Pipecat (Deepgram, Anthropic, ElevenLabs) with our resilience added,
+or from our own service (PlayHT); the local engines are shared process-wide. Every cloud TTS
+falls back to the local Piper voice, and Claude to the local LLM (when one is loaded).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from config.prompts import system_prompt
+from config.settings import secret
+
+if TYPE_CHECKING:
+    from bots.pipeline import Runtime
+
+
+def make_stt(runtime: "Runtime"):
+    s, engines = runtime.settings, runtime.engines
+    if s.resolved_stt == "deepgram":
+        from pipecat.services.deepgram.stt import DeepgramSTTService
+
+        from services.deepgram.stt import ResilientDeepgramSTTService
+
+        return ResilientDeepgramSTTService(
+            api_key=secret(s.deepgram_api_key),
+            base_url=s.deepgram_base_url,
+            encoding="linear16",
+            sample_rate=16000,
+            replay_secs=s.stt_replay_secs,
+            settings=DeepgramSTTService.Settings(
+                model=s.deepgram_model,
+                interim_results=True,
+                punctuate=True,
+                smart_format=False,
+                endpointing=s.deepgram_endpointing_ms,
+                utterance_end_ms=s.deepgram_utterance_end_ms,
+            ),
+        )
+    from services.local.engines import SharedWhisperSTTService
+
+    return SharedWhisperSTTService(
+        engines.whisper, partials=s.whisper_partials, partial_interval=s.whisper_partial_interval_secs
+    )
+
+
+def make_llm(runtime: "Runtime"):
+    s = runtime.settings
+    if s.resolved_llm == "anthropic":
+        from services.anthropic.llm import ResilientAnthropicLLMService
+
+        return ResilientAnthropicLLMService(
+            api_key=secret(s.anthropic_api_key),
+            base_url=s.anthropic_base_url,
+            model=s.anthropic_model,
+            system_instruction=system_prompt(local_model=False),
+            max_tokens=s.max_tokens,
+            retries=s.llm_retries,
+            retry_budget=s.llm_retry_budget_secs,
+            first_token_timeout=s.llm_timeout_secs,
+            fallback_url=runtime.llm_base_url,
+            fallback_model=runtime.llm_model,
+            fallback_api_key=s.llm_api_key,
+            fallback_system=system_prompt(local_model=True),
+        )
+    from pipecat.services.openai.llm import OpenAILLMService
+
+    return OpenAILLMService(
+        api_key=s.llm_api_key,
+        base_url=runtime.llm_base_url,
+        settings=OpenAILLMService.Settings(
+            model=runtime.llm_model,
+            system_instruction=system_prompt(local_model=True),
+            max_tokens=s.max_tokens,
+            temperature=s.llm_temperature,
+        ),
+    )
+
+
+def make_tts(runtime: "Runtime"):
+    s, engines = runtime.settings, runtime.engines
+    voice = engines.piper_voice
+    if s.resolved_tts == "elevenlabs":
+        from services.elevenlabs.tts import FallbackElevenLabsTTSService
+
+        return FallbackElevenLabsTTSService(
+            api_key=secret(s.elevenlabs_api_key),
+            url=s.elevenlabs_base_url,
+            settings=FallbackElevenLabsTTSService.Settings(voice=s.elevenlabs_voice_id, model=s.elevenlabs_model),
+            fallback_voice=voice,
+        )
+    if s.resolved_tts == "playht":
+        from services.playht.tts import PlayHTHttpTTSService
+
+        return PlayHTHttpTTSService(
+            api_key=secret(s.playht_api_key),
+            user_id=s.playht_user_id or "",
+            base_url=s.playht_base_url,
+            voice=s.playht_voice,
+            voice_engine=s.playht_voice_engine,
+            output_format=s.playht_output_format,
+            speed=s.playht_speed,
+            timeout=s.tts_timeout_secs,
+            fallback_voice=voice,
+        )
+    from services.local.engines import SharedPiperTTSService
+
+    return SharedPiperTTSService(voice)
