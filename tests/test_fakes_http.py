@@ -244,7 +244,7 @@ async def test_stalled_stream(fake, client):
         async for _ in stream:
             pass
     assert "timeout" in type(err.value).__name__.lower() or "timed out" in str(err.value).lower()
-    assert fake.wait_for(lambda f: f.disconnects, 1.0)
+    assert fake.wait_until(lambda: fake.disconnects, 1.0)
 
 
 async def test_error_event_mid_stream(fake, client):
@@ -274,7 +274,7 @@ async def test_closing_the_stream_early_is_seen_as_a_disconnect():
                     break
         closed_at = time.monotonic()
         await stream.close()
-        assert paced.wait_for(lambda f: f.disconnects, 2.0)
+        assert paced.wait_until(lambda: paced.disconnects, 2.0)
         rec = paced.disconnects[0]
         assert rec.disconnected_at - closed_at < 0.25
         assert 3 <= rec.deltas_sent < 10 and f"deltas_sent:{rec.deltas_sent}" in rec.events

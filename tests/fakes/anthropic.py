@@ -218,6 +218,8 @@ class _Segment:
 class FakeAnthropic(FakeServer):
     """Fake `api.anthropic.com`: point `AsyncAnthropic(base_url=fake.http_url)` at it."""
 
+    request_class = AnthropicRequest
+
     def __init__(
         self,
         *,
@@ -318,23 +320,6 @@ class FakeAnthropic(FakeServer):
     @property
     def bodies(self) -> list[Any]:
         return [r.body for r in list(self.requests)]
-
-    def wait_for(self, predicate: Callable[[FakeAnthropic], bool], timeout: float = 5.0) -> bool:
-        """Poll `predicate(self)` from a test thread until true or `timeout`; returns the last result."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.01)
-        return bool(predicate(self))
-
-    def record(self, request: web.Request, body: Any = None) -> AnthropicRequest:
-        rec = AnthropicRequest(
-            method=request.method, path=request.path, query=dict(request.query),
-            headers={k.lower(): v for k, v in request.headers.items()}, body=body,
-        )
-        self.requests.append(rec)
-        return rec
 
     # ---- HTTP ---------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,10 @@ class RecordedRequest:
 
 
 class FakeServer:
-    """Base class: subclasses add routes to `self.app` in `__init__` and record into `self.requests`."""
+    """Base class: subclasses add routes to `self.app` in `__init__` and record into `self.requests`
+    (as `request_class`, a RecordedRequest subclass when a vendor needs more fields)."""
+
+    request_class: type[RecordedRequest] = RecordedRequest
 
     def __init__(self) -> None:
         self.app = web.Application()
@@ -95,8 +99,17 @@ class FakeServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def wait_until(self, predicate, timeout: float = 10.0) -> bool:
+        """Poll `predicate()` from a test thread until it holds or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return bool(predicate())
+
     def record(self, request: web.Request, body: Any = None) -> RecordedRequest:
-        rec = RecordedRequest(
+        rec = self.request_class(
             method=request.method, path=request.path, query=dict(request.query),
             headers={k.lower(): v for k, v in request.headers.items()}, body=body,
         )

@@ -27,12 +27,11 @@ import hashlib
 import json
 import re
 import threading
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -206,15 +205,6 @@ class FakeDeepgram(FakeServer):
     def finals(self) -> list[str]:
         """All non-empty final transcripts sent, over all connections, in order."""
         return [t for c in list(self.connections) for t in c.finals]
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        """Poll `predicate` (from a test thread) until it holds or `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
 
     def _take(self, plan: list) -> Any:
         with self._lock:

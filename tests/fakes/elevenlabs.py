@@ -38,7 +38,6 @@ import functools
 import json
 import re
 import threading
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -254,15 +253,6 @@ class FakeElevenLabs(FakeServer):
     @property
     def audio_seconds_sent(self) -> float:
         return sum(conn.audio_seconds for conn in list(self.connections))
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        """Poll `predicate` (from a test thread) until it holds or `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
 
     def _take(self, plan: list) -> Any:
         with self._lock:

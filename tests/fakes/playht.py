@@ -204,6 +204,8 @@ def _render(text: str, fmt: str, sample_rate: int, speed: float,
 class FakePlayHT(FakeServer):
     """Fake `api.play.ht`: point the PlayHT TTS service's base URL at `fake.http_url`."""
 
+    request_class = PlayHTRequest
+
     def __init__(
         self,
         *,
@@ -283,22 +285,6 @@ class FakePlayHT(FakeServer):
     @property
     def status_counts(self) -> dict[int, int]:
         return dict(Counter(r.status for r in list(self.requests)))
-
-    def wait_for(self, predicate: Callable[[FakePlayHT], bool], timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.01)
-        return bool(predicate(self))
-
-    def record(self, request: web.Request, body: Any = None) -> PlayHTRequest:
-        rec = PlayHTRequest(
-            method=request.method, path=request.path, query=dict(request.query),
-            headers={k.lower(): v for k, v in request.headers.items()}, body=body,
-        )
-        self.requests.append(rec)
-        return rec
 
     # ---- HTTP ---------------------------------------------------------------------------------------------
 
