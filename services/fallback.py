@@ -40,6 +40,9 @@ async def piper_chunks(voice, text: str) -> AsyncIterator[bytes]:
         yield chunk
 
 
+LOCAL_VOICE = "atlas_local_voice"  # frame metadata key: this audio is the fallback voice's
+
+
 class PiperFallbackMixin:
     """Mix into a Pipecat TTSService (before it in the bases); call `_init_fallback` in __init__."""
 
@@ -74,6 +77,7 @@ class PiperFallbackMixin:
         async for frame in self._stream_audio_frames_from_iterator(
             piper_chunks(voice, text), in_sample_rate=voice.config.sample_rate, context_id=context_id
         ):
+            frame.metadata[LOCAL_VOICE] = True
             yield frame
 
     async def set_usable(self, is_usable: bool):

@@ -49,6 +49,11 @@ def vendors():
         "elevenlabs": FakeElevenLabs(voices={VOICE}).start(),
         "playht": FakePlayHT().start(),
     }
+    # Load each fake's engines now (Piper, Whisper: seconds when cold), so the first test measures
+    # the server, not a fake warming up.
+    fakes["elevenlabs"].synthesize("Warming up.", 22050)
+    fakes["playht"].warm_up()
+    whisper_transcribe(bytes(32000))
     yield fakes
     for fake in fakes.values():
         fake.stop()
@@ -257,6 +262,23 @@ async def test_tts_failure_mid_reply_is_finished_by_piper(cloud_ws, vendors, spe
     text = heard(bytes(client.reply_audio), client.out_rate)
     assert wer(reply, text) <= 0.3, text
     assert turn.reply_bytes / (2 * client.out_rate) > 6  # seconds of reply audio
+
+
+async def test_a_voice_that_stays_silent_is_replaced_by_piper(cloud_ws, vendors, speech):
+    eleven = vendors["elevenlabs"]
+    eleven.first_audio_delay = 6.0  # longer than Pipecat's 3 s quiet-context timeout
+    try:
+        client = await connected_client(cloud_ws)
+        turn = await client.say(speech["dinner"])
+        await client.wait_reply_done(timeout=60)
+        await client.stop()
+    finally:
+        eleven.first_audio_delay = 0.0
+    assert errors(client) == ["TTS_FALLBACK"]
+    assert turn.reply_bytes > 2 * client.out_rate  # seconds of reply, not silence
+    said = vendors["anthropic"].requests[-1].text_sent
+    text = heard(bytes(client.reply_audio), client.out_rate)
+    assert wer(said, text) <= 0.3, (said, text)  # heard once, in full: no late ElevenLabs audio doubled it
 
 
 async def test_interruption_cancels_the_claude_stream(cloud_ws, vendors, speech):

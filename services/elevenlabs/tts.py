@@ -10,17 +10,24 @@ it cannot reconnect, run_tts yields an error and the sentence is skipped. This s
 - when the receive loop ends while a reply still has unvoiced words, speaks those words with the
   local Piper voice into the same audio context (so they play in order, right after the last
   ElevenLabs audio), and sends every later sentence of that reply to Piper too;
-- when ElevenLabs cannot be reached for a sentence, Piper speaks it.
+- when ElevenLabs cannot be reached for a sentence, Piper speaks it;
+- when ElevenLabs stays silent on a reply for 3 s (where Pipecat would end the reply in silence),
+  the context is cancelled there and Piper speaks the words not yet voiced.
 
 The client gets one recoverable `TTS_FALLBACK` error per reply that needed the local voice.
 """
 
 from __future__ import annotations
 
-from pipecat.frames.frames import ErrorFrame, TTSStartedFrame, TTSStoppedFrame
+from pipecat.frames.frames import (
+    ErrorFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 
-from services.fallback import PiperFallbackMixin
+from services.fallback import LOCAL_VOICE, PiperFallbackMixin
 
 
 class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
@@ -52,7 +59,16 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
         async for frame in self._piper_frames(text, context_id):
             yield frame
 
+    async def append_to_audio_context(self, context_id, frame):
+        # Once a reply has gone to the local voice, late ElevenLabs audio for it would say it twice.
+        if (context_id in self._fallback_contexts and isinstance(frame, TTSAudioRawFrame)
+                and not frame.metadata.get(LOCAL_VOICE)):
+            return
+        await super().append_to_audio_context(context_id, frame)
+
     async def add_word_timestamps(self, word_times, context_id=None, *args, **kwargs):
+        if context_id in self._fallback_contexts:
+            return  # words of ElevenLabs audio that is no longer played
         if context_id in self._sent_words:
             self._voiced_words[context_id] = self._voiced_words.get(context_id, 0) + len(word_times)
         await super().add_word_timestamps(word_times, context_id, *args, **kwargs)
@@ -67,6 +83,31 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
         self._voiced_words.pop(context_id, None)
         await super().on_audio_context_interrupted(context_id)
 
+    async def _next_audio_context_item(self, context_id: str):
+        item = await super()._next_audio_context_item(context_id)
+        if item is None and self._unvoiced(context_id):
+            # Pipecat ends a context that stays quiet for `stop_frame_timeout_s` (3 s), silently.
+            # With words still unvoiced that is a stalled vendor: cancel the context there (so late
+            # audio cannot double the speech) and let Piper say the rest, in this same context.
+            await self._close_context(context_id)
+            await self._finish_with_piper(context_id, "ElevenLabs sent no audio for 3 s")
+            item = await super()._next_audio_context_item(context_id)
+        return item
+
+    def _unvoiced(self, context_id: str) -> str:
+        words = self._sent_words.get(context_id) or []
+        return " ".join(words[self._voiced_words.get(context_id, 0):])
+
+    async def _finish_with_piper(self, context_id: str, reason: str) -> None:
+        rest = self._unvoiced(context_id)
+        self._sent_words.pop(context_id, None)
+        self._voiced_words.pop(context_id, None)
+        if not rest or not self.audio_context_available(context_id):
+            return
+        await self._start_fallback(context_id, reason)
+        async for frame in self._piper_frames(rest, context_id):
+            await self.append_to_audio_context(context_id, frame)
+
     async def _receive_messages(self):
         try:
             await super()._receive_messages()
@@ -76,13 +117,10 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
 
     async def _finish_unvoiced(self, reason: str) -> None:
         for context_id in list(self._sent_words):
-            words = self._sent_words.pop(context_id)
-            rest = " ".join(words[self._voiced_words.pop(context_id, 0):])
-            if not rest or not self.audio_context_available(context_id):
+            if not self.audio_context_available(context_id):
+                self._sent_words.pop(context_id, None)
                 continue
-            await self._start_fallback(context_id, reason)
-            async for frame in self._piper_frames(rest, context_id):
-                await self.append_to_audio_context(context_id, frame)
+            await self._finish_with_piper(context_id, reason)
             if context_id == self._turn_context_id:
                 # The reply is still being written: its end closes the context, as for HTTP services.
                 self._is_yielding_frames_synchronously = True
