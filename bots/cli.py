@@ -12,7 +12,9 @@ def _configure_logging(level: str) -> None:
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level=level.upper())
+    # diagnose=False: loguru would otherwise print the values of local variables in tracebacks,
+    # which may hold API keys or access tokens.
+    logger.add(sys.stderr, level=level.upper(), diagnose=False)
 
 
 def cmd_serve(args) -> int:

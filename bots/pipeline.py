@@ -30,6 +30,7 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
+from bots.auth import TokenVerifier
 from config.settings import Settings
 from processors.context_window import ContextWindow
 from processors.sentence_marker import SentenceMarker
@@ -52,6 +53,7 @@ class Runtime:
     llm_base_url: str | None = None
     llm_model: str = "local"
     llm_server: object | None = None
+    auth: TokenVerifier | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     load_error: str | None = None
 
@@ -75,6 +77,7 @@ class Runtime:
         s = self.settings
         try:
             s.check_providers()
+            self.auth = TokenVerifier.from_settings(s)
             logger.info(f"providers: stt={s.resolved_stt} llm={s.resolved_llm} tts={s.resolved_tts}")
             self.engines = await asyncio.to_thread(
                 LocalEngines.load, stt=s.resolved_stt == "whisper", smart_turn=s.smart_turn

@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import WebSocket, WebSocketDisconnect
 from loguru import logger
@@ -25,6 +25,7 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from pipecat.workers.runner import WorkerRunner
 from starlette.websockets import WebSocketState
 
+from bots.auth import AuthError
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
 from processors.client_events import ClientEventsObserver
 from processors.errors import CodedErrorFrame
@@ -79,9 +80,19 @@ async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | No
             msg = parse_text_message(message.get("text") or "", s.max_text_message_bytes)
             if msg["type"] != "session_start":
                 raise ProtocolError(ErrorCode.NOT_STARTED, f"send session_start before '{msg['type']}'")
-            return parse_session_start(msg)
+            start = parse_session_start(msg)
         except ProtocolError as e:
             await _send_json(websocket, e.to_message())
+            continue
+        if runtime.auth.enabled:
+            try:
+                start = replace(start, verified_user_id=await runtime.auth.verify(start.auth_token))
+            except AuthError as e:
+                logger.info(f"session refused: {e}")
+                await _send_json(websocket, error_message(ErrorCode.AUTH_FAILED, str(e)))
+                await websocket.close(CLOSE_POLICY)
+                return None
+        return start
 
 
 @dataclass
@@ -209,7 +220,7 @@ class Session:
             },
         )
         await _send_json(self.websocket, {"type": "status", "status": "listening"})
-        logger.info(f"session {self.session_id} started (user {self.start.user_id})")
+        logger.info(f"session {self.session_id} started (user {self.start.verified_user_id or self.start.user_id})")
 
         runner = WorkerRunner(handle_sigint=False)
         await runner.add_workers(self.worker)

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     smart_turn: bool = Field(True, validation_alias=_env("ATLAS_SMART_TURN"))
     smart_turn_stop_secs: float = Field(1.5, validation_alias=_env("ATLAS_SMART_TURN_STOP_SECS"))
 
+    # --- auth ---------------------------------------------------------------------------------
+    supabase_jwt_secret: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_JWT_SECRET"))
+    supabase_jwks_url: str | None = Field(None, validation_alias=_env("SUPABASE_JWKS_URL"))
+    jwt_audience: str = Field("authenticated", validation_alias=_env("ATLAS_JWT_AUDIENCE"))
+
     # --- sessions -------------------------------------------------------------------------------
     session_idle_timeout_secs: float = Field(600.0, validation_alias=_env("ATLAS_SESSION_IDLE_TIMEOUT_SECS"))
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
@@ -106,7 +111,7 @@ class Settings(BaseSettings):
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
 
     @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
-                     "playht_user_id", mode="before")
+                     "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
