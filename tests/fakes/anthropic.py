@@ -41,7 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import FakeServer, RecordedRequest
+from tests.fakes.base import ClientGone, FakeServer, RecordedRequest
 
 API_VERSIONS = ("2023-06-01", "2023-01-01")
 
@@ -194,8 +194,7 @@ class AnthropicRequest(RecordedRequest):
     disconnected_at: float | None = None  # time.monotonic() when the fake noticed the client left
 
 
-class _ClientGone(Exception):
-    pass
+_ClientGone = ClientGone
 
 
 @dataclass
@@ -419,23 +418,6 @@ class FakeAnthropic(FakeServer):
             rec.disconnected_at = time.monotonic()
             rec.events.append("client_disconnected")
             rec.events.append(f"deltas_sent:{rec.deltas_sent}")
-
-    @staticmethod
-    def _gone(request: web.Request) -> bool:
-        transport = request.transport
-        return transport is None or transport.is_closing()
-
-    async def _sleep(self, request: web.Request, seconds: float) -> None:
-        """Sleep, but notice within 50 ms that the client left."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + seconds
-        while True:
-            if self._gone(request):
-                raise _ClientGone()
-            remaining = end - loop.time()
-            if remaining <= 0:
-                return
-            await asyncio.sleep(min(0.05, remaining))
 
     def _message(self, rec: AnthropicRequest, snapshot: str, content: list, stop_reason: str | None,
                  stop_sequence: str | None, usage: dict) -> dict:

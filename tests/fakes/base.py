@@ -35,6 +35,10 @@ class RecordedRequest:
     events: list[str] = field(default_factory=list)  # e.g. "client_disconnected", "closed_by_fault"
 
 
+class ClientGone(ConnectionResetError):
+    """The client closed its connection while the fake was still answering."""
+
+
 class FakeServer:
     """Base class: subclasses add routes to `self.app` in `__init__` and record into `self.requests`
     (as `request_class`, a RecordedRequest subclass when a vendor needs more fields)."""
@@ -107,6 +111,23 @@ class FakeServer:
                 return True
             time.sleep(0.01)
         return bool(predicate())
+
+    @staticmethod
+    def _gone(request: web.Request) -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    async def _sleep(self, request: web.Request, seconds: float) -> None:
+        """Sleep, but notice within 50 ms that the client left (raises ClientGone)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while True:
+            if self._gone(request):
+                raise ClientGone()
+            remaining = end - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(0.05, remaining))
 
     def record(self, request: web.Request, body: Any = None) -> RecordedRequest:
         rec = self.request_class(

@@ -445,21 +445,6 @@ class FakePlayHT(FakeServer):
         """Load Piper (about 1.5 s the first time in a process) before timing anything."""
         self.synthesize("Ready.", 16000, 1.0)
 
-    @staticmethod
-    def _gone(request: web.Request) -> bool:
-        transport = request.transport
-        return transport is None or transport.is_closing()
-
-    async def _sleep(self, request: web.Request, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + seconds
-        while True:
-            if self._gone(request):
-                raise ConnectionResetError()
-            remaining = end - loop.time()
-            if remaining <= 0:
-                return
-            await asyncio.sleep(min(0.05, remaining))
 
 
 def _is_int(value: Any) -> bool:
