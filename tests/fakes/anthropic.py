@@ -200,7 +200,6 @@ _ClientGone = ClientGone
 @dataclass
 class _Fault:
     kind: str  # "fail" | "stall" | "error_mid_stream"
-    times: int
     status: int = 0
     retry_after: float | None = None
     seconds: float = 0.0
@@ -251,8 +250,7 @@ class FakeAnthropic(FakeServer):
         self.requests: list[AnthropicRequest] = []  # type: ignore[assignment]
         self.completed = 0  # requests answered in full (message_stop sent / Message JSON returned)
         self._lock = threading.Lock()
-        self._faults: list[_Fault] = []
-        self._always: int | None = None
+        self._faults = self._fault_queue()
         self._cache: dict[str, float] = {}  # prefix hash -> expiry (time.monotonic())
         self.app.router.add_post("/v1/messages", self._messages)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -262,47 +260,26 @@ class FakeAnthropic(FakeServer):
     def fail_next(self, status: int, times: int = 1, retry_after: float | None = None) -> None:
         """The next `times` valid requests get HTTP `status` with Anthropic's error body for it (429
         `rate_limit_error`, 529 `overloaded_error`, 500 `api_error`, ...), plus `retry-after` when given."""
-        with self._lock:
-            self._faults.append(_Fault("fail", times, status=status, retry_after=retry_after))
+        self._faults.add(_Fault("fail", status=status, retry_after=retry_after), times)
 
     def fail_always(self, status: int) -> None:
         """Every request (past auth and validation) fails with `status` until `clear_faults()`."""
-        with self._lock:
-            self._always = status
+        self._faults.set_always(_Fault("fail", status=status))
 
     def stall_next(self, seconds: float, times: int = 1) -> None:
         """The next `times` streams send `message_start`, then nothing for `seconds`, then carry on (a
         non-streaming request just answers `seconds` later)."""
-        with self._lock:
-            self._faults.append(_Fault("stall", times, seconds=seconds))
+        self._faults.add(_Fault("stall", seconds=seconds), times)
 
     def error_mid_stream_next(self, times: int = 1, after_deltas: int = 3) -> None:
         """The next `times` streams send `after_deltas` text deltas, then the documented `event: error` with an
         `overloaded_error`, and end (a non-streaming request gets HTTP 529 instead)."""
-        with self._lock:
-            self._faults.append(_Fault("error_mid_stream", times, after_deltas=after_deltas))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-            self._always = None
+        self._faults.add(_Fault("error_mid_stream", after_deltas=after_deltas), times)
 
     def clear_cache(self) -> None:
         """Forget every cached prompt prefix."""
         with self._lock:
             self._cache.clear()
-
-    def _take_fault(self) -> _Fault | None:
-        with self._lock:
-            if self._always is not None:
-                return _Fault("fail", 1, status=self._always)
-            if not self._faults:
-                return None
-            head = self._faults[0]
-            head.times -= 1
-            if head.times <= 0:
-                self._faults.pop(0)
-            return head
 
     # ---- accessors ----------------------------------------------------------------------------------------
 
@@ -376,7 +353,7 @@ class FakeAnthropic(FakeServer):
             return self._error(rec, err)
 
         rec.stream = bool(body.get("stream"))
-        fault = self._take_fault()
+        fault = self._faults.take()
         if fault is not None:
             rec.fault = fault.kind
             if fault.kind == "fail":

@@ -35,6 +35,41 @@ class RecordedRequest:
     events: list[str] = field(default_factory=list)  # e.g. "client_disconnected", "closed_by_fault"
 
 
+class FaultQueue:
+    """Faults a test scripts from its own thread, taken in order by the fake's loop: each entry
+    `times` times. `always`, while set, is what every take returns (until `clear`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[list] = []  # [fault, remaining takes]
+        self._always: Any = None
+
+    def add(self, fault: Any, times: int = 1) -> None:
+        with self._lock:
+            self._entries.append([fault, times])
+
+    def set_always(self, fault: Any) -> None:
+        with self._lock:
+            self._always = fault
+
+    def take(self) -> Any:
+        with self._lock:
+            if self._always is not None:
+                return self._always
+            if not self._entries:
+                return None
+            head = self._entries[0]
+            head[1] -= 1
+            if head[1] <= 0:
+                self._entries.pop(0)
+            return head[0]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._always = None
+
+
 class ClientGone(ConnectionResetError):
     """The client closed its connection while the fake was still answering."""
 
@@ -47,6 +82,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.app = web.Application()
+        self._fault_queues: list[FaultQueue] = []
         self.requests: list[RecordedRequest] = []
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -111,6 +147,17 @@ class FakeServer:
                 return True
             time.sleep(0.01)
         return bool(predicate())
+
+    def _fault_queue(self) -> FaultQueue:
+        """A new queue of scripted faults, emptied by `clear_faults`."""
+        queue = FaultQueue()
+        self._fault_queues.append(queue)
+        return queue
+
+    def clear_faults(self) -> None:
+        """Forget every scripted fault not yet used."""
+        for queue in self._fault_queues:
+            queue.clear()
 
     @staticmethod
     def _gone(request: web.Request) -> bool:

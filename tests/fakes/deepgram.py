@@ -178,8 +178,8 @@ class FakeDeepgram(FakeServer):
         self.interim_every = interim_every
         self.connections: list[DeepgramConnection] = []
         self._lock = threading.Lock()
-        self._drops: list[float] = []
-        self._rejects: list[int] = []
+        self._drops = self._fault_queue()
+        self._rejects = self._fault_queue()
         self.app.router.add_get("/v1/listen", self._listen)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
 
@@ -187,28 +187,16 @@ class FakeDeepgram(FakeServer):
 
     def drop_after(self, seconds_of_audio: float, times: int = 1) -> None:
         """The next `times` connections are aborted (no close frame) after this much audio."""
-        with self._lock:
-            self._drops.extend([float(seconds_of_audio)] * times)
-
-    def clear_faults(self) -> None:
-        """Forget every scripted fault not yet used."""
-        with self._lock:
-            self._drops.clear()
-            self._rejects.clear()
+        self._drops.add(float(seconds_of_audio), times)
 
     def reject_next(self, status: int, times: int = 1) -> None:
         """The next `times` handshakes are refused with this HTTP status."""
-        with self._lock:
-            self._rejects.extend([int(status)] * times)
+        self._rejects.add(int(status), times)
 
     @property
     def finals(self) -> list[str]:
         """All non-empty final transcripts sent, over all connections, in order."""
         return [t for c in list(self.connections) for t in c.finals]
-
-    def _take(self, plan: list) -> Any:
-        with self._lock:
-            return plan.pop(0) if plan else None
 
     def _next_script(self) -> str | None:
         with self._lock:
@@ -318,7 +306,7 @@ class FakeDeepgram(FakeServer):
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         rec = self.record(request)
         request_id = str(uuid.uuid4())
-        status = self._take(self._rejects)
+        status = self._rejects.take()
         if status is not None:
             rec.status = status
             rec.events.append(f"rejected_by_fault:{status}")
@@ -344,7 +332,7 @@ class FakeDeepgram(FakeServer):
         rec.status = 101
         conn = DeepgramConnection(request=rec, request_id=request_id, **options)
         self.connections.append(conn)
-        stream = _Stream(self, conn, ws, transport, drop_at=self._take(self._drops))
+        stream = _Stream(self, conn, ws, transport, drop_at=self._drops.take())
         try:
             await stream.run()
         finally:

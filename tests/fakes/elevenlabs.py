@@ -210,9 +210,8 @@ class FakeElevenLabs(FakeServer):
         self.chunk_ms = chunk_ms
         self.synthesize = synthesize or cached_piper_pcm  # (text, sample_rate) -> PCM16 mono
         self.connections: list[ElevenLabsConnection] = []
-        self._lock = threading.Lock()
-        self._failures: list[float] = []
-        self._rejects: list[int] = []
+        self._failures = self._fault_queue()
+        self._rejects = self._fault_queue()
         self.app.router.add_get("/v1/text-to-speech/{voice_id}/multi-stream-input", self._multi)
         self.app.router.add_get("/v1/text-to-speech/{voice_id}/stream-input", self._single)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -221,19 +220,11 @@ class FakeElevenLabs(FakeServer):
 
     def fail_after_audio(self, seconds: float, times: int = 1) -> None:
         """In the next `times` contexts, abort the connection after this much audio has been sent."""
-        with self._lock:
-            self._failures.extend([float(seconds)] * times)
-
-    def clear_faults(self) -> None:
-        """Forget every scripted fault not yet used."""
-        with self._lock:
-            self._failures.clear()
-            self._rejects.clear()
+        self._failures.add(float(seconds), times)
 
     def reject_next(self, status: int, times: int = 1) -> None:
         """The next `times` handshakes are refused with this HTTP status."""
-        with self._lock:
-            self._rejects.extend([int(status)] * times)
+        self._rejects.add(int(status), times)
 
     @property
     def contexts(self) -> list[ElevenLabsContext]:
@@ -253,10 +244,6 @@ class FakeElevenLabs(FakeServer):
     @property
     def audio_seconds_sent(self) -> float:
         return sum(conn.audio_seconds for conn in list(self.connections))
-
-    def _take(self, plan: list) -> Any:
-        with self._lock:
-            return plan.pop(0) if plan else None
 
     # --- HTTP side -------------------------------------------------------------------------------
 
@@ -327,7 +314,7 @@ class FakeElevenLabs(FakeServer):
 
     async def _serve(self, request: web.Request, multi: bool) -> web.StreamResponse:
         rec = self.record(request)
-        status = self._take(self._rejects)
+        status = self._rejects.take()
         if status is not None:
             rec.status = status
             rec.events.append(f"rejected_by_fault:{status}")
@@ -559,7 +546,7 @@ class _Session:
         schedule = (message.get("generation_config") or {}).get("chunk_length_schedule") or DEFAULT_SCHEDULE
         if not all(isinstance(v, (int, float)) and 50 <= v <= 500 for v in schedule):
             raise _PolicyViolation("invalid_message", "chunk_length_schedule values must be in 50..500")
-        ctx = _Ctx(record, list(schedule), self.fake._take(self.fake._failures))
+        ctx = _Ctx(record, list(schedule), self.fake._failures.take())
         ctx.last_activity = self.loop.time()
         self.conn.contexts.append(record)
         self.contexts[cid] = ctx

@@ -31,7 +31,6 @@ import io
 import json
 import re
 import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -97,7 +96,6 @@ class PlayHTRequest(RecordedRequest):
 @dataclass
 class _Fault:
     kind: str  # "fail" | "cut"
-    times: int
     status: int = 0
     after_bytes: int = 0
 
@@ -235,9 +233,7 @@ class FakePlayHT(FakeServer):
         self._inflight: dict[tuple, asyncio.Future] = {}  # render key -> running synthesis (dedups concurrency)
         self.requests: list[PlayHTRequest] = []  # type: ignore[assignment]
         self.completed = 0
-        self._lock = threading.Lock()
-        self._faults: list[_Fault] = []
-        self._always: int | None = None
+        self._faults = self._fault_queue()
         self.app.router.add_post(STREAM_PATH, self._stream)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
 
@@ -245,35 +241,15 @@ class FakePlayHT(FakeServer):
 
     def fail_next(self, status: int, times: int = 1) -> None:
         """The next `times` valid requests get HTTP `status` (e.g. 429, 500, 503) with PlayHT's JSON error body."""
-        with self._lock:
-            self._faults.append(_Fault("fail", times, status=status))
+        self._faults.add(_Fault("fail", status=status), times)
 
     def fail_always(self, status: int) -> None:
-        with self._lock:
-            self._always = status
+        self._faults.set_always(_Fault("fail", status=status))
 
     def cut_next_after(self, bytes_: int, times: int = 1) -> None:
         """The next `times` valid requests get a 200 whose body is cut (connection closed, no terminating chunk)
         after `bytes_` body bytes."""
-        with self._lock:
-            self._faults.append(_Fault("cut", times, after_bytes=bytes_))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-            self._always = None
-
-    def _take_fault(self) -> _Fault | None:
-        with self._lock:
-            if self._always is not None:
-                return _Fault("fail", 1, status=self._always)
-            if not self._faults:
-                return None
-            head = self._faults[0]
-            head.times -= 1
-            if head.times <= 0:
-                self._faults.pop(0)
-            return head
+        self._faults.add(_Fault("cut", after_bytes=bytes_), times)
 
     # ---- accessors ----------------------------------------------------------------------------------------
 
@@ -380,7 +356,7 @@ class FakePlayHT(FakeServer):
         rec.events.append("accepted")
         rec.output_format, rec.sample_rate = params["format"], params["sample_rate"]
 
-        fault = self._take_fault()
+        fault = self._faults.take()
         if fault is not None:
             rec.fault = fault.kind
             if fault.kind == "fail":

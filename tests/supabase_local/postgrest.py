@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -430,7 +429,6 @@ class PostgrestRequest(RecordedRequest):
 @dataclass
 class _Fault:
     kind: str  # "stall" | "drop"
-    times: int
     seconds: float = 0.0
 
 
@@ -473,8 +471,7 @@ class LocalPostgrest(FakeServer):
         self.stale_connections_dropped = 0
         self._anon_key = make_jwt(jwt_secret, "anon", aud=None, exp_in=10 * 365 * 86400)
         self._service_key = make_jwt(jwt_secret, "service_role", aud=None, exp_in=10 * 365 * 86400)
-        self._faults: list[_Fault] = []
-        self._lock = threading.Lock()
+        self._faults = self._fault_queue()
         self.app.router.add_route("*", "/rest/v1/rpc/{fn}", self._rpc)
         self.app.router.add_route("*", "/rest/v1/", self._root)
         self.app.router.add_route("*", "/rest/v1/{table}", self._table)
@@ -507,27 +504,11 @@ class LocalPostgrest(FakeServer):
 
     def stall_next(self, seconds: float, times: int = 1) -> None:
         """The next `times` successful requests commit, then wait `seconds` before answering."""
-        with self._lock:
-            self._faults.append(_Fault("stall", times, seconds))
+        self._faults.add(_Fault("stall", seconds), times)
 
     def drop_next(self, times: int = 1) -> None:
         """The next `times` successful requests commit, then the connection is closed without an answer."""
-        with self._lock:
-            self._faults.append(_Fault("drop", times))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def _take_fault(self) -> _Fault | None:
-        with self._lock:
-            if not self._faults:
-                return None
-            head = self._faults[0]
-            head.times -= 1
-            if head.times <= 0:
-                self._faults.pop(0)
-            return head
+        self._faults.add(_Fault("drop"), times)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -742,7 +723,7 @@ class LocalPostgrest(FakeServer):
 
     async def _finish(self, rec: PostgrestRequest, request: web.Request, response: web.Response) -> web.StreamResponse:
         rec.status = response.status
-        fault = self._take_fault()
+        fault = self._faults.take()
         if fault is not None:
             rec.fault = fault.kind
             if fault.kind == "stall":
