@@ -520,15 +520,7 @@ class _Session:
         if text == "":  # end of input: voice the rest, send isFinal, close the socket
             self._flush(ctx)
             await self._close_context(None)
-            if ctx.worker is not None:
-                try:
-                    await ctx.worker
-                except (asyncio.CancelledError, Exception):
-                    pass
-            if not self.ended:
-                self.ended = True
-                self.conn.events.append("closed_after_end_of_input")
-                await self.ws.close(code=1000)
+            await self._drain_and_close([ctx], "closed_after_end_of_input")
             return False
         self._append(ctx, text)
         if message.get("flush") is True or message.get("try_trigger_generation") is True:
@@ -631,15 +623,19 @@ class _Session:
                 self._cancel(ctx)
             ctx.record.closed = True
             self.contexts.pop(cid, None)
-        for ctx in list(self.draining):
-            if ctx.worker is not None and not ctx.worker.done():
+        await self._drain_and_close(list(self.draining), "closed_by_close_socket")
+
+    async def _drain_and_close(self, contexts: list, event: str) -> None:
+        """Let these contexts finish voicing, then close the socket cleanly (1000), once."""
+        for ctx in contexts:
+            if ctx.worker is not None:
                 try:
                     await ctx.worker
                 except (asyncio.CancelledError, Exception):
                     pass
         if not self.ended:
             self.ended = True
-            self.conn.events.append("closed_by_close_socket")
+            self.conn.events.append(event)
             await self.ws.close(code=1000)
 
     # --- audio out -------------------------------------------------------------------------------
