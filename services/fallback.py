@@ -51,7 +51,6 @@ class PiperFallbackMixin:
         self._fallback_cooldown = cooldown
         self._fallback_contexts: set[str] = set()
         self._vendor_down_until = 0.0
-        self.fallback_replies = 0
 
     def _use_fallback(self, context_id: str) -> bool:
         return context_id in self._fallback_contexts or time.monotonic() < self._vendor_down_until
@@ -60,7 +59,6 @@ class PiperFallbackMixin:
         if context_id in self._fallback_contexts:
             return
         self._fallback_contexts.add(context_id)
-        self.fallback_replies += 1
         logger.warning(f"{self}: {reason}; the local voice speaks the rest of this reply")
         await self.push_error_frame(
             coded_error(

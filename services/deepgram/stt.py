@@ -44,7 +44,6 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
         self._buffer_base = 0
         self._conn_base = 0  # absolute byte offset where the current connection's stream began
         self._finalize_pending = False
-        self.reconnects = 0
 
     # --- audio in -------------------------------------------------------------------------------------
 
@@ -56,7 +55,9 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
         self._buffer += audio
         limit = int(self._replay_secs * self._bytes_per_sec)
         excess = len(self._buffer) - limit
-        if excess > 0:
+        # Trim in steps of a second: once the buffer is full, trimming per 20 ms frame would move
+        # the whole buffer (about 1 MB at 30 s) fifty times a second.
+        if excess > self._bytes_per_sec:
             excess -= excess % 2
             del self._buffer[:excess]
             self._buffer_base += excess
@@ -128,7 +129,6 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
                         await self._replay(connection)
                         self._connection_settled.set()
                         if attempt:
-                            self.reconnects += 1
                             logger.info(f"{self}: reconnected to Deepgram (attempt {attempt})")
                         keepalive_task = self.create_task(self._keepalive_handler(), f"{self}::keepalive")
                         await listener

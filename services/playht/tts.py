@@ -41,6 +41,7 @@ class _Mp3Decoder:
     def __init__(self, rate: int):
         import av
 
+        self._invalid_data = av.error.InvalidDataError
         self._codec = av.CodecContext.create("mp3", "r")
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
         self._head = bytearray()  # bytes held until the ID3 tag (if any) is known and skipped
@@ -66,8 +67,6 @@ class _Mp3Decoder:
         return data
 
     def feed(self, data: bytes | None) -> bytes:
-        import av
-
         out = bytearray()
         if data is not None:
             data = self._strip_id3(data)
@@ -76,7 +75,7 @@ class _Mp3Decoder:
         for packet in self._codec.parse(data) if data else [None]:
             try:
                 frames = self._codec.decode(packet)
-            except av.error.InvalidDataError:
+            except self._invalid_data:
                 continue
             for frame in frames:
                 for resampled in self._resampler.resample(frame):
