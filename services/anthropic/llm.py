@@ -97,13 +97,19 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
         self._fallback_api_key = fallback_api_key
         self._fallback_system = fallback_system or system_instruction
         self._stream = None  # the response being read, closed on cancel
-        self.fallbacks = 0
+        self._fallback_client = None  # AsyncOpenAI for the local LLM, made on first use
 
     async def _process_context(self, context: LLMContext):
         try:
             await super()._process_context(context)
         finally:
             await self._close_stream()
+
+    async def cleanup(self):
+        await super().cleanup()
+        if self._fallback_client is not None:
+            await self._fallback_client.close()
+            self._fallback_client = None
 
     async def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -154,7 +160,6 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
                 logger.warning(f"{self}: {_describe(e)}; retry {attempt} in {delay:.2f}s")
                 await asyncio.sleep(delay)
 
-        self.fallbacks += 1
         logger.error(f"{self}: Claude failed ({_describe(failure)}) after {attempt} attempt(s); falling back")
         await self.push_error_frame(
             coded_error(
@@ -183,8 +188,11 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
                     messages.append({"role": m["role"], "content": content})
             said = False
             try:
-                client = AsyncOpenAI(base_url=self._fallback_url, api_key=self._fallback_api_key, max_retries=0)
-                self._stream = await client.chat.completions.create(
+                if self._fallback_client is None:
+                    self._fallback_client = AsyncOpenAI(
+                        base_url=self._fallback_url, api_key=self._fallback_api_key, max_retries=0
+                    )
+                self._stream = await self._fallback_client.chat.completions.create(
                     model=self._fallback_model, messages=messages, stream=True,
                     max_tokens=params.get("max_tokens") or 300,
                 )
