@@ -32,6 +32,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from bots.auth import TokenVerifier
 from config.settings import Settings
+from monitoring.metrics import Monitor
 from processors.context_window import ContextWindow
 from processors.sentence_marker import SentenceMarker
 from services.factory import make_llm, make_stt, make_tts
@@ -40,6 +41,8 @@ from services.local.engines import (
     SharedSileroVADAnalyzer,
     SharedSmartTurnAnalyzerV3,
 )
+from storage import make_recorder
+from storage.outbox import Recorder
 
 CLIENT_SAMPLE_RATE = 16000
 
@@ -56,6 +59,16 @@ class Runtime:
     auth: TokenVerifier | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     load_error: str | None = None
+    recorder: Recorder | None = None
+    monitor: Monitor | None = None
+    active_sessions: int = 0
+
+    def __post_init__(self):
+        if self.recorder is None:
+            self.recorder = make_recorder(self.settings)
+        if self.monitor is None:
+            self.monitor = Monitor(self.settings)
+            self.monitor.attach_recorder(self.recorder)
 
     @property
     def output_sample_rate(self) -> int:
@@ -65,8 +78,15 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> "Runtime":
         runtime = cls(settings=settings)
+        await runtime.start_recorder()
         await runtime.load()
         return runtime
+
+    async def start_recorder(self) -> None:
+        """Open the outbox and start sending rows (first those a previous run left behind)."""
+        await self.recorder.start()
+        logger.info(f"recording sessions to {self.recorder.sink.name}"
+                    + (f" ({self.settings.resolved_sqlite_path})" if self.recorder.sink.name == "sqlite" else ""))
 
     async def load(self) -> None:
         """Load engines (in a thread: seconds of model loading) and start the local LLM if used.
@@ -104,6 +124,7 @@ class Runtime:
     async def close(self) -> None:
         if self.llm_server is not None:
             await self.llm_server.stop()
+        await self.recorder.close(timeout=self.settings.db_timeout_secs)
 
 
 @dataclass

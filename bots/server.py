@@ -1,4 +1,4 @@
-"""The HTTP server: the browser page at `/`, `/healthz`, and the `/ws` voice door.
+"""The HTTP server: the browser page at `/`, `/healthz`, `/metrics` (Prometheus), and the `/ws` voice door.
 
 Engines load in the background after the server starts listening, so `/healthz` can say
 "loading" (503) and then "ok" (200) rather than the port being closed for a minute.
@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await runtime.start_recorder()
         task = asyncio.create_task(runtime.load())
         try:
             yield
@@ -46,6 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if runtime.load_error:
             return JSONResponse({"status": "error", "error": runtime.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = runtime.monitor.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/")
     async def index():

@@ -70,8 +70,10 @@ class TurnResult:
 class VoiceClient:
     """A scripted user of the /ws protocol."""
 
-    def __init__(self, url: str, *, on_event=None, user_id: str = "talk-cli", conversation_id: str | None = None):
+    def __init__(self, url: str, *, on_event=None, user_id: str = "talk-cli", conversation_id: str | None = None,
+                 auth_token: str = ""):
         self.url = url
+        self.auth_token = auth_token
         self.on_event = on_event or (lambda e: None)
         self.user_id = user_id
         self.conversation_id = conversation_id or f"conv-{int(time.time() * 1000)}"
@@ -93,7 +95,7 @@ class VoiceClient:
         self.ws = await websockets.connect(self.url, max_size=None)
         await self.ws.send(
             json.dumps({"type": "session_start", "userId": self.user_id, "conversationId": self.conversation_id,
-                        "authToken": ""})
+                        "authToken": self.auth_token})
         )
         started = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
         if started.get("type") != "session_started":

@@ -29,7 +29,16 @@ from bots.auth import AuthError
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
 from processors.client_events import ClientEventsObserver
 from processors.errors import CodedErrorFrame
-from processors.turn_metrics import TurnMetricsObserver
+from processors.turn_metrics import Turn, TurnMetricsObserver
+from storage.records import (
+    INSERT,
+    SESSIONS,
+    TURNS,
+    UPSERT,
+    SessionInfo,
+    provider_models,
+    turn_row,
+)
 from transports.protocol import (
     AtlasProtocolSerializer,
     AtlasWebsocketTransport,
@@ -56,6 +65,12 @@ async def _send_json(websocket: WebSocket, message: dict) -> None:
             logger.debug(f"send failed: {e}")
 
 
+async def _send_error(websocket: WebSocket, runtime: Runtime, code: ErrorCode, message: str) -> None:
+    """An `error` outside a running session (those inside go through the serializer), counted in /metrics."""
+    runtime.monitor.error(str(code))
+    await _send_json(websocket, error_message(code, message))
+
+
 async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | None:
     """Wait for a valid session_start; answer every other message with an error."""
     s = runtime.settings
@@ -65,10 +80,8 @@ async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | No
         try:
             message = await asyncio.wait_for(websocket.receive(), timeout=max(remaining, 0.001))
         except TimeoutError:
-            await _send_json(
-                websocket,
-                error_message(ErrorCode.SESSION_START_TIMEOUT, f"no session_start within {s.session_start_timeout_secs:g}s"),
-            )
+            await _send_error(websocket, runtime, ErrorCode.SESSION_START_TIMEOUT,
+                              f"no session_start within {s.session_start_timeout_secs:g}s")
             await websocket.close(CLOSE_POLICY)
             return None
         if message["type"] == "websocket.disconnect":
@@ -82,14 +95,14 @@ async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | No
                 raise ProtocolError(ErrorCode.NOT_STARTED, f"send session_start before '{msg['type']}'")
             start = parse_session_start(msg)
         except ProtocolError as e:
-            await _send_json(websocket, e.to_message())
+            await _send_error(websocket, runtime, e.code, e.message)
             continue
         if runtime.auth.enabled:
             try:
                 start = replace(start, verified_user_id=await runtime.auth.verify(start.auth_token))
             except AuthError as e:
                 logger.info(f"session refused: {e}")
-                await _send_json(websocket, error_message(ErrorCode.AUTH_FAILED, str(e)))
+                await _send_error(websocket, runtime, ErrorCode.AUTH_FAILED, str(e))
                 await websocket.close(CLOSE_POLICY)
                 return None
         return start
@@ -108,19 +121,52 @@ class Session:
     end_reason: str = "client_disconnected"
     stopping: bool = False
     worker: PipelineWorker | None = None
-    metrics: TurnMetricsObserver = field(default_factory=TurnMetricsObserver)
+    transport_name: str = "websocket"
+    metrics: TurnMetricsObserver = field(init=False)
+    info: SessionInfo = field(init=False)
+    _final: dict | None = None  # the session_end message, built once
+
+    def __post_init__(self):
+        self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
+        ws, start = self.websocket, self.start
+        self.info = SessionInfo(
+            id=self.session_id, transport=self.transport_name, started_at=time.time(),
+            user_id=start.verified_user_id, client_user_id=start.user_id, conversation_id=start.conversation_id,
+            models=provider_models(self.runtime.settings), user_agent=ws.headers.get("user-agent"),
+            ip_address=ws.client.host if ws.client else None,
+        )
 
     def _touch_audio(self, _n: int) -> None:
         self.last_audio_at = time.monotonic()
 
+    def _record_turn(self, turn: Turn) -> None:
+        self.runtime.recorder.submit(TURNS, INSERT, [turn_row(self.info, turn)])
+        self.runtime.monitor.turn_recorded(self.transport_name, turn.breakdown())
+
+    def _count_error(self, code: str) -> None:
+        self.metrics.count_error(code)
+        self.runtime.monitor.error(code)
+
     def session_end_message(self) -> dict:
-        return {
-            "type": "session_end",
-            "sessionId": self.session_id,
-            "reason": self.end_reason,
-            "duration": round(time.monotonic() - self.started_at, 3),
-            "metrics": self.metrics.summary(),
-        }
+        """Built once, when the session ends: the client and the database get these same numbers."""
+        if self._final is None:
+            self.metrics.close_turns()  # the last turn's row is written now
+            self._final = {
+                "type": "session_end",
+                "sessionId": self.session_id,
+                "reason": self.end_reason,
+                "duration": round(time.monotonic() - self.started_at, 3),
+                "metrics": self.metrics.summary(),
+            }
+        return self._final
+
+    def _record_end(self) -> None:
+        final = self.session_end_message()
+        summary = final["metrics"]
+        ended_at = self.info.started_at + final["duration"]
+        row = self.info.end_row(summary, ended_at=ended_at, end_reason=final["reason"])
+        self.runtime.recorder.submit(SESSIONS, UPSERT, [row])
+        self.runtime.monitor.session_ended(self.transport_name, final["reason"], summary, self.info.cost(summary))
 
     async def stop(self, reason: str, error: tuple[ErrorCode, str] | None = None) -> None:
         """End the session once, for the first reason that comes (later ones are ignored)."""
@@ -164,6 +210,7 @@ class Session:
             on_session_stop=on_session_stop,
             on_audio=self._touch_audio,
             session_end=self.session_end_message,
+            on_error=self._count_error,
         )
         transport = AtlasWebsocketTransport(
             self.websocket,
@@ -224,12 +271,17 @@ class Session:
 
         runner = WorkerRunner(handle_sigint=False)
         await runner.add_workers(self.worker)
+        rt.recorder.submit(SESSIONS, INSERT, [self.info.start_row()])
+        rt.monitor.session_started(self.transport_name)
+        rt.active_sessions += 1
         watchdog = asyncio.create_task(self._watchdog())
         try:
             await runner.run()
         finally:
             watchdog.cancel()
-            summary = self.metrics.summary()
+            rt.active_sessions -= 1
+            self._record_end()
+            summary = self._final["metrics"]
             logger.info(
                 f"session {self.session_id} ended ({self.end_reason}): {summary['turns']} turns, "
                 f"v2v p50 {summary['p50Latency']} ms p95 {summary['p95Latency']} ms"
@@ -245,10 +297,8 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
     await websocket.accept()
     try:
         if not runtime.ready.is_set():
-            await _send_json(
-                websocket,
-                error_message(ErrorCode.SERVER_NOT_READY, "engines are still loading; retry in a few seconds"),
-            )
+            await _send_error(websocket, runtime, ErrorCode.SERVER_NOT_READY,
+                              "engines are still loading; retry in a few seconds")
             await websocket.close(CLOSE_TRY_AGAIN)
             return
         start = await handshake(websocket, runtime)
@@ -259,7 +309,7 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
         pass
     except Exception as e:  # never let one session take the server down
         logger.exception(f"websocket session failed: {e}")
-        await _send_json(websocket, error_message(ErrorCode.INTERNAL_ERROR, "internal error; the session ended"))
+        await _send_error(websocket, runtime, ErrorCode.INTERNAL_ERROR, "internal error; the session ended")
         try:
             await websocket.close(1011)
         except Exception:

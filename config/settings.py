@@ -103,6 +103,22 @@ class Settings(BaseSettings):
     supabase_jwks_url: str | None = Field(None, validation_alias=_env("SUPABASE_JWKS_URL"))
     jwt_audience: str = Field("authenticated", validation_alias=_env("ATLAS_JWT_AUDIENCE"))
 
+    # --- recording (Supabase, or the embedded SQLite file when SUPABASE_URL is unset) -------------
+    supabase_url: str | None = Field(None, validation_alias=_env("SUPABASE_URL"))
+    supabase_service_role_key: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_SERVICE_ROLE_KEY"))
+    db_timeout_secs: float = Field(5.0, validation_alias=_env("ATLAS_DB_TIMEOUT_SECS"))
+    sqlite_path: Path | None = Field(None, validation_alias=_env("ATLAS_SQLITE_PATH"))
+    outbox_path: Path | None = Field(None, validation_alias=_env("ATLAS_OUTBOX_PATH"))
+    outbox_max_backoff_secs: float = Field(60.0, validation_alias=_env("ATLAS_OUTBOX_MAX_BACKOFF_SECS"))
+
+    # --- monitoring -------------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(None, validation_alias=_env("ATLAS_ADMIN_TOKEN"))
+    alert_p95_ms: float = Field(5000.0, validation_alias=_env("ATLAS_ALERT_P95_MS"))
+    alert_error_rate: float = Field(0.05, validation_alias=_env("ATLAS_ALERT_ERROR_RATE"))
+    alert_cost_per_session_usd: float = Field(0.50, validation_alias=_env("ATLAS_ALERT_COST_PER_SESSION_USD"))
+    alert_active_sessions: int = Field(100, validation_alias=_env("ATLAS_ALERT_ACTIVE_SESSIONS"))
+    alert_window_secs: float = Field(300.0, validation_alias=_env("ATLAS_ALERT_WINDOW_SECS"))
+
     # --- sessions -------------------------------------------------------------------------------
     session_idle_timeout_secs: float = Field(600.0, validation_alias=_env("ATLAS_SESSION_IDLE_TIMEOUT_SECS"))
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
@@ -111,7 +127,8 @@ class Settings(BaseSettings):
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
 
     @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
-                     "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", mode="before")
+                     "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", "supabase_url",
+                     "supabase_service_role_key", "admin_token", "sqlite_path", "outbox_path", mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -145,6 +162,14 @@ class Settings(BaseSettings):
             return "playht" if self.playht_api_key and self.playht_user_id else "piper"
         return self.tts
 
+    @property
+    def resolved_sqlite_path(self) -> Path:
+        return self.sqlite_path or self.cache_dir / "atlas.sqlite3"
+
+    @property
+    def resolved_outbox_path(self) -> Path:
+        return self.outbox_path or self.cache_dir / "outbox.sqlite3"
+
     def check_providers(self) -> None:
         """Fail at start-up, with the variable to set, when a chosen cloud provider has no key."""
         needs = {
@@ -160,6 +185,8 @@ class Settings(BaseSettings):
             missing = [f.upper() for f in fields if not getattr(self, f)]
             if missing:
                 raise ValueError(f"ATLAS_{kind.upper()}={provider} needs {', '.join(missing)}")
+        if self.supabase_url and not self.supabase_service_role_key:
+            raise ValueError("SUPABASE_URL needs SUPABASE_SERVICE_ROLE_KEY (the server writes with the service role)")
 
 
 @lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -93,7 +94,13 @@ def free_port() -> int:
 def running_server(env: dict[str, str], log_path: Path, timeout: float = 240.0):
     """`atlas-voice serve` in a subprocess; yields its base URL once /healthz answers 200."""
     port = free_port()
-    full_env = {**os.environ, "ATLAS_LOG_LEVEL": "DEBUG", **env}
+    # Each server records into its own SQLite file and outbox next to its log (fresh each run).
+    stores = {"ATLAS_SQLITE_PATH": log_path.with_suffix(".sqlite3"), "ATLAS_OUTBOX_PATH": log_path.with_suffix(".outbox.sqlite3")}
+    for name, path in stores.items():
+        if name not in env:
+            for leftover in path.parent.glob(path.name + "*"):
+                leftover.unlink()
+    full_env = {**os.environ, "ATLAS_LOG_LEVEL": "DEBUG", **{k: str(v) for k, v in stores.items()}, **env}
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bots.cli", "serve", "--port", str(port)],
@@ -137,3 +144,16 @@ async def connected_client(url: str):
     await client.connect()
     await client.send_silence(0.3)
     return client
+
+
+async def recorded(sink, session_id: str, turns: int, timeout: float = 20.0) -> tuple[dict, list[dict]]:
+    """The session row (once ended) and its turn rows, read back through `sink` when they have all landed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sessions = [r for r in await sink.fetch("voice_sessions") if r["id"] == session_id]
+        rows = [r for r in await sink.fetch("voice_turns") if r["session_id"] == session_id]
+        if sessions and sessions[0]["ended_at"] and len(rows) >= turns:
+            return sessions[0], rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"session {session_id} not recorded in {timeout}s: {sessions} {rows}")
+        await asyncio.sleep(0.2)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import connected_client, librivox_clips, wer, write_wav
+from storage.sinks import SQLiteSink
+from tests.helpers import connected_client, librivox_clips, recorded, wer, write_wav
+from tests.recording_checks import check_recorded
 
 STATUS_ORDER = ["listening", "transcribing", "thinking", "speaking", "listening"]
 
@@ -55,6 +57,13 @@ async def test_piper_speech_round_trip(atlas_ws, speech, artifacts):
     # The client's own voice-to-voice measure and the server's agree within network noise.
     client_v2v = np.mean([t.voice_to_voice_ms for t in turns])
     assert abs(client_v2v - m["totalLatency"]) < 400, (client_v2v, m["totalLatency"])
+
+    # Recorded in the embedded SQLite store (no SUPABASE_URL): the same numbers, once.
+    db = artifacts / "server.sqlite3"
+    session, turn_rows = await recorded(SQLiteSink(db), end["sessionId"], len(turns))
+    check_recorded(session, turn_rows, end, turns)
+    assert (session["llm_provider"], session["tts_provider"], session["stt_provider"]) == ("openai", "piper", "whisper")
+    assert session["user_id"] is None and session["client_user_id"] == client.user_id
 
     # What was sent as audio is the speech of what the bot said: transcribe it back.
     reply = np.frombuffer(bytes(client.reply_audio), np.int16)

@@ -6,7 +6,6 @@ database going away and coming back."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import httpx
@@ -15,11 +14,8 @@ import pytest
 from postgrest import APIError
 from supabase import AsyncClientOptions, acreate_client
 
-from tests.helpers import REPO
-from tests.supabase_local import LocalPostgres, LocalPostgrest, make_jwt
-
-SECRET = "local-test-jwt-secret-at-least-32-characters-long"
-MIGRATIONS = REPO / "supabase" / "migrations"
+from tests.supabase_local import make_jwt
+from tests.supabase_local.stack import SECRET, Stack
 
 SCRATCH = """
 create table public.scratch_notes (
@@ -35,31 +31,11 @@ create policy "own rows are visible" on public.scratch_notes for select using (a
 """
 
 
-class Stack:
-    def __init__(self) -> None:
-        self.pg = LocalPostgres()
-        self.api: LocalPostgrest | None = None
-        self.migrations: list = []
-        self.user_a = uuid.uuid4()
-        self.user_b = uuid.uuid4()
-
-
 @pytest.fixture(scope="module")
 def stack():
-    s = Stack()
-    started = time.monotonic()
-    s.pg.start()
-    s.pg.bootstrap()
-    s.migrations = s.pg.apply_migrations(MIGRATIONS)  # [] while the folder holds no migration yet
-    s.pg.execute(SCRATCH)
-    s.pg.execute("insert into auth.users (id, email, aud, role) values (%s, 'a@example.com', 'authenticated', "
-                 "'authenticated'), (%s, 'b@example.com', 'authenticated', 'authenticated')",
-                 [s.user_a, s.user_b])
-    s.api = LocalPostgrest(s.pg.dsn_for("authenticator"), SECRET).start()
-    s.ready_seconds = time.monotonic() - started
+    s = Stack().start(SCRATCH)
     yield s
-    s.api.stop()
-    s.pg.cleanup()
+    s.stop()
 
 
 async def client(stack: Stack, key: str, token: str | None = None, *, retry: bool = True, timeout: float = 5.0):

@@ -146,7 +146,8 @@ class AtlasProtocolSerializer(FrameSerializer):
     In: binary PCM s16le 16 kHz mono -> InputAudioRawFrame; `mute`/`unmute` gate the audio (muted
     audio becomes silence of the same length, so the VAD closes any open turn); `interrupt` ->
     InterruptionFrame; `session_stop` is handed to `on_session_stop`. Bad input becomes an urgent
-    `error` message that travels to the output transport; the session goes on.
+    `error` message that travels to the output transport; the session goes on. Every `error`
+    sent is reported to `on_error` (the session's error count and /metrics).
 
     Out: audio -> `audio_chunk` (base64 PCM at the session's output rate) stamped with the
     reply sentence it belongs to; spoken text -> `bot_transcript`; an interruption while the client
@@ -156,7 +157,8 @@ class AtlasProtocolSerializer(FrameSerializer):
     """
 
     def __init__(
-        self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None
+        self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None,
+        on_error=None,
     ):
         super().__init__()
         self._max_audio = max_audio_bytes
@@ -164,6 +166,7 @@ class AtlasProtocolSerializer(FrameSerializer):
         self._on_session_stop = on_session_stop
         self._on_audio = on_audio
         self._session_end = session_end
+        self._on_error = on_error  # called with the code of every `error` message sent
         self.muted = False
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
         # When the client will have played every audio chunk sent so far (monotonic clock).
@@ -229,6 +232,8 @@ class AtlasProtocolSerializer(FrameSerializer):
                 return json.dumps({"type": "audio_flush", "reason": "interruption"})
             return None
         if isinstance(frame, (OutputTransportMessageFrame, OutputTransportMessageUrgentFrame)):
+            if self._on_error is not None and frame.message.get("type") == "error":
+                self._on_error(frame.message.get("code", ""))
             return json.dumps(frame.message)
         if isinstance(frame, (EndFrame, CancelFrame)) and self._session_end is not None:
             return json.dumps(self._session_end())

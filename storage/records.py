@@ -1,0 +1,147 @@
+"""The rows Atlas writes: one `voice_sessions` row per session and one `voice_turns` row per turn.
+
+Built from the session's TurnMetricsObserver, the same object `session_end` is built from, so the
+client and the database get the same numbers. Column names are the migration's
+(supabase/migrations); `storage/sqlite_schema.sql` has the same tables for the embedded store.
+Ids are generated here (uuid4), so every write can be repeated without creating a second row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from config.prices import Rates, rates_for, session_cost
+from config.settings import Settings
+from processors.turn_metrics import Turn
+
+SESSIONS = "voice_sessions"
+TURNS = "voice_turns"
+
+# A write is (table, mode, rows). "insert" adds rows that are not there yet and leaves existing
+# ones alone (ON CONFLICT (id) DO NOTHING); "upsert" inserts or overwrites (DO UPDATE).
+INSERT = "insert"
+UPSERT = "upsert"
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(round(value))
+
+
+def provider_models(settings: Settings) -> dict[str, str]:
+    """(provider, model) names per stage for the session row and the price lookup."""
+    stt = settings.resolved_stt
+    llm = settings.resolved_llm
+    tts = settings.resolved_tts
+    return {
+        "stt_provider": stt,
+        "stt_model": settings.deepgram_model if stt == "deepgram" else "tiny.en",
+        "llm_provider": llm,
+        "llm_model": {"anthropic": settings.anthropic_model, "openai": settings.llm_model_name}.get(llm, "qwen2.5-1.5b-q4"),
+        "tts_provider": tts,
+        "tts_model": {"elevenlabs": settings.elevenlabs_model, "playht": settings.playht_voice_engine}.get(
+            tts, "en_US-joe-medium"),
+    }
+
+
+def session_rates(models: dict[str, str]) -> Rates:
+    return rates_for((models["stt_provider"], models["stt_model"]), (models["llm_provider"], models["llm_model"]),
+                     (models["tts_provider"], models["tts_model"]))
+
+
+@dataclass
+class SessionInfo:
+    """What is known about a session when it starts."""
+
+    id: str
+    transport: str
+    started_at: float  # Unix seconds
+    user_id: str | None  # verified (auth.users id), else None
+    client_user_id: str | None
+    conversation_id: str | None
+    models: dict[str, str]
+    user_agent: str | None = None
+    ip_address: str | None = None
+
+    def start_row(self) -> dict:
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "client_user_id": self.client_user_id,
+            "conversation_id": self.conversation_id,
+            "transport": self.transport,
+            "started_at": iso(self.started_at),
+            **self.models,
+            **session_rates(self.models).columns(),
+            "user_agent": (self.user_agent or "")[:512] or None,
+            "ip_address": self.ip_address,
+        }
+
+    def end_row(self, summary: dict, *, ended_at: float, end_reason: str) -> dict:
+        """The full row at the end; `summary` is the `metrics` object sent in `session_end`."""
+        ended_at = max(ended_at, self.started_at + 1e-3)  # the CHECK: ended_at > started_at
+        return {
+            **self.start_row(),
+            "ended_at": iso(ended_at),
+            "end_reason": end_reason,
+            "stt_duration_seconds": summary["sttDuration"],
+            "stt_requests": summary["turns"],
+            "llm_input_tokens": summary["llmInputTokens"],
+            "llm_output_tokens": summary["llmOutputTokens"],
+            "llm_cache_read_tokens": summary["llmCacheReadTokens"],
+            "llm_cache_write_tokens": summary["llmCacheWriteTokens"],
+            "llm_latency_ms": _int(summary["llmLatency"]) or 0,
+            "tts_characters": summary["ttsCharacters"],
+            "tts_latency_ms": _int(summary["ttsLatency"]) or 0,
+            "turns_count": summary["turns"],
+            "avg_latency_ms": _int(summary["totalLatency"]),
+            "p95_latency_ms": _int(summary["p95Latency"]),
+            "interruptions_count": summary["interruptions"],
+            "errors_count": summary["errors"],
+        }
+
+    def cost(self, summary: dict) -> float:
+        """USD, as the database's generated cost_usd will compute it."""
+        return session_cost(
+            session_rates(self.models),
+            stt_seconds=summary["sttDuration"],
+            llm_input_tokens=summary["llmInputTokens"],
+            llm_output_tokens=summary["llmOutputTokens"],
+            llm_cache_read_tokens=summary["llmCacheReadTokens"],
+            llm_cache_write_tokens=summary["llmCacheWriteTokens"],
+            tts_characters=summary["ttsCharacters"],
+        )
+
+
+def turn_id(session_id: str, index: int) -> str:
+    """A stable id per (session, turn): a replayed write can never make a second row."""
+    return str(uuid.uuid5(uuid.UUID(session_id), f"turn-{index}"))
+
+
+def turn_row(session: SessionInfo, turn: Turn) -> dict:
+    b = turn.breakdown()
+    return {
+        "id": turn_id(session.id, turn.index),
+        "session_id": session.id,
+        "user_id": session.user_id,
+        "turn_index": turn.index,
+        "user_text_chars": b["userTextChars"],
+        "bot_text_chars": b["botTextChars"],
+        "user_stopped_at": iso(turn.wall(turn.speech_end)),
+        "first_audio_at": iso(turn.wall(turn.bot_audio)),
+        "stt_latency_ms": _int(b["sttMs"]),
+        "llm_ttfb_ms": _int(b["llmFirstTokenMs"]),
+        "tts_ttfa_ms": _int(b["ttsFirstAudioMs"]),
+        "voice_to_voice_ms": _int(b["voiceToVoiceMs"]),
+        "llm_input_tokens": b["llmInputTokens"],
+        "llm_output_tokens": b["llmOutputTokens"],
+        "tts_characters": b["ttsCharacters"],
+        "interrupted": b["interrupted"],
+        "error_code": b["errorCode"],
+        "created_at": iso(turn.wall(turn.turn_end)),
+    }

@@ -1,0 +1,114 @@
+"""Where rows end up: the embedded SQLite file, or Supabase (services/supabase/store.py).
+
+A sink writes a batch of rows of one table, idempotently, and reads rows back for the dashboard
+and `atlas-voice report`. It raises `TransientWriteError` when trying again later may work (the
+database is down, a timeout, a bad key that an operator will fix) and `PermanentWriteError` when
+the rows themselves are wrong (a constraint violation); the outbox retries the first and sets the
+second aside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from storage.records import INSERT, SESSIONS, TURNS
+
+SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
+TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}
+
+
+class TransientWriteError(Exception):
+    pass
+
+
+class PermanentWriteError(Exception):
+    pass
+
+
+class Sink:
+    name = "sink"
+
+    async def write(self, table: str, mode: str, rows: list[dict]) -> None:
+        raise NotImplementedError
+
+    async def fetch(self, table: str, since: str | None = None) -> list[dict]:
+        """Rows of `table` whose time column (started_at / created_at) is >= `since` (ISO 8601), oldest first."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class SQLiteSink(Sink):
+    """The embedded default store: one SQLite file with the migration's tables.
+
+    All access goes through one thread (sqlite3 connections are not shared between threads), so
+    the event loop never waits on the disk.
+    """
+
+    name = "sqlite"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(SCHEMA.read_text())
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _write(self, table: str, mode: str, rows: list[dict]) -> None:
+        db = self._db()
+        columns = list(rows[0])
+        names = ", ".join(columns)
+        marks = ", ".join("?" for _ in columns)
+        if mode == INSERT:
+            conflict = "DO NOTHING"
+        else:
+            conflict = "DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
+        sql = f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT (id) {conflict}"
+        try:
+            with db:
+                db.executemany(sql, [tuple(r[c] for c in columns) for r in rows])
+        except sqlite3.IntegrityError as e:
+            raise PermanentWriteError(f"{table}: {e}") from e
+        except sqlite3.OperationalError as e:  # locked, disk full, unreadable file
+            raise TransientWriteError(f"{table}: {e}") from e
+
+    async def write(self, table: str, mode: str, rows: list[dict]) -> None:
+        await self._run(self._write, table, mode, rows)
+
+    def _fetch(self, table: str, since: str | None) -> list[dict]:
+        column = TIME_COLUMN[table]
+        where, args = (f"WHERE {column} >= ?", (since,)) if since else ("", ())
+        cursor = self._db().execute(f"SELECT * FROM {table} {where} ORDER BY {column}", args)
+        rows = [dict(r) for r in cursor]
+        if table == TURNS:
+            for r in rows:
+                r["interrupted"] = bool(r["interrupted"])
+        return rows
+
+    async def fetch(self, table: str, since: str | None = None) -> list[dict]:
+        return await self._run(self._fetch, table, since)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=False)
