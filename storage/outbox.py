@@ -192,13 +192,18 @@ class Recorder:
                     break
                 try:
                     await self._send(items)
+                    if self.last_error is not None:
+                        logger.info(f"outbox: {self.sink.name} writes succeed again")
+                        self.last_error = None
                     backoff = 0.5
                 except TransientWriteError as e:
                     self.failures += 1
-                    self.last_error = str(e)
                     delay = backoff * random.uniform(0.8, 1.2)
-                    logger.warning(f"outbox: {self.sink.name} write failed ({e}); "
-                                   f"{self.pending} writes kept, retry in {delay:.1f}s")
+                    # Warn when the store starts failing or fails differently; the retries are debug.
+                    log = logger.warning if str(e) != self.last_error else logger.debug
+                    self.last_error = str(e)
+                    log(f"outbox: {self.sink.name} write failed ({e}); {self.pending} writes kept, "
+                        f"retry in {delay:.1f}s")
                     await asyncio.sleep(delay)
                     backoff = min(backoff * 2, self.max_backoff)
                 except Exception as e:  # a bug in a sink: keep the rows, retry later

@@ -23,6 +23,8 @@ UTTERANCES = {
     "story": "Please tell me a long and detailed story about a brave little dragon who learns to fly.",
     "cats": "Wait, stop. Tell me about cats instead.",
 }
+VOICE = "21m00Tcm4TlvDq8EAJjs"
+PLAYHT_VOICE = "s3://voice-cloning-zero-shot/d9ff78ba-d016-47f6-b0ef-dd630f59414e/female-cs/manifest.json"
 WINDOW_TOPICS = [
     "apples", "rivers", "mountains", "violins", "gardens", "oceans",
     "bicycles", "libraries", "volcanoes", "penguins", "lanterns", "castles",
@@ -96,3 +98,49 @@ def atlas(llm_record, artifacts) -> str:
 @pytest.fixture(scope="session")
 def atlas_ws(atlas) -> str:
     return atlas.replace("http://", "ws://") + "/ws"
+
+
+@pytest.fixture(scope="session")
+def vendors():
+    """The fake cloud vendors (tests/fakes), shared by every test that runs Atlas on the cloud providers."""
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.base import whisper_transcribe
+    from tests.fakes.deepgram import FakeDeepgram
+    from tests.fakes.elevenlabs import FakeElevenLabs
+    from tests.fakes.playht import FakePlayHT
+
+    fakes = {
+        "deepgram": FakeDeepgram().start(),
+        "anthropic": FakeAnthropic().start(),
+        "elevenlabs": FakeElevenLabs(voices={VOICE}).start(),
+        "playht": FakePlayHT().start(),
+    }
+    # Load each fake's engines now (Piper, Whisper: seconds when cold), so the first test measures
+    # the server, not a fake warming up.
+    fakes["elevenlabs"].synthesize("Warming up.", 22050)
+    fakes["playht"].warm_up()
+    whisper_transcribe(bytes(32000))
+    yield fakes
+    for fake in fakes.values():
+        fake.stop()
+
+
+def cloud_env(vendors, llm_record, tts: str) -> dict[str, str]:
+    return {
+        "DEEPGRAM_API_KEY": "test-deepgram-key",
+        "DEEPGRAM_BASE_URL": vendors["deepgram"].ws_url,
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
+        "ELEVENLABS_API_KEY": "test-elevenlabs-key",
+        "ELEVENLABS_BASE_URL": vendors["elevenlabs"].ws_url,
+        "ELEVENLABS_VOICE_ID": VOICE,
+        "PLAYHT_API_KEY": "test-playht-key",
+        "PLAYHT_USER_ID": "test-playht-user",
+        "PLAYHT_BASE_URL": vendors["playht"].http_url,
+        "PLAYHT_OUTPUT_FORMAT": "mp3",
+        "ATLAS_TTS": tts,
+        # Claude's fallback: the real local LLM, through the recording proxy.
+        "ATLAS_LLM_URL": llm_record.with_suffix(".url").read_text(),
+        "ATLAS_LLM_MODEL_NAME": "local",
+        "ATLAS_LLM_TEMPERATURE": "0",
+    }

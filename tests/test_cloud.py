@@ -10,18 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import UTTERANCES, WINDOW_TOPICS
-from tests.fakes.anthropic import FakeAnthropic, default_reply
+from tests.conftest import PLAYHT_VOICE, UTTERANCES, VOICE, WINDOW_TOPICS, cloud_env
+from tests.fakes.anthropic import default_reply
 from tests.fakes.base import whisper_transcribe
-from tests.fakes.deepgram import FakeDeepgram
-from tests.fakes.elevenlabs import FakeElevenLabs
-from tests.fakes.playht import FakePlayHT
 from tests.helpers import connected_client, running_server, wer
 
 pytestmark = pytest.mark.timeout(900)
 
-VOICE = "21m00Tcm4TlvDq8EAJjs"
-PLAYHT_VOICE = "s3://voice-cloning-zero-shot/d9ff78ba-d016-47f6-b0ef-dd630f59414e/female-cs/manifest.json"
 
 
 def heard(pcm: bytes, rate: int) -> str:
@@ -39,45 +34,6 @@ def errors(client) -> list[str]:
 
 def bot_said(client, since: int = 0) -> str:
     return " ".join(e["text"] for e in client.events[since:] if e.get("type") == "bot_transcript")
-
-
-@pytest.fixture(scope="module")
-def vendors():
-    fakes = {
-        "deepgram": FakeDeepgram().start(),
-        "anthropic": FakeAnthropic().start(),
-        "elevenlabs": FakeElevenLabs(voices={VOICE}).start(),
-        "playht": FakePlayHT().start(),
-    }
-    # Load each fake's engines now (Piper, Whisper: seconds when cold), so the first test measures
-    # the server, not a fake warming up.
-    fakes["elevenlabs"].synthesize("Warming up.", 22050)
-    fakes["playht"].warm_up()
-    whisper_transcribe(bytes(32000))
-    yield fakes
-    for fake in fakes.values():
-        fake.stop()
-
-
-def cloud_env(vendors, llm_record, tts: str) -> dict[str, str]:
-    return {
-        "DEEPGRAM_API_KEY": "test-deepgram-key",
-        "DEEPGRAM_BASE_URL": vendors["deepgram"].ws_url,
-        "ANTHROPIC_API_KEY": "test-anthropic-key",
-        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
-        "ELEVENLABS_API_KEY": "test-elevenlabs-key",
-        "ELEVENLABS_BASE_URL": vendors["elevenlabs"].ws_url,
-        "ELEVENLABS_VOICE_ID": VOICE,
-        "PLAYHT_API_KEY": "test-playht-key",
-        "PLAYHT_USER_ID": "test-playht-user",
-        "PLAYHT_BASE_URL": vendors["playht"].http_url,
-        "PLAYHT_OUTPUT_FORMAT": "mp3",
-        "ATLAS_TTS": tts,
-        # Claude's fallback: the real local LLM, through the recording proxy.
-        "ATLAS_LLM_URL": llm_record.with_suffix(".url").read_text(),
-        "ATLAS_LLM_MODEL_NAME": "local",
-        "ATLAS_LLM_TEMPERATURE": "0",
-    }
 
 
 @pytest.fixture(scope="module")
