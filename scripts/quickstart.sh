@@ -13,9 +13,10 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 # --- system packages --------------------------------------------------------------------------
 # build-essential/cmake: llama.cpp compiles from source; chromium: the browser test;
 # pocketsphinx-testdata: real recorded speech for the tests; postgresql: the database behind the
-# Supabase tests (started on a private port by the fixtures).
+# Supabase tests (started on a private port by the fixtures); prometheus: its promtool checks and
+# unit-tests monitoring/alert_rules.yml.
 packages=(python3 python3-venv python3-dev build-essential cmake git curl)
-if [ "$cmd" = test ]; then packages+=(chromium chromium-driver pocketsphinx-testdata postgresql); fi
+if [ "$cmd" = test ]; then packages+=(chromium chromium-driver pocketsphinx-testdata postgresql prometheus); fi
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

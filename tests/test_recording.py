@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import httpx
 import psycopg
 import pytest
 
@@ -91,8 +92,15 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
         sink = SupabaseSink(stack.api.url, stack.api.service_key)
         session, turns = await recorded(sink, end["sessionId"], 2)
         await sink.close()
+        scraped = metric_samples(httpx.get(base + "/metrics").text)
 
     check_recorded(session, turns, end, client.turns)
+    # /metrics counted the same session and turns, and the same cost.
+    assert scraped[("atlas_turns_total", (("transport", "websocket"),))] == 2
+    assert scraped[("atlas_active_sessions", (("transport", "websocket"),))] == 0
+    assert scraped[("atlas_stage_latency_seconds_count", (("stage", "voice_to_voice"), ("transport", "websocket")))] == 2
+    assert abs(scraped[("atlas_cost_usd_total", ())] - float(session["cost_usd"])) < 1e-9
+    assert scraped[("atlas_outbox_pending", (("sink", "supabase"),))] == 0
     # The verified user from the token's `sub`, never the client's claim (kept apart, for support).
     assert session["user_id"] == str(stack.user_a)
     assert session["client_user_id"] == "client-claims-to-be-someone-else"
@@ -122,6 +130,13 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
     assert await select_as(stack, stack.api.anon_key, b, SESSIONS, session["id"]) == []
     assert await select_as(stack, stack.api.anon_key, b, TURNS, session["id"]) == []
     assert await select_as(stack, stack.api.anon_key, None, SESSIONS, session["id"]) == []
+
+
+def metric_samples(text: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def outbox_counts(path) -> dict[str, int]:

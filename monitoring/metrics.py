@@ -1,0 +1,301 @@
+"""Prometheus metrics and alerts for one server process (served at `GET /metrics`).
+
+`Monitor` owns a private `CollectorRegistry` (never the global one, so several apps can live in one
+process) and is fed by the session code:
+
+* `session_started(transport)` / `session_ended(transport, end_reason, summary, cost_usd)`, once
+  each per session, in that order;
+* `turn_recorded(transport, breakdown)` when a turn is closed (its numbers no longer change);
+* `error(code)` for every `error` message a client is sent;
+* `attach_recorder(recorder)` once; the outbox numbers are read from it at scrape time.
+
+Alerts (thresholds from the ATLAS_ALERT_* settings) are evaluated in process on every event and on
+every scrape, logged once when they start firing and once when they resolve, and exported as
+`atlas_alert_active{alert=...}` / `atlas_alerts_total{alert=...}`. The windowed alerts keep a deque of
+(time, voice-to-voice, errored) per turn plus a sorted list of the window's voice-to-voice values,
+so an event costs a prune, a `bisect.insort` and O(1) arithmetic. docs/MONITORING.md has the
+full list of metrics and alerts; monitoring/alert_rules.yml has the same alerts as Prometheus rules.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from loguru import logger
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+TRANSPORTS = ("websocket", "twilio", "daily")
+# breakdown key (ms) -> `stage` label of atlas_stage_latency_seconds
+STAGES = {
+    "sttMs": "stt",
+    "llmFirstTokenMs": "llm_ttfb",
+    "ttsFirstAudioMs": "tts_ttfa",
+    "voiceToVoiceMs": "voice_to_voice",
+}
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
+COST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ALERTS = ("p95_latency", "error_rate", "cost_per_session", "active_sessions")
+MIN_WINDOW_TURNS = 5  # the windowed alerts stay quiet (and resolve) below this many turns in the window
+
+
+def _with(buckets: tuple[float, ...], extra: float) -> tuple[float, ...]:
+    """The buckets plus the alert threshold, so `le="<threshold>"` is an exact bucket."""
+    return tuple(sorted({*buckets, float(extra)})) if extra > 0 else buckets
+
+
+def _num(value) -> float:
+    """A usage number from a summary/breakdown: None, missing or negative counts as 0."""
+    try:
+        return max(0.0, float(value or 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    """Linear interpolation, as processors.turn_metrics.percentile (the p95 of session_end)."""
+    k = (len(ordered) - 1) * p
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+class _OutboxCollector:
+    """The attached recorder's counters, read at scrape time."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def _families(self):
+        return (
+            GaugeMetricFamily("atlas_outbox_pending", "Writes not yet in the store (in memory or in the outbox).",
+                              labels=["sink"]),
+            GaugeMetricFamily("atlas_outbox_dead", "Writes the store rejected permanently, kept in the outbox.",
+                              labels=["sink"]),
+            CounterMetricFamily("atlas_outbox_written", "Writes delivered to the store since the process started.",
+                                labels=["sink"]),
+            CounterMetricFamily("atlas_outbox_failures", "Failed (transient) store writes since the process started.",
+                                labels=["sink"]),
+        )
+
+    def describe(self):
+        return self._families()
+
+    def collect(self):
+        recorder = self.monitor.recorder
+        if recorder is None:
+            return
+        sink = str(getattr(getattr(recorder, "sink", None), "name", None) or "unknown")
+        families = self._families()
+        for family, attr in zip(families, ("pending", "dead", "written", "failures"), strict=True):
+            family.add_metric([sink], _num(getattr(recorder, attr, 0)))
+        yield from families
+
+
+class Monitor:
+    def __init__(self, settings, *, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        self.recorder = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        self.p95_threshold_ms = float(settings.alert_p95_ms)
+        self.error_rate_threshold = float(settings.alert_error_rate)
+        self.cost_threshold_usd = float(settings.alert_cost_per_session_usd)
+        self.active_threshold = int(settings.alert_active_sessions)
+        self.window_secs = float(settings.alert_window_secs)
+
+        self.active_sessions = Gauge("atlas_active_sessions", "Sessions running now.", ["transport"], registry=r)
+        self.sessions_started = Counter("atlas_sessions_started", "Sessions started.", ["transport"], registry=r)
+        self.sessions_ended = Counter("atlas_sessions_ended", "Sessions ended, by why they ended.",
+                                      ["transport", "end_reason"], registry=r)
+        self.stage_latency = Histogram(
+            "atlas_stage_latency_seconds", "Per-turn latency of each stage (seconds); a turn that never "
+            "reached a stage is not observed for it.", ["stage", "transport"],
+            buckets=_with(LATENCY_BUCKETS, self.p95_threshold_ms / 1000.0), registry=r)
+        self.turns = Counter("atlas_turns", "Turns recorded.", ["transport"], registry=r)
+        self.turns_errored = Counter("atlas_turns_errored", "Turns during which the client was sent an error.",
+                                     ["transport"], registry=r)
+        self.interruptions = Counter("atlas_interruptions", "Turns the user interrupted (barge-in).",
+                                     ["transport"], registry=r)
+        self.errors = Counter("atlas_errors", "`error` messages sent to clients, by code.", ["code"], registry=r)
+        self.cost_total = Counter("atlas_cost_usd", "Estimated provider cost of ended sessions (USD).", registry=r)
+        self.session_cost = Histogram("atlas_session_cost_usd", "Estimated provider cost per ended session (USD).",
+                                      buckets=_with(COST_BUCKETS, self.cost_threshold_usd), registry=r)
+        self.stt_seconds = Counter("atlas_stt_audio_seconds", "Seconds of audio sent to STT (ended sessions).",
+                                   registry=r)
+        self.llm_input_tokens = Counter("atlas_llm_input_tokens", "LLM input tokens (ended sessions).", registry=r)
+        self.llm_output_tokens = Counter("atlas_llm_output_tokens", "LLM output tokens (ended sessions).", registry=r)
+        self.tts_characters = Counter("atlas_tts_characters", "Characters sent to TTS (ended sessions).", registry=r)
+        self.alert_active = Gauge("atlas_alert_active", "1 while the alert is firing in this process, else 0.",
+                                  ["alert"], registry=r)
+        self.alerts_fired = Counter("atlas_alerts", "Times the alert started firing in this process.", ["alert"],
+                                    registry=r)
+        self.alert_threshold = Gauge(
+            "atlas_alert_threshold", "The configured threshold (p95_latency in seconds, error_rate as a fraction, "
+            "cost_per_session in USD, active_sessions in sessions).", ["alert"], registry=r)
+        r.register(_OutboxCollector(self))
+        ProcessCollector(registry=r)
+
+        # Every label value known in advance is exported from the start (at 0), so rate() and the
+        # alert rules see the series before the first event.
+        for transport in TRANSPORTS:
+            self.active_sessions.labels(transport)
+            self.sessions_started.labels(transport)
+            self.turns.labels(transport)
+            self.turns_errored.labels(transport)
+            self.interruptions.labels(transport)
+            for stage in STAGES.values():
+                self.stage_latency.labels(stage, transport)
+        thresholds = {
+            "p95_latency": self.p95_threshold_ms / 1000.0,
+            "error_rate": self.error_rate_threshold,
+            "cost_per_session": self.cost_threshold_usd,
+            "active_sessions": self.active_threshold,
+        }
+        for name in ALERTS:
+            self.alert_active.labels(name).set(0)
+            self.alerts_fired.labels(name)
+            self.alert_threshold.labels(name).set(thresholds[name])
+
+        self._lock = threading.Lock()
+        self._active: dict[str, int] = {}
+        self._alerts: dict[str, str] = {}  # firing alert -> message
+        self._window: deque[tuple[float, float | None, bool]] = deque()  # (t, v2v ms, errored), oldest first
+        self._v2v_sorted: list[float] = []  # the window's voice-to-voice values, ascending
+        self._window_errored = 0
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def attach_recorder(self, recorder) -> None:
+        self.recorder = recorder
+
+    def session_started(self, transport: str) -> None:
+        self.sessions_started.labels(transport).inc()
+        self.active_sessions.labels(transport).inc()
+        with self._lock:
+            self._active[transport] = self._active.get(transport, 0) + 1
+            self._evaluate_active()
+            self._evaluate_window(self.clock())
+
+    def session_ended(self, transport: str, end_reason: str, summary: dict, cost_usd: float) -> None:
+        summary = summary or {}
+        cost = _num(cost_usd)
+        self.sessions_ended.labels(transport, str(end_reason)).inc()
+        self.cost_total.inc(cost)
+        self.session_cost.observe(cost)
+        self.stt_seconds.inc(_num(summary.get("sttDuration")))
+        self.llm_input_tokens.inc(_num(summary.get("llmInputTokens")))
+        self.llm_output_tokens.inc(_num(summary.get("llmOutputTokens")))
+        self.tts_characters.inc(_num(summary.get("ttsCharacters")))
+        with self._lock:
+            if self._active.get(transport, 0) > 0:
+                self._active[transport] -= 1
+                self.active_sessions.labels(transport).dec()
+            else:
+                logger.warning(f"monitor: session_ended({transport!r}) without a session_started; gauge not changed")
+            if cost > self.cost_threshold_usd:
+                self._set_alert("cost_per_session", True,
+                                f"a {transport} session ({end_reason}) cost ${cost:.4f} > ${self.cost_threshold_usd:.2f}")
+            else:
+                self._set_alert("cost_per_session", False,
+                                f"the last session cost ${cost:.4f} <= ${self.cost_threshold_usd:.2f}")
+            self._evaluate_active()
+            self._evaluate_window(self.clock())
+
+    def turn_recorded(self, transport: str, breakdown: dict) -> None:
+        self.turns.labels(transport).inc()
+        for key, stage in STAGES.items():
+            ms = breakdown.get(key)
+            if ms is not None:
+                self.stage_latency.labels(stage, transport).observe(max(0.0, float(ms)) / 1000.0)
+        if breakdown.get("interrupted"):
+            self.interruptions.labels(transport).inc()
+        errored = breakdown.get("errorCode") is not None
+        if errored:
+            self.turns_errored.labels(transport).inc()
+        v2v = breakdown.get("voiceToVoiceMs")
+        v2v = None if v2v is None else max(0.0, float(v2v))
+        with self._lock:
+            now = self.clock()
+            self._window.append((now, v2v, errored))
+            if v2v is not None:
+                bisect.insort(self._v2v_sorted, v2v)
+            self._window_errored += errored
+            self._evaluate_window(now)
+
+    def error(self, code: str) -> None:
+        self.errors.labels(str(code)).inc()
+        with self._lock:
+            self._evaluate_window(self.clock())
+
+    def render(self) -> tuple[bytes, str]:
+        with self._lock:
+            self._evaluate_window(self.clock())  # windows expire even when no events come
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def active_alerts(self) -> dict[str, str]:
+        """Firing alerts -> their last message (the windowed ones are re-evaluated first)."""
+        with self._lock:
+            self._evaluate_window(self.clock())
+            return dict(self._alerts)
+
+    # --- alerts (called with self._lock held) -----------------------------------------------------
+
+    def _set_alert(self, name: str, firing: bool, message: str) -> None:
+        was = name in self._alerts
+        if firing:
+            self._alerts[name] = message
+            if not was:
+                self.alert_active.labels(name).set(1)
+                self.alerts_fired.labels(name).inc()
+                logger.warning(f"ALERT {name} firing: {message}")
+        elif was:
+            del self._alerts[name]
+            self.alert_active.labels(name).set(0)
+            logger.info(f"ALERT {name} resolved: {message}")
+
+    def _evaluate_active(self) -> None:
+        active = sum(self._active.values())
+        self._set_alert("active_sessions", active > self.active_threshold,
+                        f"{active} active sessions (threshold {self.active_threshold})")
+
+    def _evaluate_window(self, now: float) -> None:
+        window, horizon = self._window, now - self.window_secs
+        while window and window[0][0] < horizon:
+            _, v2v, errored = window.popleft()
+            if v2v is not None:
+                del self._v2v_sorted[bisect.bisect_left(self._v2v_sorted, v2v)]
+            self._window_errored -= errored
+        span = f"the last {self.window_secs:g} s"
+
+        timed = len(self._v2v_sorted)
+        if timed >= MIN_WINDOW_TURNS:
+            p95 = _percentile(self._v2v_sorted, 0.95)
+            self._set_alert("p95_latency", p95 > self.p95_threshold_ms,
+                            f"p95 voice-to-voice {p95:.0f} ms over {span} ({timed} turns), "
+                            f"threshold {self.p95_threshold_ms:g} ms")
+        else:
+            self._set_alert("p95_latency", False, f"{timed} timed turns in {span} (fewer than {MIN_WINDOW_TURNS})")
+
+        turns = len(window)
+        if turns >= MIN_WINDOW_TURNS:
+            rate = self._window_errored / turns
+            self._set_alert("error_rate", rate > self.error_rate_threshold,
+                            f"{self._window_errored}/{turns} turns with an error over {span} ({rate:.1%}), "
+                            f"threshold {self.error_rate_threshold:.1%}")
+        else:
+            self._set_alert("error_rate", False, f"{turns} turns in {span} (fewer than {MIN_WINDOW_TURNS})")
