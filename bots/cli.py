@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, models."""
+"""`atlas-voice`: serve, talk, models, report."""
 
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    # Warnings only: the report is for reading, not the engines' start-up chatter.
+    _configure_logging("WARNING")
+    from bots.report import run_report
+
+    return run_report(args.since, args.png, args.bucket)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="atlas-voice", description="Atlas Voice: a voice agent on Pipecat")
@@ -70,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("models", help="assemble and verify the offline models (with progress)")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("report", help="print session, latency, cost and error figures and write a PNG chart")
+    p.add_argument("--since", default="24h", help="1h, 24h, 7d, 30d, an ISO 8601 time, or all (default 24h)")
+    p.add_argument("--png", default="report.png", help="where to write the chart (default ./report.png)")
+    p.add_argument("--bucket", choices=["hour", "day"], default=None,
+                   help="time-series bucket (default: hour up to 48 h, else day)")
+    p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     return args.func(args)

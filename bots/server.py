@@ -1,4 +1,5 @@
-"""The HTTP server: the browser page at `/`, `/healthz`, `/metrics` (Prometheus), and the `/ws` voice door.
+"""The HTTP server: the browser page at `/`, `/healthz`, `/metrics` (Prometheus), `/dashboard` (admin), and
+the `/ws` voice door.
 
 Engines load in the background after the server starts listening, so `/healthz` can say
 "loading" (503) and then "ok" (200) rather than the port being closed for a minute.
@@ -15,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
+from bots.admin import admin_router
 from bots.pipeline import Runtime
 from bots.websocket_bot import serve_websocket
 from config.settings import Settings, get_settings
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(WEB_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    app.include_router(admin_router(lambda: runtime.recorder.sink, settings))
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):

@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     outbox_max_backoff_secs: float = Field(60.0, validation_alias=_env("ATLAS_OUTBOX_MAX_BACKOFF_SECS"))
 
     # --- monitoring -------------------------------------------------------------------------------
+    # Bearer token for /dashboard and /api/dashboard; unset = dashboard disabled (404)
     admin_token: SecretStr | None = Field(None, validation_alias=_env("ATLAS_ADMIN_TOKEN"))
     alert_p95_ms: float = Field(5000.0, validation_alias=_env("ATLAS_ALERT_P95_MS"))
     alert_error_rate: float = Field(0.05, validation_alias=_env("ATLAS_ALERT_ERROR_RATE"))
