@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, models, report."""
+"""`atlas-voice`: serve, talk, daily, models, report."""
 
 from __future__ import annotations
 
@@ -50,6 +50,41 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_daily(args) -> int:
+    """Create a Daily room, print its URL and a user token, and run the bot in it until the session ends."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    if not settings.daily_api_key:
+        print("atlas-voice daily needs DAILY_API_KEY", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        from bots.daily_bot import start_daily_session
+        from bots.pipeline import Runtime
+        from bots.session import Caller
+        from services.daily.rooms import DailyAPIError
+
+        runtime = await Runtime.start(settings)
+        try:
+            runtime.admit()
+            try:
+                room, session = await start_daily_session(runtime, Caller(client_user_id="atlas-voice-daily"),
+                                                          runtime.http())
+            except DailyAPIError as e:
+                print(f"could not create the room: {e}", file=sys.stderr)
+                return 1
+            print(f"room:  {room.room_url}\ntoken: {room.user_token}\n(open {room.room_url}?t=<token> to talk)",
+                  flush=True)
+            await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            return 0
+        finally:
+            await runtime.close()
+
+    return asyncio.run(run())
+
+
 def cmd_report(args) -> int:
     # Warnings only: the report is for reading, not the engines' start-up chatter.
     _configure_logging("WARNING")
@@ -75,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="speak the list this many times")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
     p.set_defaults(func=cmd_talk)
+
+    p = sub.add_parser("daily", help="create a Daily room and run the bot in it (needs DAILY_API_KEY)")
+    p.set_defaults(func=cmd_daily)
 
     p = sub.add_parser("models", help="assemble and verify the offline models (with progress)")
     p.set_defaults(func=cmd_models)

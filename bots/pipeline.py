@@ -61,7 +61,21 @@ class Runtime:
     load_error: str | None = None
     recorder: Recorder | None = None
     monitor: Monitor | None = None
-    active_sessions: int = 0
+    sessions: int = 0  # admitted sessions, every door (the ATLAS_MAX_SESSIONS cap)
+    tasks: set = field(default_factory=set)  # background sessions (Daily bots)
+    _http: object | None = None
+
+    def track(self, task: asyncio.Task) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def http(self):
+        """One aiohttp session per process for REST calls to vendors (Daily), with a short timeout."""
+        import aiohttp
+
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.db_timeout_secs * 2))
+        return self._http
 
     def __post_init__(self):
         if self.recorder is None:
@@ -74,6 +88,17 @@ class Runtime:
     def output_sample_rate(self) -> int:
         voice = getattr(self.engines, "piper_voice", None)
         return voice.config.sample_rate if voice is not None else 22050
+
+    def admit(self) -> bool:
+        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS."""
+        if self.sessions >= self.settings.max_sessions:
+            logger.warning(f"session refused: at the limit of {self.settings.max_sessions} sessions")
+            return False
+        self.sessions += 1
+        return True
+
+    def release(self) -> None:
+        self.sessions -= 1
 
     @classmethod
     async def start(cls, settings: Settings) -> "Runtime":
@@ -122,6 +147,11 @@ class Runtime:
             raise
 
     async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
         if self.llm_server is not None:
             await self.llm_server.stop()
         await self.recorder.close(timeout=self.settings.db_timeout_secs)

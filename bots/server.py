@@ -1,5 +1,6 @@
 """The HTTP server: the browser page at `/`, `/healthz`, `/metrics` (Prometheus), `/dashboard` (admin), and
-the `/ws` voice door.
+the voice doors: `/ws` (browsers, the Atlas protocol), `/twilio/voice` + `/twilio/ws` (phone calls) and
+`/daily/start` (a Daily room with the bot in it).
 
 Engines load in the background after the server starts listening, so `/healthz` can say
 "loading" (503) and then "ok" (200) rather than the port being closed for a minute.
@@ -11,13 +12,15 @@ import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
 from bots.admin import admin_router
+from bots.daily_bot import daily_start
 from bots.pipeline import Runtime
+from bots.twilio_bot import serve_twilio, twilio_voice
 from bots.websocket_bot import serve_websocket
 from config.settings import Settings, get_settings
 
@@ -71,5 +74,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await websocket.close(code=1008)
                 return
         await serve_websocket(websocket, runtime)
+
+    @app.post("/daily/start")
+    async def daily_start_endpoint(request: Request):
+        return await daily_start(request, runtime)
+
+    @app.post("/twilio/voice")
+    async def twilio_voice_webhook(request: Request):
+        return await twilio_voice(request, runtime)
+
+    @app.websocket("/twilio/ws")
+    async def twilio_ws(websocket: WebSocket):
+        await serve_twilio(websocket, runtime)
 
     return app

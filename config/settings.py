@@ -103,6 +103,17 @@ class Settings(BaseSettings):
     supabase_jwks_url: str | None = Field(None, validation_alias=_env("SUPABASE_JWKS_URL"))
     jwt_audience: str = Field("authenticated", validation_alias=_env("ATLAS_JWT_AUDIENCE"))
 
+    # --- phone calls (Twilio) --------------------------------------------------------------------
+    twilio_account_sid: str | None = Field(None, validation_alias=_env("TWILIO_ACCOUNT_SID"))
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias=_env("TWILIO_AUTH_TOKEN"))
+    twilio_api_base_url: str = Field("https://api.twilio.com", validation_alias=_env("TWILIO_API_BASE_URL"))
+    # The host name Twilio reaches this server at (TwiML stream URL, signature check behind a proxy).
+    public_host: str | None = Field(None, validation_alias=_env("ATLAS_PUBLIC_HOST"))
+
+    # --- Daily rooms -------------------------------------------------------------------------------
+    daily_api_key: SecretStr | None = Field(None, validation_alias=_env("DAILY_API_KEY"))
+    daily_api_url: str = Field("https://api.daily.co/v1", validation_alias=_env("DAILY_API_URL"))
+
     # --- recording (Supabase, or the embedded SQLite file when SUPABASE_URL is unset) -------------
     supabase_url: str | None = Field(None, validation_alias=_env("SUPABASE_URL"))
     supabase_service_role_key: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_SERVICE_ROLE_KEY"))
@@ -121,6 +132,7 @@ class Settings(BaseSettings):
     alert_window_secs: float = Field(300.0, validation_alias=_env("ATLAS_ALERT_WINDOW_SECS"))
 
     # --- sessions -------------------------------------------------------------------------------
+    max_sessions: int = Field(120, validation_alias=_env("ATLAS_MAX_SESSIONS"))
     session_idle_timeout_secs: float = Field(600.0, validation_alias=_env("ATLAS_SESSION_IDLE_TIMEOUT_SECS"))
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
     session_start_timeout_secs: float = Field(30.0, validation_alias=_env("ATLAS_SESSION_START_TIMEOUT_SECS"))
@@ -129,7 +141,8 @@ class Settings(BaseSettings):
 
     @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
                      "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", "supabase_url",
-                     "supabase_service_role_key", "admin_token", "sqlite_path", "outbox_path", mode="before")
+                     "supabase_service_role_key", "admin_token", "sqlite_path", "outbox_path", "twilio_account_sid",
+                     "twilio_auth_token", "public_host", "daily_api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

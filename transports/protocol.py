@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     SESSION_IDLE_TIMEOUT = "SESSION_IDLE_TIMEOUT"  # no audio for ATLAS_SESSION_IDLE_TIMEOUT_SECS
     SESSION_MAX_DURATION = "SESSION_MAX_DURATION"  # the session reached ATLAS_SESSION_MAX_SECS
     SERVER_NOT_READY = "SERVER_NOT_READY"  # engines still loading
+    SERVER_BUSY = "SERVER_BUSY"  # the server is at ATLAS_MAX_SESSIONS; retry later
     AUTH_FAILED = "AUTH_FAILED"  # session_start without a valid access token (auth on)
     PIPELINE_ERROR = "PIPELINE_ERROR"  # an engine failed during the session
     STT_RECONNECTING = "STT_RECONNECTING"  # the STT provider's socket dropped; reconnecting, audio replayed

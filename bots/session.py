@@ -1,0 +1,182 @@
+"""What every door's session shares: one pipeline run, its limits, and its telemetry.
+
+A door (the browser WebSocket, a Twilio media stream, a Daily room) makes a transport and hands it
+to `VoiceSession.run()`, which builds the one shared pipeline, runs it, enforces the idle timeout
+and the maximum duration, and records the session: its row at the start, a row per turn as each
+closes, the full row at the end (the same numbers the door may send its client), and /metrics.
+Doors subclass it for what differs: how the client is told things (`notify_limit`), extra
+observers, and what happens when the pipeline starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from loguru import logger
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+
+from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
+from processors.errors import CodedErrorFrame
+from processors.turn_metrics import Turn, TurnMetricsObserver
+from storage.records import (
+    INSERT,
+    SESSIONS,
+    TURNS,
+    UPSERT,
+    SessionInfo,
+    provider_models,
+    turn_row,
+)
+from transports.protocol import ErrorCode
+
+
+@dataclass
+class Caller:
+    """Who is on the other end, as far as the door knows."""
+
+    user_id: str | None = None  # verified (an auth.users id), else None
+    client_user_id: str | None = None  # what the client says, unverified
+    conversation_id: str | None = None
+    user_agent: str | None = None
+    ip_address: str | None = None
+
+
+@dataclass
+class VoiceSession:
+    runtime: Runtime
+    caller: Caller
+    transport_name: str = "websocket"
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started_at: float = field(default_factory=time.monotonic)
+    last_audio_at: float = field(default_factory=time.monotonic)
+    end_reason: str = "client_disconnected"
+    stopping: bool = False
+    worker: PipelineWorker | None = None
+    metrics: TurnMetricsObserver = field(init=False)
+    info: SessionInfo = field(init=False)
+    _final: dict | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
+        c = self.caller
+        self.info = SessionInfo(
+            id=self.session_id, transport=self.transport_name, started_at=time.time(), user_id=c.user_id,
+            client_user_id=c.client_user_id, conversation_id=c.conversation_id,
+            models=provider_models(self.runtime.settings), user_agent=c.user_agent, ip_address=c.ip_address,
+        )
+
+    # --- telemetry ---------------------------------------------------------------------------
+
+    def touch_audio(self, _n: int = 0) -> None:
+        self.last_audio_at = time.monotonic()
+
+    def _record_turn(self, turn: Turn) -> None:
+        self.runtime.recorder.submit(TURNS, INSERT, [turn_row(self.info, turn)])
+        self.runtime.monitor.turn_recorded(self.transport_name, turn.breakdown())
+
+    def count_error(self, code: str) -> None:
+        """An error the session reported (to its client, or for a phone call, to the log)."""
+        self.metrics.count_error(code)
+        self.runtime.monitor.error(code)
+
+    def final(self) -> dict:
+        """The session's end, built once: the client (if told) and the database get these numbers."""
+        if self._final is None:
+            self.metrics.close_turns()  # the last turn's row is written now
+            self._final = {
+                "sessionId": self.session_id,
+                "reason": self.end_reason,
+                "duration": round(time.monotonic() - self.started_at, 3),
+                "metrics": self.metrics.summary(),
+            }
+        return self._final
+
+    def _record_end(self) -> None:
+        final = self.final()
+        summary = final["metrics"]
+        row = self.info.end_row(summary, ended_at=self.info.started_at + final["duration"], end_reason=final["reason"])
+        self.runtime.recorder.submit(SESSIONS, UPSERT, [row])
+        self.runtime.monitor.session_ended(self.transport_name, final["reason"], summary, self.info.cost(summary))
+
+    # --- life --------------------------------------------------------------------------------
+
+    async def notify_limit(self, code: ErrorCode, message: str) -> None:
+        """Tell the client why the session is ending (idle, max duration); doors override."""
+        self.count_error(str(code))
+
+    async def on_pipeline_error(self, frame) -> None:
+        code = frame.code if isinstance(frame, CodedErrorFrame) else ErrorCode.PIPELINE_ERROR
+        logger.warning(f"session {self.session_id}: pipeline error: {frame.error}")
+        self.count_error(str(code))
+
+    async def stop(self, reason: str, limit: tuple[ErrorCode, str] | None = None) -> None:
+        """End the session once, for the first reason that comes (later ones are ignored)."""
+        if self.worker is None or self.worker.has_finished() or self.stopping:
+            return
+        self.stopping = True
+        self.end_reason = reason
+        if limit:
+            await self.notify_limit(*limit)
+        await self.worker.cancel(reason=reason)
+
+    async def _watchdog(self) -> None:
+        s = self.runtime.settings
+        while True:
+            await asyncio.sleep(min(1.0, s.session_idle_timeout_secs / 4))
+            now = time.monotonic()
+            if now - self.last_audio_at > s.session_idle_timeout_secs:
+                await self.stop("idle_timeout", (ErrorCode.SESSION_IDLE_TIMEOUT,
+                                                 f"no audio for {s.session_idle_timeout_secs:g}s"))
+                return
+            if now - self.started_at > s.session_max_secs:
+                await self.stop("max_duration", (ErrorCode.SESSION_MAX_DURATION,
+                                                 f"sessions last at most {s.session_max_secs:g}s"))
+                return
+
+    def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
+        rt = self.runtime
+        built = build_pipeline(rt, transport)
+        self.worker = PipelineWorker(
+            built.pipeline,
+            params=PipelineParams(
+                audio_in_sample_rate=CLIENT_SAMPLE_RATE,
+                audio_out_sample_rate=out_rate or rt.output_sample_rate,
+                enable_metrics=True,
+                enable_usage_metrics=True,
+            ),
+            observers=[*observers, self.metrics],
+            idle_timeout_secs=None,
+            enable_rtvi=False,
+            conversation_id=self.caller.conversation_id,
+        )
+
+        @self.worker.event_handler("on_pipeline_error")
+        async def _on_error(_worker, frame):
+            await self.on_pipeline_error(frame)
+
+        return self.worker
+
+    async def run(self) -> None:
+        """Run the worker made by `make_worker` until the session ends; record it whatever happens."""
+        rt = self.runtime
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(self.worker)
+        rt.recorder.submit(SESSIONS, INSERT, [self.info.start_row()])
+        rt.monitor.session_started(self.transport_name)
+        logger.info(f"{self.transport_name} session {self.session_id} started "
+                    f"(user {self.caller.user_id or self.caller.client_user_id})")
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await runner.run()
+        finally:
+            watchdog.cancel()
+            self._record_end()
+            summary = self._final["metrics"]
+            logger.info(
+                f"{self.transport_name} session {self.session_id} ended ({self.end_reason}): {summary['turns']} "
+                f"turns, v2v p50 {summary['p50Latency']} ms p95 {summary['p95Latency']} ms"
+            )
