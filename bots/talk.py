@@ -22,8 +22,8 @@ FRAME_MS = 20
 IN_RATE = 16000
 
 
-def load_wav_16k(path: str | Path) -> np.ndarray:
-    """Read a WAV as int16 mono at 16 kHz (mixing down and resampling when needed)."""
+def load_wav(path: str | Path, rate_out: int = IN_RATE) -> np.ndarray:
+    """Read a WAV as int16 mono at `rate_out` (mixing down and resampling when needed)."""
     with wave.open(str(path), "rb") as w:
         rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
         raw = w.readframes(w.getnframes())
@@ -32,10 +32,10 @@ def load_wav_16k(path: str | Path) -> np.ndarray:
     audio = np.frombuffer(raw, dtype=np.int16)
     if channels > 1:
         audio = audio.reshape(-1, channels).mean(axis=1).astype(np.int16)
-    if rate != IN_RATE:
+    if rate != rate_out:
         import soxr
 
-        audio = soxr.resample(audio.astype(np.float32) / 32768.0, rate, IN_RATE)
+        audio = soxr.resample(audio.astype(np.float32) / 32768.0, rate, rate_out)
         audio = np.clip(audio * 32768.0, -32768, 32767).astype(np.int16)
     return audio
 
@@ -157,7 +157,7 @@ class VoiceClient:
 
     async def say(self, path: str | Path, audio: np.ndarray | None = None) -> TurnResult:
         """Stream one utterance in real time; the turn starts counting at its speech end."""
-        audio = load_wav_16k(path) if audio is None else audio
+        audio = load_wav(path) if audio is None else audio
         start = time.monotonic()
         turn = TurnResult(audio_file=str(path), speech_end=start + speech_end_seconds(audio))
         self.current = turn

@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from bots.talk import load_wav, speech_end_seconds
 from tests.fakes.base import FakeServer
 
 API_VERSION = "2010-04-01"
@@ -124,35 +125,6 @@ def mulaw_encode(pcm: bytes | np.ndarray) -> bytes:
 def mulaw_decode(data: bytes) -> bytes:
     """G.711 mu-law bytes -> PCM16 little-endian bytes."""
     return _ULAW_TO_LIN[np.frombuffer(data, np.uint8)].astype("<i2").tobytes()
-
-
-def load_wav_8k(path: str | Path) -> np.ndarray:
-    """A 16-bit WAV as int16 mono at 8 kHz (mixed down and resampled with soxr when needed)."""
-    with wave.open(str(path), "rb") as w:
-        rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
-        raw = w.readframes(w.getnframes())
-    if width != 2:
-        raise ValueError(f"{path}: only 16-bit PCM WAV is supported (sample width {width})")
-    audio = np.frombuffer(raw, dtype=np.int16)
-    if channels > 1:
-        audio = audio.reshape(-1, channels).mean(axis=1).astype(np.int16)
-    if rate != TWILIO_RATE:
-        import soxr
-
-        resampled = soxr.resample(audio.astype(np.float32) / 32768.0, rate, TWILIO_RATE)
-        audio = np.clip(resampled * 32768.0, -32768, 32767).astype(np.int16)
-    return audio
-
-
-def speech_end_seconds(audio: np.ndarray, rate: int = TWILIO_RATE, threshold: float = 500.0) -> float:
-    """Where the last 20 ms frame louder than `threshold` RMS ends (as bots/talk.py defines a speech end)."""
-    n = rate * FRAME_MS // 1000
-    frames = len(audio) // n
-    if frames == 0:
-        return 0.0
-    rms = np.sqrt((audio[: frames * n].astype(np.float32).reshape(frames, n) ** 2).mean(axis=1))
-    loud = np.nonzero(rms > threshold)[0]
-    return float((loud[-1] + 1) * n / rate) if len(loud) else 0.0
 
 
 # ==== REST ================================================================================================
@@ -616,7 +588,7 @@ class TwilioCaller:
         if audio is None:
             if path is None:
                 raise ValueError("say() needs a WAV path or 8 kHz int16 audio")
-            audio = load_wav_8k(path)
+            audio = load_wav(path, TWILIO_RATE)
         if not self.connected:
             raise ConnectionError("the call is not connected")
         audio = np.asarray(audio, dtype=np.int16)
@@ -629,7 +601,7 @@ class TwilioCaller:
         if not frames:
             turn.speech_start = turn.speech_end = turn.sent_at = time.monotonic()
             return turn
-        utterance = _Utterance(turn, frames, speech_end_seconds(audio), asyncio.get_running_loop().create_future())
+        utterance = _Utterance(turn, frames, speech_end_seconds(audio, TWILIO_RATE), asyncio.get_running_loop().create_future())
         self._speech.append(utterance)
         await utterance.done
         return turn
