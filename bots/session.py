@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
+from starlette.websockets import WebSocketState
 
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
 from processors.errors import CodedErrorFrame
@@ -32,6 +33,15 @@ from storage.records import (
     turn_row,
 )
 from transports.protocol import ErrorCode
+
+
+async def close_quietly(websocket, code: int) -> None:
+    """Close a door's socket if the client is still there (it may vanish at any moment)."""
+    if websocket.client_state == WebSocketState.CONNECTED:
+        try:
+            await websocket.close(code)
+        except Exception:
+            pass
 
 
 @dataclass

@@ -35,10 +35,9 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
-from starlette.websockets import WebSocketState
 
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
-from bots.session import Caller, VoiceSession
+from bots.session import Caller, VoiceSession, close_quietly
 from config.settings import secret
 from transports.protocol import ErrorCode
 
@@ -209,11 +208,7 @@ class TwilioSession(VoiceSession):
         try:
             await super().run()
         finally:
-            if self.websocket.client_state == WebSocketState.CONNECTED:
-                try:
-                    await self.websocket.close(1000)
-                except Exception:
-                    pass
+            await close_quietly(self.websocket, 1000)
 
 
 async def read_start(websocket: WebSocket, timeout: float) -> dict | None:
@@ -256,10 +251,7 @@ async def serve_twilio(websocket: WebSocket, runtime: Runtime) -> None:
         pass
     except Exception as e:  # one call never takes the server down
         logger.exception(f"twilio session failed: {e}")
-        try:
-            await websocket.close(1011)
-        except Exception:
-            pass
+        await close_quietly(websocket, 1011)
     finally:
         if admitted:
             runtime.release()

@@ -24,7 +24,7 @@ from starlette.websockets import WebSocketState
 
 from bots.auth import AuthError
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
-from bots.session import Caller, VoiceSession
+from bots.session import Caller, VoiceSession, close_quietly
 from processors.client_events import ClientEventsObserver
 from processors.errors import CodedErrorFrame
 from transports.protocol import (
@@ -174,11 +174,7 @@ class Session(VoiceSession):
         try:
             await super().run()
         finally:
-            if self.websocket.client_state == WebSocketState.CONNECTED:
-                try:
-                    await self.websocket.close(CLOSE_NORMAL)
-                except Exception:
-                    pass
+            await close_quietly(self.websocket, CLOSE_NORMAL)
 
 
 async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
@@ -205,10 +201,7 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
     except Exception as e:  # never let one session take the server down
         logger.exception(f"websocket session failed: {e}")
         await _send_error(websocket, runtime, ErrorCode.INTERNAL_ERROR, "internal error; the session ended")
-        try:
-            await websocket.close(1011)
-        except Exception:
-            pass
+        await close_quietly(websocket, 1011)
     finally:
         if admitted:
             runtime.release()

@@ -9,7 +9,7 @@ Ids are generated here (uuid4), so every write can be repeated without creating 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from config.prices import Rates, rates_for, session_cost
@@ -67,6 +67,10 @@ class SessionInfo:
     models: dict[str, str]
     user_agent: str | None = None
     ip_address: str | None = None
+    rates: Rates = field(init=False)
+
+    def __post_init__(self):
+        self.rates = session_rates(self.models)
 
     def start_row(self) -> dict:
         return {
@@ -77,7 +81,7 @@ class SessionInfo:
             "transport": self.transport,
             "started_at": iso(self.started_at),
             **self.models,
-            **session_rates(self.models).columns(),
+            **self.rates.columns(),
             "user_agent": (self.user_agent or "")[:512] or None,
             "ip_address": self.ip_address,
         }
@@ -108,7 +112,7 @@ class SessionInfo:
     def cost(self, summary: dict) -> float:
         """USD, as the database's generated cost_usd will compute it."""
         return session_cost(
-            session_rates(self.models),
+            self.rates,
             stt_seconds=summary["sttDuration"],
             llm_input_tokens=summary["llmInputTokens"],
             llm_output_tokens=summary["llmOutputTokens"],

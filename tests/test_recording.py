@@ -24,6 +24,7 @@ from tests.fakes.anthropic import default_reply
 from tests.helpers import recorded, running_server
 from tests.recording_checks import check_recorded
 from tests.supabase_local.stack import SECRET, Stack
+from tests.supabase_local.stack import client as supabase_client
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -72,9 +73,7 @@ async def converse(ws_url: str, token: str, speech, names=("puppy", "dinner"), *
 
 
 async def select_as(stack: Stack, key: str, token: str | None, table: str, session_id: str) -> list[dict]:
-    from tests.test_supabase_local import client as sb_client
-
-    sb, http = await sb_client(stack, key, token)
+    sb, http = await supabase_client(stack, key, token)
     try:
         return (await sb.table(table).select("*").eq("session_id" if table == TURNS else "id", session_id)
                 .execute()).data

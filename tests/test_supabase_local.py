@@ -12,10 +12,9 @@ import httpx
 import psycopg
 import pytest
 from postgrest import APIError
-from supabase import AsyncClientOptions, acreate_client
 
 from tests.supabase_local import make_jwt
-from tests.supabase_local.stack import SECRET, Stack
+from tests.supabase_local.stack import SECRET, Stack, client
 
 SCRATCH = """
 create table public.scratch_notes (
@@ -36,15 +35,6 @@ def stack():
     s = Stack().start(SCRATCH)
     yield s
     s.stop()
-
-
-async def client(stack: Stack, key: str, token: str | None = None, *, retry: bool = True, timeout: float = 5.0):
-    """The real async supabase client over HTTP/1.1 with a short timeout (the default is 120 s)."""
-    http = httpx.AsyncClient(http2=False, timeout=httpx.Timeout(timeout))
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    options = AsyncClientOptions(httpx_client=http, postgrest_client_retry=retry, headers=headers)
-    sb = await acreate_client(stack.api.url, key, options=options)
-    return sb, http
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 import uuid
 
+import httpx
+from supabase import AsyncClientOptions, acreate_client
+
 from tests.helpers import REPO
 from tests.supabase_local.postgres import LocalPostgres
 from tests.supabase_local.postgrest import LocalPostgrest
@@ -41,3 +44,12 @@ class Stack:
         if self.api is not None:
             self.api.stop()
         self.pg.cleanup()
+
+
+async def client(stack: Stack, key: str, token: str | None = None, *, retry: bool = True, timeout: float = 5.0):
+    """The real async supabase client over HTTP/1.1 with a short timeout (the default is 120 s)."""
+    http = httpx.AsyncClient(http2=False, timeout=httpx.Timeout(timeout))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    options = AsyncClientOptions(httpx_client=http, postgrest_client_retry=retry, headers=headers)
+    sb = await acreate_client(stack.api.url, key, options=options)
+    return sb, http
