@@ -203,7 +203,9 @@ async def test_caller_hangs_up_cleanly_and_phone_vs_websocket_latency(doors, ven
         await client.stop()
 
     ended = [r for r in session_rows(db, "twilio") if r["end_reason"] == "caller_hangup"]
-    assert len(ended) == 2 and all(r["turns_count"] == 2 for r in ended)
+    # Two utterances per call; over 8 kHz audio smart-turn sometimes ends a turn at the pause after "Hi Atlas,"
+    # and the rest of the sentence is a turn of its own (seen once on CI: 3 turns), so at least 2.
+    assert len(ended) == 2 and all(r["turns_count"] >= 2 for r in ended), ended
     # The caller hung up first: no hang-up request for a call that is already over.
     assert not [h for h in twilio_rest.hangups if h.call_sid in {r["conversation_id"] for r in ended}]
     assert all(v is not None for v in phone + web)
