@@ -345,7 +345,11 @@ async def test_caller_plays_reply_echoes_mark_after_playback_and_measures_voice_
             turn = await caller.say(audio=tone(0.3, 8000))
             done = await caller.wait_reply_done(timeout=5, quiet=0.3)
             assert done is turn
-            echoed = bot.of("mark")
+            # the echo is sent when playback ends; give the bot's reader a moment to take it off the socket
+            for _ in range(200):
+                if echoed := bot.of("mark"):
+                    break
+                await asyncio.sleep(0.01)
 
     assert not caller.protocol_errors
     assert turn.first_audio is not None and 220 < turn.voice_to_voice_ms < 600
