@@ -24,6 +24,7 @@ import time
 from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 from loguru import logger
+from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     InputAudioRawFrame,
@@ -40,6 +41,8 @@ from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
 from bots.session import Caller, VoiceSession, close_quietly
 from config.settings import secret
 from transports.protocol import ErrorCode
+
+PHONE_RATE = 8000  # Twilio Media Streams: 8 kHz mu-law both ways
 
 BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes. Goodbye."
 NOT_READY_MESSAGE = "Sorry, the assistant is starting up. Please call again in a minute. Goodbye."
@@ -103,6 +106,11 @@ class AtlasTwilioSerializer(TwilioFrameSerializer):
 
     def __init__(self, *args, on_audio=None, on_stop=None, on_bad_message=None, on_mark=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # Pipecat's default (SoX "VHQ" stream) holds 8 -> 16 kHz input back ~100 ms and hands it on in bursts,
+        # so the VAD heard the end of speech late: the bench measured ~125 ms between the server's and the
+        # caller's voice-to-voice on this door. SoX's "quick" cubic filter keeps 1 sample; phone audio has
+        # nothing above 4 kHz for a steeper filter to protect.
+        self._input_resampler = SOXRStreamAudioResampler(quality="QQ")
         self._on_mark = on_mark
         self._on_audio = on_audio
         self._on_stop = on_stop
@@ -197,9 +205,13 @@ class TwilioSession(VoiceSession):
         transport = FastAPIWebsocketTransport(
             self.websocket,
             FastAPIWebsocketParams(audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False,
-                                   audio_in_sample_rate=CLIENT_SAMPLE_RATE, serializer=serializer),
+                                   audio_in_sample_rate=CLIENT_SAMPLE_RATE, audio_out_sample_rate=PHONE_RATE,
+                                   serializer=serializer),
         )
-        self.make_worker(transport, observers=[self.marks])
+        # Replies are made at the phone's 8 kHz (the cloud voice renders it; Piper is resampled once), so the
+        # serializer's stream resampler has nothing to do: the bench measured 22.05 kHz output adding ~300 ms
+        # to the first reply audio on this door.
+        self.make_worker(transport, observers=[self.marks], out_rate=PHONE_RATE)
 
         @transport.event_handler("on_client_disconnected")
         async def _on_disconnected(_transport, _ws):
