@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, daily, models, report."""
+"""`atlas-voice`: serve, talk, daily, models, report, bench."""
 
 from __future__ import annotations
 
@@ -93,8 +93,29 @@ def cmd_report(args) -> int:
     return run_report(args.since, args.png, args.bucket)
 
 
+def cmd_bench(bench_args: list[str]) -> int:
+    """Run the benchmark harness (bench/run.py); it needs the repository's vendor fakes (tests/fakes)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "tests" / "fakes").is_dir() or not (repo / "bench").is_dir():
+        print("atlas-voice bench runs from a clone of the repository (it uses tests/fakes)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    if bench_args[:1] == ["turns"]:
+        from bench.turns import main as turns_main
+
+        return turns_main(bench_args[1:])
+    from bench.run import main as bench_main
+
+    return bench_main(bench_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own argument parser (bench/run.py, bench/turns.py)
+        return cmd_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="atlas-voice", description="Atlas Voice: a voice agent on Pipecat")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -123,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket", choices=["hour", "day"], default=None,
                    help="time-series bucket (default: hour up to 48 h, else day)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", add_help=False,
+                       help="benchmark: simulated callers against fake vendors (`bench --help`; `bench turns`)")
+    p.set_defaults(func=lambda args: cmd_bench([]))
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -29,6 +29,7 @@ import re
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -167,13 +168,14 @@ class FakeDeepgram(FakeServer):
         self,
         *,
         api_key: str = "test-deepgram-key",
-        transcripts: list[str] | None = None,
+        transcripts: list[str] | Callable[[], str] | None = None,
         final_delay: float = 0.0,
         interim_every: float = 1.0,
     ) -> None:
         super().__init__()
         self.api_key = api_key
-        self.transcripts = list(transcripts) if transcripts is not None else None
+        # A list is used up in order; a callable is asked for each utterance (load tests: never runs out).
+        self.transcripts = transcripts if transcripts is None or callable(transcripts) else list(transcripts)
         self.final_delay = final_delay
         self.interim_every = interim_every
         self.connections: list[DeepgramConnection] = []
@@ -199,6 +201,8 @@ class FakeDeepgram(FakeServer):
         return [t for c in list(self.connections) for t in c.finals]
 
     def _next_script(self) -> str | None:
+        if callable(self.transcripts):
+            return self.transcripts()
         with self._lock:
             return self.transcripts.pop(0) if self.transcripts else None
 

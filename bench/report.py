@@ -1,0 +1,107 @@
+"""The benchmark's outputs: `<name>.json` (everything), `<name>.md` (tables) and `<name>.png` (charts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _f(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict) -> str:
+    m, s = results["machine"], results["script"]
+    lines = [
+        f"# Atlas Voice benchmark ({results['started']})", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}, Pipecat {m['pipecat']} ({m['note']}).", "",
+        f"Scripted vendors: Deepgram final {s['stt_delay']} s after finalize, Claude first token {s['llm_delay']} s "
+        f"then {s['llm_tps']:g} tokens/s, ElevenLabs first audio {s['tts_delay']} s, jitter {s['jitter']:g}. "
+        f"VAD stop {results['vad_stop_secs']} s. Overhead = voice-to-voice - "
+        f"(VAD stop + STT + first token + first audio).", "",
+        "| scenario | turns | v2v p50 | v2v p95 | v2v p99 | overhead p50 | overhead p95 | overhead p99 "
+        "| CPU %/session | RSS MiB/session | replies with gaps | gap ms max | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["scenarios"]:
+        v, o = r["voice_to_voice_ms"], r["overhead_ms"] or {}
+        lines.append(
+            f"| {r['scenario']} | {r['turns']} | {_f(v['p50'])} | {_f(v['p95'])} | {_f(v['p99'])} "
+            f"| {_f(o.get('p50'))} | {_f(o.get('p95'))} | {_f(o.get('p99'))} | {_f(r['cpu_pct_per_session'], 2)} "
+            f"| {_f(r['rss_per_session_mib'], 1)} | {r['replies_with_gaps']} | {_f(r['gap_ms_max'], 0)} "
+            f"| {r['error_rate']:.2%} |")
+    lines += ["", "Per stage as Atlas recorded it (ms, p50 / p95 / p99):", "",
+              "| scenario | STT | LLM first token | TTS first audio | v2v leaving the server |", "|---|---|---|---|---|"]
+    for r in results["scenarios"]:
+        st = r.get("stages_ms") or {}
+        if not st:
+            continue
+        cells = [" / ".join(_f(st.get(k, {}).get(q)) for q in ("p50", "p95", "p99"))
+                 for k in ("stt", "llm_ttfb", "tts_ttfa", "server_v2v")]
+        lines.append(f"| {r['scenario']} | " + " | ".join(cells) + " |")
+    if results.get("atlas_vs_bare"):
+        lines += ["", "Atlas / bare Pipecat on the Twilio door (below 1 = Atlas smaller):", "",
+                  "| sessions | overhead p50 | overhead p95 | CPU per session | RSS per session | error rates |",
+                  "|---|---|---|---|---|---|"]
+        for c in results["atlas_vs_bare"]:
+            lines.append(f"| {c['sessions']} | {_f(c['overhead_p50_ratio'], 2)} | {_f(c['overhead_p95_ratio'], 2)} "
+                         f"| {_f(c['cpu_per_session_ratio'], 2)} | {_f(c['rss_per_session_ratio'], 2)} "
+                         f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} |")
+    errors = {r["scenario"]: r["errors"] for r in results["scenarios"] if r["errors"]}
+    if errors:
+        lines += ["", "Errors by code: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]
+    if results.get("soak"):
+        k = results["soak"]
+        lines += ["", f"Soak: {k['sessions']} sessions for {k['minutes']:g} min: RSS {k['rss_start_mib']} MiB at "
+                      f"minute 1 -> {k['rss_end_mib']} MiB at the end ({k['growth_pct']:+.1f}%)."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["scenarios"]
+    names = [r["scenario"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(16, max(3.5, 0.45 * len(rows) + 1.5)))
+    y = range(len(rows))
+    ax = axes[0]
+    for q, color in (("p99", "#f2b8b5"), ("p95", "#e06c5f"), ("p50", "#8c2d25")):
+        ax.barh(y, [r["voice_to_voice_ms"][q] or 0 for r in rows], color=color, label=f"v2v {q}")
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("voice-to-voice at the client (ms)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for q, color in (("p99", "#b5d3f2"), ("p95", "#5f8fe0"), ("p50", "#254f8c")):
+        ax.barh(y, [(r["overhead_ms"] or {}).get(q) or 0 for r in rows], color=color, label=f"overhead {q}")
+    ax.set_yticks(list(y), [])
+    ax.invert_yaxis()
+    ax.set_xlabel("server overhead (ms)")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ax.barh([i - 0.2 for i in y], [r["cpu_pct_per_session"] or 0 for r in rows], height=0.4, color="#6a9f58",
+            label="CPU % of a core per session")
+    ax.barh([i + 0.2 for i in y], [r["rss_per_session_mib"] or 0 for r in rows], height=0.4, color="#c9a227",
+            label="RSS MiB per session")
+    ax.set_yticks(list(y), [])
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    fig.suptitle(f"Atlas Voice benchmark, {results['started']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(results: dict, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    paths[0].write_text(json.dumps(results, indent=1) + "\n")
+    paths[1].write_text(markdown(results))
+    chart(results, paths[2])
+    return paths

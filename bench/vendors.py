@@ -1,0 +1,116 @@
+"""The fake cloud vendors with scripted latency, in a process of their own.
+
+The benchmark runs them apart from both the server under test (so its CPU and memory are the
+server's alone) and the simulated callers (so a busy caller loop does not delay a vendor's answer).
+They are the test fakes of tests/fakes, which speak each vendor's documented protocol; here they
+answer with a fixed transcript and reply instead of running Whisper, so their own cost stays small:
+
+- Deepgram: the final transcript `stt_delay` seconds after the utterance is finalized (Pipecat asks
+  for it when its VAD stops) or endpointed.
+- Claude: the stream starts `llm_delay` seconds after the request, then `llm_tps` tokens per second.
+- ElevenLabs: first audio `tts_delay` seconds after each text segment is committed (Piper speech, cached).
+
+With `jitter` > 0 every delay is drawn from a log-normal distribution with that coefficient of variation
+around its median; at 0 (the default) delays are exact, so the server's overhead is exact too.
+
+Run: `python -m bench.vendors '{"stt_delay": 0.3, ...}'`: prints one JSON line with the URLs, then serves
+until stdin closes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from dataclasses import asdict, dataclass
+
+VOICE_ID = "21m00Tcm4TlvDq8EAJjs"
+TRANSCRIPT = "What is the quickest way to the old harbour from the station?"
+# The reply: a first clause after 4+ words, then whole sentences (~30 tokens, ~6 s of speech).
+REPLY = ("The quickest way to the old harbour, if you ask me, is the number nine tram. "
+         "It runs every ten minutes until midnight.")
+
+
+@dataclass
+class VendorScript:
+    """Scripted vendor latency (seconds) and token rate; the defaults are published figures
+    (../shared/notes/anchors.md): Deepgram final 0.3 s, Claude first token 0.6 s then 80 tokens/s,
+    TTS first audio 0.2 s."""
+
+    stt_delay: float = 0.3
+    llm_delay: float = 0.6
+    llm_tps: float = 80.0
+    tts_delay: float = 0.2
+    jitter: float = 0.0
+
+    def sample(self, median: float) -> float:
+        if self.jitter <= 0 or median <= 0:
+            return median
+        sigma = math.sqrt(math.log(1 + self.jitter ** 2))
+        return median * math.exp(random.gauss(0.0, sigma))
+
+    def injected(self) -> float:
+        """The vendor time on a turn's critical path: STT final + first token + first audio."""
+        return self.stt_delay + self.llm_delay + self.tts_delay
+
+
+def _sampled(attr: str):
+    def get(self):
+        return self.script.sample(getattr(self.script, attr))
+
+    return property(get, lambda self, value: None)  # the fakes' own constructors set a constant: ignored
+
+
+def start_vendors(script: VendorScript) -> dict:
+    """Start the three fakes in this process; return them by name."""
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.deepgram import FakeDeepgram
+    from tests.fakes.elevenlabs import FakeElevenLabs
+
+    class Deepgram(FakeDeepgram):
+        final_delay = _sampled("stt_delay")
+
+    class Anthropic(FakeAnthropic):
+        first_token_delay = _sampled("llm_delay")
+
+    class ElevenLabs(FakeElevenLabs):
+        first_audio_delay = _sampled("tts_delay")
+
+    for cls in (Deepgram, Anthropic, ElevenLabs):
+        cls.script = script
+    fakes = {
+        "deepgram": Deepgram(transcripts=lambda: TRANSCRIPT),
+        "anthropic": Anthropic(reply=lambda body: REPLY, tokens_per_second=script.llm_tps),
+        "elevenlabs": ElevenLabs(voices={VOICE_ID}),
+    }
+    for fake in fakes.values():
+        fake.start()
+    return fakes
+
+
+def vendor_env(urls: dict) -> dict[str, str]:
+    """The environment that points Atlas (or the bare Pipecat bot) at the fakes."""
+    return {
+        "DEEPGRAM_API_KEY": "test-deepgram-key", "DEEPGRAM_BASE_URL": urls["deepgram"],
+        "ANTHROPIC_API_KEY": "test-anthropic-key", "ANTHROPIC_BASE_URL": urls["anthropic"],
+        "ELEVENLABS_API_KEY": "test-elevenlabs-key", "ELEVENLABS_BASE_URL": urls["elevenlabs"],
+        "ELEVENLABS_VOICE_ID": VOICE_ID, "ATLAS_TTS": "elevenlabs",
+    }
+
+
+def main() -> int:
+    script = VendorScript(**json.loads(sys.argv[1] if len(sys.argv) > 1 else "{}"))
+    fakes = start_vendors(script)
+    fakes["elevenlabs"].synthesize("Warming up.", 16000)  # load Piper before the first caller
+    urls = {"deepgram": fakes["deepgram"].ws_url, "anthropic": fakes["anthropic"].http_url,
+            "elevenlabs": fakes["elevenlabs"].ws_url, "script": asdict(script)}
+    print(json.dumps(urls), flush=True)
+    sys.stdin.read()  # serve until the benchmark closes our stdin
+    for fake in fakes.values():
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
