@@ -1,8 +1,9 @@
 """The one pipeline builder every door (WebSocket today; Twilio and Daily next) shares.
 
 transport in -> STT -> user aggregator (Silero VAD + smart-turn) -> context window (last N
-messages; the system prompt lives in the LLM settings) -> LLM -> TTS (sentence aggregation) ->
-transport out -> assistant aggregator (keeps only what was actually sent to be spoken).
+messages; the system prompt lives in the LLM settings) -> LLM -> first clause (a reply's first
+clause as its own chunk) -> TTS (sentence aggregation) -> transport out -> assistant aggregator
+(keeps only what was actually sent to be spoken).
 
 `Runtime` holds what is loaded once per process (engines, the local LLM server) and is passed to
 every build.
@@ -34,6 +35,7 @@ from bots.auth import TokenVerifier
 from config.settings import Settings
 from monitoring.metrics import Monitor
 from processors.context_window import ContextWindow
+from processors.first_clause import FirstClauseTextProcessor
 from processors.sentence_marker import SentenceMarker
 from services.factory import make_llm, make_stt, make_tts
 from services.local.engines import (
@@ -193,6 +195,8 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
         user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=stop)),
     )
     window = ContextWindow(max_messages=s.context_messages)
+    # Each reply's first clause goes to TTS on its own; the TTS aggregates the rest by sentence.
+    first_clause = [FirstClauseTextProcessor(min_words=s.first_clause_words)] if s.first_clause_words else []
     pipeline = Pipeline(
         [
             transport.input(),
@@ -200,6 +204,7 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
             aggregators.user(),
             window,
             llm,
+            *first_clause,
             tts,
             SentenceMarker(),
             transport.output(),

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
 
     # --- conversation -----------------------------------------------------------------------------
     max_tokens: int = Field(300, validation_alias=_env("ATLAS_MAX_TOKENS"))
+    # Words a reply needs before its first clause (up to , ; : or an em dash) is spoken on its own,
+    # ahead of the rest of its sentence; 0 speaks whole sentences only.
+    first_clause_words: int = Field(4, ge=0, validation_alias=_env("ATLAS_FIRST_CLAUSE_WORDS"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
     vad_stop_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
     vad_start_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_START_SECS"))

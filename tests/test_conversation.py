@@ -60,8 +60,10 @@ async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_w
     since = len(read_records(llm_record))
     client = await connected_client(atlas_ws)
     story = await client.say(speech["story"])
-    # Barge in once the first sentence has been spoken in full (its bot_transcript has arrived).
+    # Barge in once the reply's first chunk has been spoken in full (its bot_transcript has arrived) and the
+    # next one is playing, so there is audio to flush (the first chunk may be a short clause).
     await client.wait_for(lambda e: e.get("type") == "bot_transcript", timeout=60)
+    await client.wait_for(lambda e: e.get("type") == "audio_chunk" and e["sentenceIndex"] >= 1, timeout=60)
     n_before = len(client.events)
     barge_start = time.monotonic()
     barge = await client.say(speech["cats"])

@@ -1,0 +1,41 @@
+"""`atlas-voice bench` end to end, small: 2 callers on each door against Atlas and the bare Pipecat bot, with the
+vendor fakes' scripted delays, and the reports it writes. The full runs (1, 25, 100 sessions) are in
+bench/results; this proves the harness measures what it says."""
+
+from __future__ import annotations
+
+import json
+
+from bots.cli import main
+
+
+def test_bench_measures_both_doors_and_bare_pipecat(tmp_path):
+    code = main(["bench", "--sessions", "2", "--duration", "12", "--no-offline", "--name", "smoke",
+                 "--out", str(tmp_path), "--llm-delay", "0.5"])
+    assert code == 0
+    results = json.loads((tmp_path / "smoke.json").read_text())
+    by = {r["scenario"]: r for r in results["scenarios"]}
+    assert set(by) == {"atlas-ws-2", "atlas-twilio-2", "bare-twilio-2"}
+    # the scripted vendor delays (VAD stop 0.2 + STT 0.3 + first token 0.5 + first audio 0.2) are on every turn
+    injected = 1200.0
+    for r in by.values():
+        assert r["injected_ms"] == injected
+        assert r["turns"] >= 2 and r["error_rate"] == 0 and not r["errors"].get("NO_REPLY")
+        v2v = r["voice_to_voice_ms"]
+        assert injected < v2v["p50"] <= v2v["p95"] <= v2v["p99"] < injected + 3000
+        assert r["overhead_ms"]["p50"] == round(v2v["p50"] - injected, 1)
+        assert r["reply_secs_mean"] > 3  # the whole scripted reply was heard (~6 s of speech)
+        assert r["cpu_pct_per_session"] > 0 and r["rss_peak_mib"] > 100
+    # Atlas's own per-stage record shows the vendors' scripted delays
+    for name in ("atlas-ws-2", "atlas-twilio-2"):
+        st = by[name]["stages_ms"]
+        assert 300 <= st["stt"]["p50"] < 800 and 500 <= st["llm_ttfb"]["p50"] < 1200
+        assert 200 <= st["tts_ttfa"]["p50"] < 900
+        assert st["server_v2v"]["p50"] <= by[name]["voice_to_voice_ms"]["p50"] + 50
+    assert by["bare-twilio-2"]["stages_ms"] == {}
+    [ratio] = results["atlas_vs_bare"]
+    assert ratio["sessions"] == 2 and ratio["overhead_p50_ratio"] > 0 and ratio["rss_per_session_ratio"] > 0
+    assert results["machine"]["cores"] >= 1 and results["machine"]["pipecat"] == "1.14.0"
+    md = (tmp_path / "smoke.md").read_text()
+    assert all(f"| {name} |" in md for name in by) and "Atlas / bare Pipecat" in md
+    assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
