@@ -177,6 +177,7 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
     vad = SharedSileroVADAnalyzer(
         engines.silero_session,
         params=VADParams(stop_secs=s.vad_stop_secs, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume),
+        gate_dbfs=s.vad_gate_dbfs,
     )
     if s.smart_turn and engines.smart_turn_session is not None:
         stop = [

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     # 0.3 starts the turn ~0.3 s after onset on the same audio. Browsers' echo cancellation keeps
     # the bot's own voice out.
     vad_min_volume: float = Field(0.3, validation_alias=_env("ATLAS_VAD_MIN_VOLUME"))
+    # Windows quieter than this (RMS, dBFS) are silence without running Silero: most of a call's input.
+    vad_gate_dbfs: float = Field(-60.0, le=0, validation_alias=_env("ATLAS_VAD_GATE_DBFS"))
     smart_turn: bool = Field(True, validation_alias=_env("ATLAS_SMART_TURN"))
     smart_turn_stop_secs: float = Field(1.5, validation_alias=_env("ATLAS_SMART_TURN_STOP_SECS"))
 

@@ -111,8 +111,8 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
         self._model = model
         self._windows_since_reset = 0
         self._low_confidence_windows = 0
-        self._gate = 32768.0 * 10 ** (gate_dbfs / 20)  # RMS in int16 units
-        self._gate_sq = self._gate ** 2
+        # mean square in int16 units; at -100 dBFS or lower the gate is off (every window is scored)
+        self._gate_sq = (32768.0 * 10 ** (gate_dbfs / 20)) ** 2 if gate_dbfs > -100 else -1.0
         self._skipped = False  # windows were skipped since the model last ran: reset it first
         self.windows_scored = self.windows_skipped = 0
 
