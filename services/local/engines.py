@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipecat.audio.turn.smart_turn.base_smart_turn import BaseSmartTurn  # noqa: E402
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3  # noqa: E402
 from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer  # noqa: E402
-from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams  # noqa: E402
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     Frame,
@@ -93,9 +93,12 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
     a thread-pool hop per 20 ms chunk (one executor thread per session) cost ~33% of the process's samples,
     more than Silero itself (~4%). Here:
 
-    - windows quieter than `gate_dbfs` RMS (default -60 dBFS: digital silence, a muted or noise-suppressed
-      mic, a silent phone line) score 0 without running the model, and the model's recurrent state is
-      reset before the next window it scores (Silero then starts fresh, as after its own periodic reset).
+    - while the user is quiet (the VAD's state is QUIET), windows quieter than `gate_dbfs` RMS (default
+      -60 dBFS: digital silence, a muted or noise-suppressed mic, a silent phone line) score 0 without
+      running the model, and the model's recurrent state is reset before the next window it scores (Silero
+      then starts fresh, as after its own periodic reset). From speech start until the VAD has declared
+      the stop, every window is scored, so turns end exactly where Pipecat's analyzer ends them (gating
+      those too split utterances at their pauses: Silero's own confidence decays over a few windows).
       Speech is -20 to -45 dBFS; Pipecat's own volume gate (0.3 = -80 LUFS) rejects only near silence.
     - a chunk with no window to score is analysed right here on the event loop, with no thread hop; a
       chunk with speech goes to one process-wide Silero thread (ONNX releases the GIL while it runs).
@@ -121,7 +124,7 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
 
     def voice_confidence(self, buffer: bytes) -> float:
         audio = np.frombuffer(buffer, np.int16).astype(np.float32)
-        if self._quiet(audio):
+        if self._vad_state == VADState.QUIET and self._quiet(audio):
             self.windows_skipped += 1
             self._skipped = True
             return 0.0
@@ -133,8 +136,8 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
 
     async def analyze_audio(self, buffer: bytes):
         pending = self._vad_buffer + buffer
-        if len(pending) < self._vad_frames_num_bytes or self._quiet(np.frombuffer(pending, np.int16)
-                                                                    .astype(np.float32)):
+        if len(pending) < self._vad_frames_num_bytes or (
+                self._vad_state == VADState.QUIET and self._quiet(np.frombuffer(pending, np.int16).astype(np.float32))):
             return self._run_analyzer(buffer)
         return await asyncio.get_running_loop().run_in_executor(_VAD_EXECUTOR, self._run_analyzer, buffer)
 
