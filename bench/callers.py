@@ -125,7 +125,6 @@ class Caller:
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self._seq = 0
         self._closed = asyncio.Event()
-        self._started = asyncio.Event()
         self._silences = utterances[0].silence
         self._n_silence = 0
 

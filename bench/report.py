@@ -53,10 +53,6 @@ def markdown(results: dict) -> str:
     errors = {r["scenario"]: r["errors"] for r in results["scenarios"] if r["errors"]}
     if errors:
         lines += ["", "Errors by code: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]
-    if results.get("soak"):
-        k = results["soak"]
-        lines += ["", f"Soak: {k['sessions']} sessions for {k['minutes']:g} min: RSS {k['rss_start_mib']} MiB at "
-                      f"minute 1 -> {k['rss_end_mib']} MiB at the end ({k['growth_pct']:+.1f}%)."]
     return "\n".join(lines) + "\n"
 
 

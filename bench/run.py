@@ -297,11 +297,13 @@ def profile_summary(path: Path, top: int = 25) -> dict:
 
 def summarize(sc: Scenario, records, samples, steady_from: float, until: float, idle_rss: float,
               script: dict | None, vad_stop: float, stages: dict) -> dict:
+    from bench.vendors import VendorScript
+
     turns = [t for r in records for t in r.turns if t.speech_end >= steady_from]
     v2v = [t.v2v_ms for t in turns]
     injected = None
     if script is not None:
-        injected = (vad_stop + script["stt_delay"] + script["llm_delay"] + script["tts_delay"]) * 1000
+        injected = (vad_stop + VendorScript(**script).injected()) * 1000
     overhead = [v - injected for v in v2v if v is not None] if injected is not None else []
     steady = [s for s in samples if steady_from <= s[0] <= until]
     cpu_pct = None

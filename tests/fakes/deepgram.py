@@ -11,7 +11,7 @@ Speech handling: an energy detector on 20 ms frames (the inputs are clean synthe
 silence or low noise) finds speech; `endpointing` ms of silence after it ends the utterance with a
 final `Results` (`is_final` and `speech_final` true). The transcript comes from the local Whisper
 (`whisper_transcribe`, run in a thread so the loop never blocks) or, in scripted mode, from the
-`transcripts` list (no Whisper at all: the mode for load tests). Timestamps are seconds of audio
+`transcripts` list or callable (no Whisper at all: the mode for load tests). Timestamps are seconds of audio
 since the start of the connection's stream, and consecutive finals tile that timeline (each final's
 `start` is the previous final's `start + duration`), as on Deepgram.
 
