@@ -1,6 +1,7 @@
-"""The one pipeline builder every door (WebSocket today; Twilio and Daily next) shares.
+"""The one pipeline builder every door (WebSocket, Twilio, Daily) shares.
 
-transport in -> STT -> user aggregator (Silero VAD + smart-turn) -> context window (last N
+transport in -> STT -> user aggregator (Silero VAD, then the speech timeout or smart-turn; the
+caller's audio goes no further) -> context window (last N
 messages; the system prompt lives in the LLM settings) -> LLM -> first clause (a reply's first
 clause as its own chunk) -> TTS (sentence aggregation) -> transport out -> assistant aggregator
 (keeps only what was actually sent to be spoken).
@@ -17,12 +18,15 @@ from dataclasses import dataclass, field
 from loguru import logger
 from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
 from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.frames.frames import InputAudioRawFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
+    LLMUserAggregator,
     LLMUserAggregatorParams,
 )
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
     SpeechTimeoutUserTurnStopStrategy,
 )
@@ -159,6 +163,23 @@ class Runtime:
         await self.recorder.close(timeout=self.settings.db_timeout_secs)
 
 
+class UserAggregator(LLMUserAggregator):
+    """Pipecat's user aggregator, except that the caller's audio stops here.
+
+    Pipecat's aggregator runs the VAD and turn analyzer on the caller's audio, then pushes every
+    `InputAudioRawFrame` on down the pipeline: context window, LLM, first clause, TTS, sentence
+    marker, output transport and assistant aggregator each take 50 frames a second per session that
+    none of them uses (a queue hop and a task wake-up each). Past this point nothing needs them.
+    Adds no state, so `LLMContextAggregatorPair` builds it as Pipecat's and `build_pipeline` only
+    changes its class.
+    """
+
+    async def push_frame(self, frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        if direction == FrameDirection.DOWNSTREAM and isinstance(frame, InputAudioRawFrame):
+            return
+        await super().push_frame(frame, direction)
+
+
 @dataclass
 class BuiltPipeline:
     pipeline: Pipeline
@@ -188,13 +209,14 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
             )
         ]
     else:
-        stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.vad_stop_secs)]
+        stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.user_speech_timeout_secs)]
 
     context = LLMContext()
     aggregators = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=stop)),
     )
+    aggregators.user().__class__ = UserAggregator
     window = ContextWindow(max_messages=s.context_messages)
     # Each reply's first clause goes to TTS on its own; the TTS aggregates the rest by sentence.
     first_clause = [FirstClauseTextProcessor(min_words=s.first_clause_words)] if s.first_clause_words else []

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocketState
 
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
 from processors.errors import CodedErrorFrame
+from processors.observers import select_frames
 from processors.turn_metrics import Turn, TurnMetricsObserver
 from storage.records import (
     INSERT,
@@ -161,8 +162,11 @@ class VoiceSession:
             observers=[*observers, self.metrics],
             idle_timeout_secs=None,
             enable_rtvi=False,
+            enable_turn_tracking=False,  # our TurnMetricsObserver tracks turns; one observer fewer per frame
             conversation_id=self.caller.conversation_id,
         )
+
+        select_frames(self.worker)  # observers get only the frame types they watch
 
         @self.worker.event_handler("on_pipeline_error")
         async def _on_error(_worker, frame):

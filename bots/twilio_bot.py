@@ -40,7 +40,7 @@ from pipecat.transports.websocket.fastapi import (
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
 from bots.session import Caller, VoiceSession, close_quietly
 from config.settings import secret
-from transports.protocol import ErrorCode
+from transports.protocol import AudioBatcher, ErrorCode
 
 PHONE_RATE = 8000  # Twilio Media Streams: 8 kHz mu-law both ways
 
@@ -104,8 +104,10 @@ async def twilio_voice(request: Request, runtime: Runtime) -> Response:
 class AtlasTwilioSerializer(TwilioFrameSerializer):
     """Pipecat's Twilio serializer, plus: audio and `stop` reported to the session, bad input dropped."""
 
-    def __init__(self, *args, on_audio=None, on_stop=None, on_bad_message=None, on_mark=None, **kwargs):
+    def __init__(self, *args, on_audio=None, on_stop=None, on_bad_message=None, on_mark=None,
+                 audio_batch_ms: int = 40, **kwargs):
         super().__init__(*args, **kwargs)
+        self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)  # after the 8 -> 16 kHz resampling
         # Pipecat's default (SoX "VHQ" stream) holds 8 -> 16 kHz input back ~100 ms and hands it on in bursts,
         # so the VAD heard the end of speech late: the bench measured ~125 ms between the server's and the
         # caller's voice-to-voice on this door. SoX's "quick" cubic filter keeps 1 sample; phone audio has
@@ -125,6 +127,10 @@ class AtlasTwilioSerializer(TwilioFrameSerializer):
         if isinstance(frame, InputAudioRawFrame):
             if self._on_audio:
                 self._on_audio()
+            audio = self._batch.add(frame.audio)
+            if audio is None:
+                return None
+            frame.audio = audio
             return frame
         if frame is None:  # not media: look for the caller hanging up (parsed again only here)
             try:
@@ -149,6 +155,8 @@ class AtlasTwilioSerializer(TwilioFrameSerializer):
 
 class ReplyMarks(BaseObserver):
     """After each reply's last audio, a `mark`; Twilio echoes it when the caller has heard it all."""
+
+    FRAME_TYPES = (BotStoppedSpeakingFrame,)
 
     def __init__(self, session: "TwilioSession"):
         super().__init__(observe_every_push=False)
@@ -201,6 +209,7 @@ class TwilioSession(VoiceSession):
             params=TwilioFrameSerializer.InputParams(auto_hang_up=hang_up),
             on_audio=self.touch_audio, on_stop=on_stop, on_mark=self.marks.echoed,
             on_bad_message=lambda: self.count_error(str(ErrorCode.INVALID_MESSAGE)),
+            audio_batch_ms=s.audio_in_batch_ms,
         )
         transport = FastAPIWebsocketTransport(
             self.websocket,

@@ -142,6 +142,7 @@ class Session(VoiceSession):
             on_audio=self.touch_audio,
             session_end=self.session_end_message,
             on_error=self.count_error,
+            audio_batch_ms=s.audio_in_batch_ms,
         )
         transport = AtlasWebsocketTransport(
             self.websocket,

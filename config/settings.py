@@ -92,7 +92,12 @@ class Settings(BaseSettings):
     # ahead of the rest of its sentence; 0 speaks whole sentences only.
     first_clause_words: int = Field(4, ge=0, validation_alias=_env("ATLAS_FIRST_CLAUSE_WORDS"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
-    vad_stop_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
+    # Turn end (bench/results/turns.md: 35 utterances with 350-600 ms pauses, browser and phone audio):
+    # the VAD's stop, then the user-speech timeout (the turn ends unless speech resumes, and not before the
+    # transcript). 0.5 + 0.5 cuts no one off on either door and survives 750 ms pauses; shorter settings
+    # cut users off mid-sentence, and smart-turn v3 called most mid-sentence pauses complete.
+    vad_stop_secs: float = Field(0.5, gt=0, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
+    user_speech_timeout_secs: float = Field(0.5, ge=0, validation_alias=_env("ATLAS_USER_SPEECH_TIMEOUT_SECS"))
     vad_start_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_START_SECS"))
     # Pipecat's 0.6 volume gate held quiet speech back ~0.5 s past its onset (barge-in at ~750 ms);
     # 0.3 starts the turn ~0.3 s after onset on the same audio. Browsers' echo cancellation keeps
@@ -100,7 +105,8 @@ class Settings(BaseSettings):
     vad_min_volume: float = Field(0.3, validation_alias=_env("ATLAS_VAD_MIN_VOLUME"))
     # Windows quieter than this (RMS, dBFS) are silence without running Silero: most of a call's input.
     vad_gate_dbfs: float = Field(-60.0, le=0, validation_alias=_env("ATLAS_VAD_GATE_DBFS"))
-    smart_turn: bool = Field(True, validation_alias=_env("ATLAS_SMART_TURN"))
+    # Smart-turn v3 instead of the speech timeout (off: see above; it also costs ~65 ms CPU per VAD stop).
+    smart_turn: bool = Field(False, validation_alias=_env("ATLAS_SMART_TURN"))
     smart_turn_stop_secs: float = Field(1.5, validation_alias=_env("ATLAS_SMART_TURN_STOP_SECS"))
 
     # --- auth ---------------------------------------------------------------------------------
@@ -142,6 +148,9 @@ class Settings(BaseSettings):
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
     session_start_timeout_secs: float = Field(30.0, validation_alias=_env("ATLAS_SESSION_START_TIMEOUT_SECS"))
     max_audio_frame_bytes: int = Field(65536, validation_alias=_env("ATLAS_MAX_AUDIO_FRAME_BYTES"))
+    # The caller's 20 ms messages join into frames of this length before the pipeline (transports/protocol.py
+    # AudioBatcher): half the per-frame work at 40 ms, for at most 20 ms of delay.
+    audio_in_batch_ms: int = Field(40, ge=10, le=200, validation_alias=_env("ATLAS_AUDIO_IN_BATCH_MS"))
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
 
     @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",

@@ -58,6 +58,11 @@ def transcript_message(kind: str, frame) -> dict:
 
 
 class ClientEventsObserver(BaseObserver):
+    # the frames on_push_frame reads (SelectiveWorkerObserver hands it no others)
+    FRAME_TYPES = (TranscriptionFrame, InterimTranscriptionFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
+                   InterruptionFrame, LLMFullResponseStartFrame, TTSStartedFrame, LLMTextFrame,
+                   LLMFullResponseEndFrame, BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
+
     def __init__(self, send: Send, **kwargs):
         super().__init__(observe_every_push=False, **kwargs)
         self._send = send

@@ -139,6 +139,11 @@ class SessionTotals:
 
 
 class TurnMetricsObserver(BaseObserver):
+    # the frames on_push_frame reads (SelectiveWorkerObserver hands it no others)
+    FRAME_TYPES = (MetricsFrame, InterruptionFrame, VADUserStoppedSpeakingFrame, TranscriptionFrame,
+                   UserStoppedSpeakingFrame, LLMTextFrame, TTSStartedFrame, TTSAudioRawFrame,
+                   BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
+
     def __init__(self, on_turn_closed: Callable[[Turn], None] | None = None, **kwargs):
         super().__init__(observe_every_push=False, **kwargs)
         self.on_turn_closed = on_turn_closed

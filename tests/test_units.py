@@ -84,13 +84,27 @@ async def test_serializer_numbers_sentences_and_flushes_only_while_audio_plays()
 async def test_serializer_mute_sends_silence_and_bad_input_becomes_an_error_frame():
     s = AtlasProtocolSerializer(max_audio_bytes=65536, max_text_bytes=8192)
     await s.deserialize('{"type": "mute"}')
-    frame = await s.deserialize(b"\x01\x02" * 160)
-    assert frame.audio == bytes(320)
+    frame = await s.deserialize(b"\x01\x02" * 640)  # 40 ms: a whole frame at once
+    assert frame.audio == bytes(1280)
     await s.deserialize('{"type": "unmute"}')
-    assert (await s.deserialize(b"\x01\x02" * 160)).audio == b"\x01\x02" * 160
+    assert (await s.deserialize(b"\x01\x02" * 640)).audio == b"\x01\x02" * 640
     err = await s.deserialize(b"\x01")
     assert err.message["type"] == "error" and err.message["code"] == "ODD_LENGTH_PCM"
     assert isinstance(await s.deserialize('{"type": "interrupt"}'), InterruptionFrame)
+
+
+async def test_serializer_joins_20_ms_messages_into_40_ms_frames_and_loses_no_audio():
+    s = AtlasProtocolSerializer(max_audio_bytes=65536, max_text_bytes=8192)  # ATLAS_AUDIO_IN_BATCH_MS 40
+    sent = [bytes([i]) * 640 for i in range(1, 8)]  # seven 20 ms messages
+    frames = [await s.deserialize(m) for m in sent]
+    assert [f is None for f in frames] == [True, False] * 3 + [True]
+    assert b"".join(f.audio for f in frames if f) == b"".join(sent[:6])  # in order, nothing dropped
+    assert all(f.sample_rate == 16000 and len(f.audio) == 1280 for f in frames if f)
+    big = await s.deserialize(b"\x09" * 4000)  # the held 20 ms goes out with the next message
+    assert big.audio == sent[6] + b"\x09" * 4000
+    assert (await s.deserialize(b"\x0a" * 3200)).audio == b"\x0a" * 3200  # long messages pass at once
+    s20 = AtlasProtocolSerializer(max_audio_bytes=65536, max_text_bytes=8192, audio_batch_ms=20)
+    assert (await s20.deserialize(sent[0])).audio == sent[0]  # 20: one frame per message
 
 
 def test_trim_keeps_at_most_n_opening_with_the_user_and_never_orphans_a_tool_result():

@@ -141,6 +141,32 @@ def check_audio(data: bytes, max_bytes: int) -> None:
         )
 
 
+class AudioBatcher:
+    """Joins the caller's short audio messages into frames of at least `ms` milliseconds.
+
+    Browsers and Twilio send 20 ms of audio per message. Every frame in a Pipecat pipeline costs
+    a queue hop and a task wake-up at each processor it visits (the input transport, STT, the user
+    aggregator with its VAD and turn strategies); at 100 sessions that per-frame work is what fills
+    the core. Pipecat's input transport passes frames on at whatever size they arrive, so the
+    serializers batch here. Silero scores 32 ms windows whatever the frame size; a 40 ms frame
+    holds the audio back at most 20 ms. Larger messages pass through at once.
+    """
+
+    def __init__(self, sample_rate: int, ms: int):
+        self._min = max(2, sample_rate * ms // 1000 * 2)
+        self._pending = bytearray()
+
+    def add(self, pcm: bytes) -> bytes | None:
+        if not self._pending and len(pcm) >= self._min:
+            return pcm
+        self._pending += pcm
+        if len(self._pending) < self._min:
+            return None
+        out = bytes(self._pending)
+        self._pending.clear()
+        return out
+
+
 class AtlasProtocolSerializer(FrameSerializer):
     """Serializer for one session of the Atlas protocol (it keeps that session's small state).
 
@@ -159,9 +185,10 @@ class AtlasProtocolSerializer(FrameSerializer):
 
     def __init__(
         self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None,
-        on_error=None,
+        on_error=None, audio_batch_ms: int = 40,
     ):
         super().__init__()
+        self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)
         self._max_audio = max_audio_bytes
         self._max_text = max_text_bytes
         self._on_session_stop = on_session_stop
@@ -182,7 +209,9 @@ class AtlasProtocolSerializer(FrameSerializer):
                     return None
                 if self._on_audio:
                     self._on_audio(len(data))
-                audio = bytes(len(data)) if self.muted else bytes(data)
+                audio = self._batch.add(bytes(len(data)) if self.muted else bytes(data))
+                if audio is None:
+                    return None
                 return InputAudioRawFrame(audio=audio, sample_rate=CLIENT_SAMPLE_RATE, num_channels=1)
             msg = parse_text_message(data, self._max_text)
         except ProtocolError as e:

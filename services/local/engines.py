@@ -100,6 +100,9 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
       the stop, every window is scored, so turns end exactly where Pipecat's analyzer ends them (gating
       those too split utterances at their pauses: Silero's own confidence decays over a few windows).
       Speech is -20 to -45 dBFS; Pipecat's own volume gate (0.3 = -80 LUFS) rejects only near silence.
+    - a skipped window's loudness is not measured either (Pipecat measures BS.1770 loudness over the
+      last 400 ms for every window; the window still enters that rolling buffer): with confidence 0 the
+      window cannot count as speech whatever its volume.
     - a chunk with no window to score is analysed right here on the event loop, with no thread hop; a
       chunk with speech goes to one process-wide Silero thread (ONNX releases the GIL while it runs).
     """
@@ -117,6 +120,7 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
         # mean square in int16 units; at -100 dBFS or lower the gate is off (every window is scored)
         self._gate_sq = (32768.0 * 10 ** (gate_dbfs / 20)) ** 2 if gate_dbfs > -100 else -1.0
         self._skipped = False  # windows were skipped since the model last ran: reset it first
+        self._gated = False  # the window being analysed was skipped
         self.windows_scored = self.windows_skipped = 0
 
     def _quiet(self, audio: np.ndarray) -> bool:
@@ -126,13 +130,20 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
         audio = np.frombuffer(buffer, np.int16).astype(np.float32)
         if self._vad_state == VADState.QUIET and self._quiet(audio):
             self.windows_skipped += 1
-            self._skipped = True
+            self._skipped = self._gated = True
             return 0.0
+        self._gated = False
         if self._skipped:
             self._model.reset_states()
             self._skipped = False
         self.windows_scored += 1
         return super().voice_confidence(buffer)
+
+    def _get_smoothed_volume(self, audio: bytes) -> float:
+        if self._gated:
+            self._volume_tracker.update(audio, self.sample_rate)
+            return self._prev_volume
+        return super()._get_smoothed_volume(audio)
 
     async def analyze_audio(self, buffer: bytes):
         pending = self._vad_buffer + buffer
