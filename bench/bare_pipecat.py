@@ -1,9 +1,9 @@
 """The benchmark's reference: a bare Pipecat 1.14 phone bot, as Pipecat's own Twilio example builds it.
 
 One FastAPI app with `/twilio/ws`: Pipecat's TwilioFrameSerializer and FastAPIWebsocketTransport,
-Silero VAD and smart-turn v3 loaded per call (as the examples do), and Pipecat's own Deepgram,
+Silero VAD (and smart-turn v3 when ATLAS_SMART_TURN is on) loaded per call (as the examples do), and Pipecat's own Deepgram,
 Anthropic and ElevenLabs services, pointed at the same fakes and given the same model, prompt and
-VAD settings as Atlas. No Atlas processor, serializer, recorder or metrics: what Atlas adds or
+VAD and turn-end settings as Atlas. No Atlas processor, serializer, recorder or metrics: what Atlas adds or
 saves is measured against this, in the same run.
 
 Run: `python -m bench.bare_pipecat --port 8100` with DEEPGRAM_BASE_URL, ANTHROPIC_BASE_URL,
@@ -43,6 +43,9 @@ def create_app() -> FastAPI:
     from pipecat.transports.websocket.fastapi import (
         FastAPIWebsocketParams,
         FastAPIWebsocketTransport,
+    )
+    from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import (
+        SpeechTimeoutUserTurnStopStrategy,
     )
     from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
         TurnAnalyzerUserTurnStopStrategy,
@@ -94,8 +97,10 @@ def create_app() -> FastAPI:
         context = LLMContext()
         aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
             vad_analyzer=SileroVADAnalyzer(params=vad),  # the same VAD settings as Atlas
+            # the same turn end as Atlas: smart-turn v3 (loaded per call) or the speech timeout
             user_turn_strategies=UserTurnStrategies(stop=[
-                TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())]),
+                TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3()) if s.smart_turn
+                else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.user_speech_timeout_secs)]),
         ))
         pipeline = Pipeline([transport.input(), stt, aggregators.user(), llm, tts, transport.output(),
                              aggregators.assistant()])

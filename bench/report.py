@@ -12,6 +12,14 @@ def _f(value, digits: int = 0) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _turn_end(results: dict) -> str:
+    t = results["turn_end"]
+    if t["smart_turn"]:
+        return f"VAD stop {t['vad_stop']} s, smart-turn, then the STT final"
+    return (f"VAD stop {t['vad_stop']} s, then the later of the speech timeout ({t['speech_timeout']} s) "
+            "and the STT final")
+
+
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["script"]
     lines = [
@@ -20,8 +28,8 @@ def markdown(results: dict) -> str:
         f"Python {m['python']}, Pipecat {m['pipecat']} ({m['note']}).", "",
         f"Scripted vendors: Deepgram final {s['stt_delay']} s after finalize, Claude first token {s['llm_delay']} s "
         f"then {s['llm_tps']:g} tokens/s, ElevenLabs first audio {s['tts_delay']} s, jitter {s['jitter']:g}. "
-        f"VAD stop {results['vad_stop_secs']} s. Overhead = voice-to-voice - "
-        f"(VAD stop + STT + first token + first audio).", "",
+        f"Turn end: {_turn_end(results)}. Overhead = voice-to-voice - "
+        f"(turn-end wait + first token + first audio).", "",
         "| scenario | turns | v2v p50 | v2v p95 | v2v p99 | overhead p50 | overhead p95 | overhead p99 "
         "| CPU %/session | RSS MiB/session | replies with gaps | gap ms max | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -50,6 +58,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {c['sessions']} | {_f(c['overhead_p50_ratio'], 2)} | {_f(c['overhead_p95_ratio'], 2)} "
                          f"| {_f(c['cpu_per_session_ratio'], 2)} | {_f(c['rss_per_session_ratio'], 2)} "
                          f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} |")
+    soaks = [r for r in results["scenarios"] if r.get("rss_growth")]
+    if soaks:
+        lines += ["", "Memory over long runs (median RSS of the first and the last minute of the steady part):", "",
+                  "| scenario | minutes | first minute MiB | last minute MiB | growth |", "|---|---|---|---|---|"]
+        for r in soaks:
+            g = r["rss_growth"]
+            lines.append(f"| {r['scenario']} | {g['minutes']} | {g['first_minute_mib']} | {g['last_minute_mib']} "
+                         f"| {g['growth_pct']:+.2f}% |")
     errors = {r["scenario"]: r["errors"] for r in results["scenarios"] if r["errors"]}
     if errors:
         lines += ["", "Errors by code: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]

@@ -202,7 +202,7 @@ def atlas_stages(path: Path, since: str) -> dict:
 
 
 async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: Path, script: dict | None,
-                       vad_stop: float, progress=None, profile: bool = False) -> dict:
+                       turn_wait: dict, progress=None, profile: bool = False) -> dict:
     from bench.callers import Caller, frames_for
 
     server = Server(sc, env, workdir)
@@ -243,7 +243,7 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
             records = [t.result() for t in tasks]
     finally:
         server.stop()
-    result = summarize(sc, records, samples, steady_from, until, idle_rss, script, vad_stop,
+    result = summarize(sc, records, samples, steady_from, until, idle_rss, script, turn_wait,
                        atlas_stages(server.sqlite, since) if sc.server != "bare" else {})
     if profiler is not None:
         profiler.wait(60)
@@ -296,14 +296,14 @@ def profile_summary(path: Path, top: int = 25) -> dict:
 
 
 def summarize(sc: Scenario, records, samples, steady_from: float, until: float, idle_rss: float,
-              script: dict | None, vad_stop: float, stages: dict) -> dict:
+              script: dict | None, turn_wait: dict, stages: dict) -> dict:
     from bench.vendors import VendorScript
 
     turns = [t for r in records for t in r.turns if t.speech_end >= steady_from]
     v2v = [t.v2v_ms for t in turns]
     injected = None
     if script is not None:
-        injected = (vad_stop + VendorScript(**script).injected()) * 1000
+        injected = VendorScript(**script).injected(turn_wait) * 1000
     overhead = [v - injected for v in v2v if v is not None] if injected is not None else []
     steady = [s for s in samples if steady_from <= s[0] <= until]
     cpu_pct = None
@@ -338,8 +338,22 @@ def summarize(sc: Scenario, records, samples, steady_from: float, until: float, 
         "reply_secs_mean": round(float(np.mean([t.reply_secs for t in replied])), 2) if replied else None,
         "errors": errors,
         "error_rate": round((failed_turns + failed_calls) / max(1, len(turns) + failed_calls), 4),
+        "rss_growth": rss_growth(steady),
         "rss_series": [(round(s[0] - steady_from, 1), round(s[2], 1)) for s in samples],
     }
+
+
+def rss_growth(steady: list[tuple[float, float, float]], window: float = 60.0) -> dict | None:
+    """Memory growth over a long scenario (the soak): median RSS over the first `window` seconds of the
+    steady part against the median over the last `window` seconds. None when the run is shorter than
+    three windows (too short to tell growth from the load's own swing)."""
+    if len(steady) < 2 or steady[-1][0] - steady[0][0] < 3 * window:
+        return None
+    t0, t1 = steady[0][0], steady[-1][0]
+    first = float(np.median([r for t, _, r in steady if t <= t0 + window]))
+    last = float(np.median([r for t, _, r in steady if t >= t1 - window]))
+    return {"first_minute_mib": round(first, 1), "last_minute_mib": round(last, 1),
+            "growth_pct": round((last - first) / first * 100, 2), "minutes": round((t1 - t0) / 60, 1)}
 
 
 def build_scenarios(args) -> list[Scenario]:
@@ -354,6 +368,8 @@ def build_scenarios(args) -> list[Scenario]:
             out.append(Scenario("bare", "twilio", n, args.duration))
     if args.offline:
         out.append(Scenario("offline", "ws", 1, max(args.duration, 60)))
+    if args.soak:
+        out.append(Scenario("atlas", "ws", args.soak_sessions, args.soak * 60, label=f"soak-ws-{args.soak_sessions}"))
     return out
 
 
@@ -366,10 +382,12 @@ async def run(args) -> dict:
 
     script = VendorScript(stt_delay=args.stt_delay, llm_delay=args.llm_delay, llm_tps=args.llm_tps,
                           tts_delay=args.tts_delay, jitter=args.jitter)
-    vad_stop = Settings().vad_stop_secs
+    settings = Settings()
+    turn_wait = {"vad_stop": settings.vad_stop_secs, "smart_turn": settings.smart_turn,
+                 "speech_timeout": settings.user_speech_timeout_secs}
     scenarios = build_scenarios(args)
     utterances = await asyncio.to_thread(make_utterances, QUESTIONS)
-    results = {"machine": machine(), "script": asdict(script), "vad_stop_secs": vad_stop,
+    results = {"machine": machine(), "script": asdict(script), "turn_end": turn_wait,
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "scenarios": []}
     vendors = Vendors(asdict(script)) if any(sc.server != "offline" for sc in scenarios) else None
     try:
@@ -386,10 +404,10 @@ async def run(args) -> dict:
 
                 if sc.server == "offline":
                     env = {"ATLAS_STT": "whisper", "ATLAS_LLM": "llama", "ATLAS_TTS": "piper"}
-                    res = await run_scenario(sc, env, utterances, workdir, None, vad_stop, progress, args.profile)
+                    res = await run_scenario(sc, env, utterances, workdir, None, turn_wait, progress, args.profile)
                 else:
                     env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology"}
-                    res = await run_scenario(sc, env, utterances, workdir, asdict(script), vad_stop, progress,
+                    res = await run_scenario(sc, env, utterances, workdir, asdict(script), turn_wait, progress,
                                              args.profile)
                 bar.close()
                 results["scenarios"].append(res)
@@ -447,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the offline default (local engines, 1 session)")
     parser.add_argument("--first-clause-compare", action="store_true",
                         help="also run each Atlas scenario with the first-clause TTS start off")
+    parser.add_argument("--soak", type=float, default=0, metavar="MINUTES",
+                        help="also run a soak: --soak-sessions callers on /ws for MINUTES (memory growth reported)")
+    parser.add_argument("--soak-sessions", type=int, default=20, help="sessions in the soak (default 20)")
     parser.add_argument("--stt-delay", type=float, default=0.3, help="Deepgram final after finalize (0.3 s)")
     parser.add_argument("--llm-delay", type=float, default=0.6, help="Claude first token (0.6 s)")
     parser.add_argument("--llm-tps", type=float, default=80.0, help="Claude tokens per second (80)")

@@ -1,4 +1,5 @@
-"""How fast do user turns end, and how often is the user cut off, for each VAD / smart-turn setting?
+"""How fast do user turns end, and how often is the user cut off, for each VAD / speech timeout / smart-turn
+setting?
 
 Speech (35 utterances):
 - 16 Piper ("joe") sentences a user says in one turn ("Hi Atlas," <450 ms> "what time does the museum
@@ -32,9 +33,12 @@ in base_smart_turn) is the simulated clock, so its buffering, pre-speech window 
 behave as in real time. Around them this file mirrors Pipecat 1.14's `LLMUserAggregator` (frame N
 goes to the VAD, then to the stop strategy with the VAD state from before frame N, then the VAD
 event it caused) and the two stop strategies the pipeline uses:
-- smart-turn off, `SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=<VAD stop_secs>)`: the VAD
-  reports a stop after stop_secs of non-speech, then a second stop_secs timer runs; the turn ends
-  when it expires unless the VAD reported speech again first.
+- smart-turn off, `SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=<speech timeout>)`: the VAD
+  reports a stop after stop_secs of non-speech, then the speech-timeout timer runs; the turn ends
+  when it expires unless the VAD reported speech again first. The speech timeout is its own
+  setting (`Config.speech_timeout_secs`); unset, it equals VAD stop_secs (the rows where both are
+  the same). The sweep also pairs a short VAD stop (0.2, 0.3 s) with longer timeouts (0.3-0.8 s):
+  the same silence before a turn ends, split differently between the VAD and the timer.
 - smart-turn on, `TurnAnalyzerUserTurnStopStrategy`: at the VAD stop smart-turn predicts on the
   audio so far; "complete" ends the turn once inference is done (its measured time is added);
   "incomplete" keeps the turn open, and it ends anyway after smart-turn stop_secs more silence
@@ -52,7 +56,7 @@ Definitions:
   (they paid the smart-turn stop_secs fallback wait).
 - longest pause survived: the longest swept pause up to which neither pause sentence is cut off.
 - recommended: per path, the lowest mean delay with no false cut-off that survives 700 ms pauses
-  (the longest scripted pause plus 100 ms).
+  (the longest scripted pause plus 100 ms), over all VAD stop / speech timeout / smart-turn rows.
 
 Run: `.venv/bin/python -m bench.turns [--out bench/results] [--quick]` (full sweep: a few minutes).
 """
@@ -78,6 +82,9 @@ SR = 16000
 FRAME = 320  # 20 ms at 16 kHz
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 VAD_STOPS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+# Smart-turn off: speech timeouts paired with the short VAD stops (besides timeout = VAD stop).
+SPLIT_VAD_STOPS = (0.2, 0.3)
+SPEECH_TIMEOUTS = (0.3, 0.4, 0.5, 0.6, 0.8)
 SMART_STOPS = (1.0, 1.5, 3.0)
 VAD_START_SECS, VAD_MIN_VOLUME = 0.2, 0.3
 LEAD_SECS, TAIL_SECS = 0.6, 5.0
@@ -136,12 +143,28 @@ class Config:
     vad_stop_secs: float
     smart_turn: bool
     smart_turn_stop_secs: float | None = None
+    speech_timeout_secs: float | None = None  # smart-turn off: user_speech_timeout; None = vad_stop_secs
+
+    @property
+    def user_speech_timeout(self) -> float | None:
+        """The effective `SpeechTimeoutUserTurnStopStrategy` user_speech_timeout (None with smart-turn,
+        whose stop strategy has no such timer)."""
+        if self.smart_turn:
+            return None
+        return self.vad_stop_secs if self.speech_timeout_secs is None else self.speech_timeout_secs
 
 
 def configs(quick: bool = False) -> list[Config]:
     if quick:
-        return [Config(s, False) for s in (0.2, 0.8)] + [Config(0.2, True, 1.5)]
-    return [c for s in VAD_STOPS for c in [Config(s, False), *(Config(s, True, t) for t in SMART_STOPS)]]
+        return [Config(0.2, False), Config(0.2, False, speech_timeout_secs=0.6), Config(0.8, False),
+                Config(0.2, True, 1.5)]
+    out = []
+    for s in VAD_STOPS:
+        out.append(Config(s, False))
+        if s in SPLIT_VAD_STOPS:
+            out += [Config(s, False, speech_timeout_secs=t) for t in SPEECH_TIMEOUTS if t != s]
+        out += [Config(s, True, t) for t in SMART_STOPS]
+    return out
 
 
 # ---- speech -------------------------------------------------------------------------------------
@@ -404,7 +427,7 @@ async def simulate(models: Models, frames: list[tuple[bytes, float]], events: li
         elif event == "stop":
             speaking = False
             if not analyzer:
-                deadline = t + cfg.vad_stop_secs  # user_speech_timeout = vad stop_secs
+                deadline = t + cfg.user_speech_timeout
             else:
                 done, took = await predict("vad_stop", t)
                 if done:
@@ -444,7 +467,7 @@ def summarize(path: str, cfg: Config, runs: list[dict], sources: dict[str, str])
     judged = [r["incomplete_at_end"] for r in runs if r["incomplete_at_end"] is not None]
     cut = sorted({r["utterance"] for r in runs if r["false_cutoffs"]})
     return {
-        "path": path, **asdict(cfg), "utterances": len(runs),
+        "path": path, **asdict(cfg), "user_speech_timeout_secs": cfg.user_speech_timeout, "utterances": len(runs),
         "false_cutoff_utterances": len(cut), "false_cutoff_rate": round(len(cut) / len(runs), 3),
         "false_cutoffs_by_source": {src: sum(sources[c] == src for c in cut) for src in SOURCES},
         "cut_off": cut, "delay_p50_ms": _pct(delays, 50), "delay_p95_ms": _pct(delays, 95),
@@ -464,7 +487,7 @@ def recommend(summary: list[dict]) -> dict:
         if safe:
             best = min(safe, key=lambda s: (s["delay_mean_ms"], s["delay_p95_ms"]))
             out[path] = {k: best[k] for k in ("vad_stop_secs", "smart_turn", "smart_turn_stop_secs",
-                                              "delay_p50_ms", "delay_p95_ms", "delay_mean_ms",
+                                              "speech_timeout_secs", "user_speech_timeout_secs", "delay_p50_ms", "delay_p95_ms", "delay_mean_ms",
                                               "longest_pause_survived_ms")}
     return out
 
@@ -511,14 +534,15 @@ def markdown(report: dict) -> str:
         if not rows:
             continue
         lines += [f"## {PATH_TITLES[path]}", "",
-                  "| VAD stop | smart-turn | cut-offs | delay p50 | delay p95 | mean | max | ST incomplete at end "
-                  "| longest pause survived | cut off |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| VAD stop | smart-turn | speech timeout | cut-offs | delay p50 | delay p95 | mean | max "
+                  "| ST incomplete at end | longest pause survived | cut off |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in rows:
             st = f"on, {s['smart_turn_stop_secs']}s" if s["smart_turn"] else "off"
             inc = "-" if s["smart_turn_incomplete_share"] is None else f"{s['smart_turn_incomplete_share']:.0%}"
             by = "/".join(str(s["false_cutoffs_by_source"][src]) for src in SOURCES)
-            lines.append(f"| {s['vad_stop_secs']}s | {st} | {s['false_cutoff_utterances']}/{s['utterances']} ({by}) | "
+            lines.append(f"| {s['vad_stop_secs']}s | {st} | {_fmt(s['user_speech_timeout_secs'], 's')} | "
+                         f"{s['false_cutoff_utterances']}/{s['utterances']} ({by}) | "
                          f"{_fmt(s['delay_p50_ms'], ' ms')} | {_fmt(s['delay_p95_ms'], ' ms')} | "
                          f"{_fmt(s['delay_mean_ms'], ' ms')} | "
                          f"{_fmt(s['delay_max_ms'], ' ms')} | {inc} | {_pause(s['longest_pause_survived_ms'], grid)} | "
@@ -528,9 +552,10 @@ def markdown(report: dict) -> str:
               f"Mechanical pick: no false cut-off, survives {MIN_TOLERATED_PAUSE_MS} ms pauses, lowest mean delay. "
               "The delays leave STT out: with smart-turn the turn also waits for the transcript, which a "
               "segmented STT (Whisper) only starts at the VAD stop; without it, the STT runs during the "
-              "second stop_secs wait.", ""]
+              "speech-timeout wait.", ""]
     for path, r in report["recommendation"].items():
-        st = f"smart-turn on, stop {r['smart_turn_stop_secs']}s" if r["smart_turn"] else "smart-turn off"
+        st = (f"smart-turn on, stop {r['smart_turn_stop_secs']}s" if r["smart_turn"]
+              else f"smart-turn off, speech timeout {r['user_speech_timeout_secs']}s")
         lines.append(f"- {path}: VAD stop {r['vad_stop_secs']}s, {st}: p50 {r['delay_p50_ms']} ms, "
                      f"p95 {r['delay_p95_ms']} ms, mean {r['delay_mean_ms']} ms, "
                      f"survives pauses up to {r['longest_pause_survived_ms']} ms")
@@ -564,7 +589,7 @@ async def run_all(models: Models, utts: list[Utterance], cfgs: list[Config], pat
 
 def _of(runs: list[dict], path: str, cfg: Config) -> list[dict]:
     return [r for r in runs if r["path"] == path
-            and Config(r["vad_stop_secs"], r["smart_turn"], r["smart_turn_stop_secs"]) == cfg]
+            and Config(r["vad_stop_secs"], r["smart_turn"], r["smart_turn_stop_secs"], r["speech_timeout_secs"]) == cfg]
 
 
 def longest_pause(runs: list[dict], pauses: dict[str, int]) -> int | None:
@@ -590,7 +615,8 @@ async def sweep(utts: list[Utterance], cfgs: list[Config], paths=PATHS, models: 
             summary.append(s)
     pct = lambda xs: {"p50": round(float(np.percentile(xs, 50)), 2), "p95": round(float(np.percentile(xs, 95)), 2),
                       "mean": round(float(np.mean(xs)), 2), "n": len(xs)} if xs else None  # noqa: E731
-    keep = ("path", "utterance", "vad_stop_secs", "smart_turn", "smart_turn_stop_secs", "false_cutoffs", "delay_ms")
+    keep = ("path", "utterance", "vad_stop_secs", "smart_turn", "smart_turn_stop_secs", "speech_timeout_secs",
+            "false_cutoffs", "delay_ms")
     return {
         "timing": {"smart_turn_ms": pct(models.smart_turn_ms), "silero_ms_per_32ms": pct(models.silero_ms)},
         "summary": summary, "recommendation": recommend(summary), "runs": runs,

@@ -50,9 +50,16 @@ class VendorScript:
         sigma = math.sqrt(math.log(1 + self.jitter ** 2))
         return median * math.exp(random.gauss(0.0, sigma))
 
-    def injected(self) -> float:
-        """The vendor time on a turn's critical path: STT final + first token + first audio."""
-        return self.stt_delay + self.llm_delay + self.tts_delay
+    def injected(self, turn_end: dict) -> float:
+        """What a turn must wait for, server aside: the turn end, then first token and first audio.
+
+        `turn_end` is the server's setting ({vad_stop, smart_turn, speech_timeout}). The VAD's stop comes
+        first; Deepgram's final follows `stt_delay` after the Finalize sent then. With the speech timeout
+        the turn ends when both it and the final are in (they run side by side); smart-turn ends it on the
+        final when it judges the turn complete.
+        """
+        after_stop = self.stt_delay if turn_end["smart_turn"] else max(turn_end["speech_timeout"], self.stt_delay)
+        return turn_end["vad_stop"] + after_stop + self.llm_delay + self.tts_delay
 
 
 def _sampled(attr: str):
