@@ -9,6 +9,8 @@ Turn timeline (seconds on the pipeline clock):
   speech_end  = VAD stop - VAD stop_secs (when the user really went quiet)
   vad_stop    = the last VADUserStoppedSpeakingFrame before the turn ended
   transcript  = the last final TranscriptionFrame before the turn ended
+  sttMs       = transcript - speech_end: the STT's own delay, whatever the VAD stop is set to
+                (from the VAD stop it shrank to ~0, or below, once the stop outlasted Deepgram)
   turn_end    = UserStoppedSpeakingFrame (after smart-turn and the transcript); a turn record is
                 made here, so a turn is one reply's worth of user speech
   llm_token   = the first LLMTextFrame of the reply
@@ -99,7 +101,7 @@ class Turn:
         return {
             "index": self.index,
             "vadStopMs": round(self.vad_stop_secs * 1000.0, 1) if self.vad_stop is not None else None,
-            "sttMs": _ms(self.vad_stop, self.transcript),
+            "sttMs": _ms(self.speech_end, self.transcript),
             "turnEndMs": _ms(self.vad_stop, self.turn_end),
             "llmFirstTokenMs": _ms(self.turn_end, self.llm_token),
             "firstSentenceMs": _ms(self.llm_token, self.tts_start),

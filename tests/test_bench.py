@@ -27,10 +27,11 @@ def test_bench_measures_both_doors_and_bare_pipecat(tmp_path):
         assert r["overhead_ms"]["p50"] == round(v2v["p50"] - injected, 1)
         assert r["reply_secs_mean"] > 3  # the whole scripted reply was heard (~6 s of speech)
         assert r["cpu_pct_per_session"] > 0 and r["rss_peak_mib"] > 100
-    # Atlas's own per-stage record shows the vendors' scripted delays
+    # Atlas's own per-stage record shows the vendors' scripted delays: STT is counted from the end of
+    # speech, so it is ~Deepgram's 0.3 s endpointing + the scripted 0.3 s final, whatever the VAD stop is
     for name in ("atlas-ws-2", "atlas-twilio-2"):
         st = by[name]["stages_ms"]
-        assert 300 <= st["stt"]["p50"] < 800 and 500 <= st["llm_ttfb"]["p50"] < 1200
+        assert 400 <= st["stt"]["p50"] < 1000 and 500 <= st["llm_ttfb"]["p50"] < 1200
         assert 200 <= st["tts_ttfa"]["p50"] < 900
         assert st["server_v2v"]["p50"] <= by[name]["voice_to_voice_ms"]["p50"] + 50
     assert by["bare-twilio-2"]["stages_ms"] == {}
