@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_cache_dir() -> Path:
@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", validation_alias=_env("ATLAS_HOST"))
     port: int = Field(8000, validation_alias=_env("ATLAS_PORT"))
     log_level: str = Field("INFO", validation_alias=_env("ATLAS_LOG_LEVEL"))
-    allowed_origins: list[str] = Field(default_factory=list, validation_alias=_env("ATLAS_ALLOWED_ORIGINS"))
+    # Comma-separated in the environment (NoDecode: pydantic-settings would otherwise demand JSON).
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                            validation_alias=_env("ATLAS_ALLOWED_ORIGINS"))
 
     # --- engine choice ------------------------------------------------------------------------
     # "auto" picks the cloud provider whose key is set, else the local engine.
@@ -152,6 +154,18 @@ class Settings(BaseSettings):
     # AudioBatcher): half the per-frame work at 40 ms, for at most 20 ms of delay.
     audio_in_batch_ms: int = Field(40, ge=10, le=200, validation_alias=_env("ATLAS_AUDIO_IN_BATCH_MS"))
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
+
+    # --- abuse limits on /ws (bots/limits.py; 0 turns one off) ----------------------------------------
+    max_sessions_per_ip: int = Field(20, ge=0, validation_alias=_env("ATLAS_MAX_SESSIONS_PER_IP"))
+    max_sessions_per_user: int = Field(5, ge=0, validation_alias=_env("ATLAS_MAX_SESSIONS_PER_USER"))
+    session_starts_per_minute_per_ip: int = Field(
+        60, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP"))
+    session_starts_per_minute_per_user: int = Field(
+        20, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER"))
+    # A browser sends 50 audio messages a second; 3x that leaves room for controls and batching quirks.
+    max_messages_per_sec: int = Field(150, ge=0, validation_alias=_env("ATLAS_MAX_MESSAGES_PER_SEC"))
+    # SIGTERM: live sessions get this long to end (session_end, rows to the outbox) before the exit.
+    shutdown_grace_secs: float = Field(10.0, ge=0, validation_alias=_env("ATLAS_SHUTDOWN_GRACE_SECS"))
 
     @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
                      "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", "supabase_url",
