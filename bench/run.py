@@ -152,7 +152,11 @@ class Server:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "ATLAS_LOG_LEVEL": "WARNING", "ATLAS_PORT": str(self.port),
                "ATLAS_MAX_SESSIONS": str(scenario.sessions + 10), "ATLAS_SQLITE_PATH": str(self.sqlite),
                "ATLAS_OUTBOX_PATH": str(workdir / f"{scenario.name}.outbox"),
-               "ATLAS_ALERT_ACTIVE_SESSIONS": "100000", "SUPABASE_URL": "", **env, **scenario.env}
+               "ATLAS_ALERT_ACTIVE_SESSIONS": "100000", "SUPABASE_URL": "",
+               # every simulated caller comes from 127.0.0.1: the per-IP abuse limits would refuse them
+               "ATLAS_MAX_SESSIONS_PER_IP": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
+               "ATLAS_MAX_SESSIONS_PER_USER": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "0",
+               **env, **scenario.env}
         if scenario.server == "bare":
             cmd = [sys.executable, "-m", "bench.bare_pipecat", "--port", str(self.port)]
         else:

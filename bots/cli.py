@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, daily, models, report, bench."""
+"""`atlas-voice`: serve, talk, daily, models, report, bench, fuzz."""
 
 from __future__ import annotations
 
@@ -18,17 +18,12 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from bots.server import create_app
+    from bots.server import serve
     from config.settings import get_settings
 
     settings = get_settings()
-    host = args.host or settings.host
-    port = args.port or settings.port
     _configure_logging(settings.log_level)
-    app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=1 << 20)
+    serve(settings, args.host or settings.host, args.port or settings.port)
     return 0
 
 
@@ -102,6 +97,13 @@ def cmd_bench(bench_args: list[str]) -> int:
         print("atlas-voice bench runs from a clone of the repository (it uses tests/fakes)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(repo))
+    if bench_args[:1] == ["fuzz"]:
+        try:
+            from bench.fuzz import main as fuzz_main
+        except ImportError as e:
+            print(f"atlas-voice fuzz needs the dev extras (pip install -e '.[dev]'): {e}", file=sys.stderr)
+            return 2
+        return fuzz_main(bench_args[1:])
     if bench_args[:1] == ["turns"]:
         from bench.turns import main as turns_main
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own argument parser (bench/run.py, bench/turns.py)
         return cmd_bench(argv[1:])
+    if argv[:1] == ["fuzz"]:  # its own argument parser (bench/fuzz.py)
+        return cmd_bench(argv)
     parser = argparse.ArgumentParser(prog="atlas-voice", description="Atlas Voice: a voice agent on Pipecat")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", add_help=False,
                        help="benchmark: simulated callers against fake vendors (`bench --help`; `bench turns`)")
     p.set_defaults(func=lambda args: cmd_bench([]))
+
+    p = sub.add_parser("fuzz", add_help=False,
+                       help="property-based fuzzing of the /ws protocol (`fuzz --help`; 100,000 frames by default)")
+    p.set_defaults(func=lambda args: cmd_bench(["fuzz"]))
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -122,6 +122,8 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
         return _error(404, "DAILY_DISABLED", "the Daily door is off until DAILY_API_KEY is set")
     if not runtime.ready.is_set():
         return _error(503, str(ErrorCode.SERVER_NOT_READY), "engines are still loading; retry in a few seconds")
+    if runtime.shutting_down:
+        return _error(503, str(ErrorCode.SERVER_SHUTTING_DOWN), "the server is restarting; retry in a moment")
     caller = Caller(user_agent=request.headers.get("user-agent"),
                     ip_address=request.client.host if request.client else None)
     if runtime.auth.enabled:

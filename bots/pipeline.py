@@ -36,6 +36,7 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from bots.auth import TokenVerifier
+from bots.limits import AbuseLimits
 from config.settings import Settings
 from monitoring.metrics import Monitor
 from processors.context_window import ContextWindow
@@ -69,6 +70,9 @@ class Runtime:
     monitor: Monitor | None = None
     sessions: int = 0  # admitted sessions, every door (the ATLAS_MAX_SESSIONS cap)
     tasks: set = field(default_factory=set)  # background sessions (Daily bots)
+    live: dict = field(default_factory=dict)  # running VoiceSessions by id, every door (drained on shutdown)
+    limits: AbuseLimits | None = None  # per-IP / per-user limits on /ws
+    shutting_down: bool = False
     _http: object | None = None
 
     def track(self, task: asyncio.Task) -> None:
@@ -89,6 +93,8 @@ class Runtime:
         if self.monitor is None:
             self.monitor = Monitor(self.settings)
             self.monitor.attach_recorder(self.recorder)
+        if self.limits is None:
+            self.limits = AbuseLimits(self.settings)
 
     @property
     def output_sample_rate(self) -> int:
@@ -96,7 +102,9 @@ class Runtime:
         return voice.config.sample_rate if voice is not None else 22050
 
     def admit(self) -> bool:
-        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS."""
+        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS or shutting down."""
+        if self.shutting_down:
+            return False
         if self.sessions >= self.settings.max_sessions:
             logger.warning(f"session refused: at the limit of {self.settings.max_sessions} sessions")
             return False
@@ -152,6 +160,29 @@ class Runtime:
             logger.exception(f"Engine loading failed: {e}")
             raise
 
+    async def drain(self, grace_secs: float) -> int:
+        """Graceful shutdown, first half: refuse new sessions, end every live one (its client gets
+        `SERVER_SHUTTING_DOWN` and `session_end`, its rows go to the outbox) and wait up to
+        `grace_secs` for them to finish. Returns how many were still running at the deadline."""
+        from transports.protocol import SHUTTING_DOWN_MESSAGE, ErrorCode
+
+        self.shutting_down = True
+        if self.live:
+            logger.info(f"shutting down: ending {len(self.live)} live session(s) (grace {grace_secs:g} s)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_secs
+        while self.live and loop.time() < deadline:
+            # Again each pass: a session admitted just before the signal joins `live` a moment later.
+            stops = [session.stop("server_shutdown", (ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
+                     for session in list(self.live.values()) if not session.stopping]
+            for result in await asyncio.gather(*stops, return_exceptions=True):
+                if isinstance(result, Exception):  # one stuck session must not keep the others from ending
+                    logger.warning(f"a session did not stop cleanly: {result!r}")
+            await asyncio.sleep(0.05)
+        if self.live:
+            logger.warning(f"{len(self.live)} session(s) still running after {grace_secs:g} s; exiting anyway")
+        return len(self.live)
+
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
@@ -161,6 +192,7 @@ class Runtime:
         if self.llm_server is not None:
             await self.llm_server.stop()
         await self.recorder.close(timeout=self.settings.db_timeout_secs)
+        logger.info("shutdown complete")
 
 
 class UserAggregator(LLMUserAggregator):

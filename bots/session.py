@@ -70,6 +70,7 @@ class VoiceSession:
     metrics: TurnMetricsObserver = field(init=False)
     info: SessionInfo = field(init=False)
     _final: dict | None = field(default=None, init=False)
+    pipeline_started: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self):
         self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
@@ -130,6 +131,13 @@ class VoiceSession:
             return
         self.stopping = True
         self.end_reason = reason
+        if not self.pipeline_started.is_set():
+            # A cancel before the StartFrame has gone through (the STT still connecting) stops the
+            # pipeline before the output transport starts, so it never writes session_end.
+            try:
+                await asyncio.wait_for(self.pipeline_started.wait(), 5.0)
+            except TimeoutError:
+                pass
         if limit:
             await self.notify_limit(*limit)
         await self.worker.cancel(reason=reason)
@@ -168,6 +176,10 @@ class VoiceSession:
 
         select_frames(self.worker)  # observers get only the frame types they watch
 
+        @self.worker.event_handler("on_pipeline_started")
+        async def _on_started(_worker, _frame):
+            self.pipeline_started.set()
+
         @self.worker.event_handler("on_pipeline_error")
         async def _on_error(_worker, frame):
             await self.on_pipeline_error(frame)
@@ -184,9 +196,11 @@ class VoiceSession:
         logger.info(f"{self.transport_name} session {self.session_id} started "
                     f"(user {self.caller.user_id or self.caller.client_user_id})")
         watchdog = asyncio.create_task(self._watchdog())
+        rt.live[self.session_id] = self  # Runtime.drain ends it on SIGTERM
         try:
             await runner.run()
         finally:
+            rt.live.pop(self.session_id, None)
             watchdog.cancel()
             self._record_end()
             summary = self._final["metrics"]

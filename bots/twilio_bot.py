@@ -83,6 +83,8 @@ async def twilio_voice(request: Request, runtime: Runtime) -> Response:
             return Response("invalid Twilio signature", status_code=403)
     if not runtime.ready.is_set():
         return _twiml(sorry_twiml(NOT_READY_MESSAGE))
+    if runtime.shutting_down:
+        return _twiml(sorry_twiml(BUSY_MESSAGE))
     if runtime.sessions >= s.max_sessions:
         logger.warning(f"call {form.get('CallSid')} refused: at the limit of {s.max_sessions} sessions")
         runtime.monitor.error(str(ErrorCode.SERVER_BUSY))

@@ -23,25 +23,26 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from starlette.websockets import WebSocketState
 
 from bots.auth import AuthError
+from bots.limits import KeyedLimit, MessageRate
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
 from bots.session import Caller, VoiceSession, close_quietly
 from processors.client_events import ClientEventsObserver
 from processors.errors import CodedErrorFrame
 from transports.protocol import (
+    SHUTTING_DOWN_MESSAGE,
     AtlasProtocolSerializer,
     AtlasWebsocketTransport,
     ErrorCode,
     ProtocolError,
     SessionStart,
-    check_audio,
     error_message,
-    parse_session_start,
-    parse_text_message,
+    parse_before_start,
 )
 
 # WebSocket close codes (documented in docs/PROTOCOL.md)
 CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008  # no session_start in time
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
+CLOSE_POLICY = 1008  # origin not allowed, no session_start in time, bad token, a per-IP/per-user limit
 CLOSE_TRY_AGAIN = 1013  # server not ready, or at its session limit
 
 
@@ -59,7 +60,7 @@ async def _send_error(websocket: WebSocket, runtime: Runtime, code: ErrorCode, m
     await _send_json(websocket, error_message(code, message))
 
 
-async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | None:
+async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | None = None) -> SessionStart | None:
     """Wait for a valid session_start; answer every other message with an error."""
     s = runtime.settings
     deadline = time.monotonic() + s.session_start_timeout_secs
@@ -74,14 +75,13 @@ async def handshake(websocket: WebSocket, runtime: Runtime) -> SessionStart | No
             return None
         if message["type"] == "websocket.disconnect":
             return None
+        if rate is not None and not rate.allow():
+            if rate.should_tell():
+                await _send_error(websocket, runtime, ErrorCode.MESSAGE_RATE_EXCEEDED, rate.refusal().message)
+            continue
         try:
-            if message.get("bytes") is not None:
-                check_audio(message["bytes"], s.max_audio_frame_bytes)
-                raise ProtocolError(ErrorCode.NOT_STARTED, "send session_start before audio")
-            msg = parse_text_message(message.get("text") or "", s.max_text_message_bytes)
-            if msg["type"] != "session_start":
-                raise ProtocolError(ErrorCode.NOT_STARTED, f"send session_start before '{msg['type']}'")
-            start = parse_session_start(msg)
+            data = message["bytes"] if message.get("bytes") is not None else message.get("text") or ""
+            start = parse_before_start(data, s.max_audio_frame_bytes, s.max_text_message_bytes)
         except ProtocolError as e:
             await _send_error(websocket, runtime, e.code, e.message)
             continue
@@ -107,6 +107,7 @@ class Session(VoiceSession):
         ), transport_name="websocket")
         self.websocket = websocket
         self.start = start
+        self.rate: MessageRate | None = None  # the connection's message rate, carried on from the handshake
 
     def session_end_message(self) -> dict:
         return {"type": "session_end", **self.final()}
@@ -136,6 +137,7 @@ class Session(VoiceSession):
             asyncio.get_running_loop().create_task(self.stop("client_stop"))
 
         serializer = AtlasProtocolSerializer(
+            rate=self.rate,
             max_audio_bytes=s.max_audio_frame_bytes,
             max_text_bytes=s.max_text_message_bytes,
             on_session_stop=on_session_stop,
@@ -175,28 +177,81 @@ class Session(VoiceSession):
         try:
             await super().run()
         finally:
+            if not serializer.end_sent:
+                # Ended before the pipeline had started (e.g. session_stop right after session_started,
+                # while the STT was still connecting): the output transport never saw the cancel.
+                serializer.end_sent = True
+                await _send_json(self.websocket, self.session_end_message())
             await close_quietly(self.websocket, CLOSE_NORMAL)
+
+
+def _gate(websocket: WebSocket, runtime: Runtime) -> tuple[ErrorCode, str, int] | None:
+    """Why this connection may not have a session at all: (code, message, close code), or None."""
+    s = runtime.settings
+    if s.allowed_origins:
+        origin = websocket.headers.get("origin", "")
+        if origin not in s.allowed_origins:
+            logger.warning(f"websocket from origin {origin[:100]!r} refused")
+            return ErrorCode.ORIGIN_NOT_ALLOWED, "this page's origin may not open a voice session", CLOSE_POLICY
+    if runtime.shutting_down:
+        return ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY
+    if not runtime.ready.is_set():
+        return ErrorCode.SERVER_NOT_READY, "engines are still loading; retry in a few seconds", CLOSE_TRY_AGAIN
+    return None
+
+
+async def _refuse(websocket: WebSocket, runtime: Runtime, code: ErrorCode, message: str, close: int) -> None:
+    await _send_error(websocket, runtime, code, message)
+    await close_quietly(websocket, close)
+
+
+async def _acquire(websocket: WebSocket, runtime: Runtime, limit: KeyedLimit, key: str) -> bool:
+    """Take `key`'s slot in a per-IP or per-user limit, or refuse the connection with the limit's code."""
+    try:
+        limit.acquire(key)
+        return True
+    except ProtocolError as e:
+        logger.warning(f"session refused for {limit.what} {key[:64]!r}: {e.code}")
+        await _refuse(websocket, runtime, e.code, e.message, CLOSE_POLICY)
+        return False
 
 
 async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
     await websocket.accept()
-    admitted = False
+    s, limits = runtime.settings, runtime.limits
+    ip = websocket.client.host if websocket.client else "unknown"
+    admitted = ip_held = False
+    user = None
     try:
-        if not runtime.ready.is_set():
-            await _send_error(websocket, runtime, ErrorCode.SERVER_NOT_READY,
-                              "engines are still loading; retry in a few seconds")
-            await websocket.close(CLOSE_TRY_AGAIN)
+        refusal = _gate(websocket, runtime)
+        if refusal:
+            await _refuse(websocket, runtime, *refusal)
             return
+        if not await _acquire(websocket, runtime, limits.by_ip, ip):
+            return
+        ip_held = True
         if not runtime.admit():
-            await _send_error(websocket, runtime, ErrorCode.SERVER_BUSY,
-                              f"this server is at its limit of {runtime.settings.max_sessions} sessions; retry later")
-            await websocket.close(CLOSE_TRY_AGAIN)
+            await _refuse(websocket, runtime, ErrorCode.SERVER_BUSY,
+                          f"this server is at its limit of {s.max_sessions} sessions; retry later", CLOSE_TRY_AGAIN)
             return
         admitted = True
-        start = await handshake(websocket, runtime)
+        rate = MessageRate(s.max_messages_per_sec)
+        start = await handshake(websocket, runtime, rate)
         if start is None:
             return
-        await Session(runtime, websocket, start).run()
+        if runtime.shutting_down:
+            await _refuse(websocket, runtime, ErrorCode.SERVER_SHUTTING_DOWN,
+                          SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY)
+            return
+        # Per user: the verified id when auth is on, else what the client says (limits honest clients
+        # only, as anything unverified can; the per-IP limits hold the rest).
+        key = start.verified_user_id or start.user_id
+        if not await _acquire(websocket, runtime, limits.by_user, key):
+            return
+        user = key
+        session = Session(runtime, websocket, start)
+        session.rate = rate
+        await session.run()
     except WebSocketDisconnect:
         pass
     except Exception as e:  # never let one session take the server down
@@ -206,3 +261,7 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
     finally:
         if admitted:
             runtime.release()
+        if ip_held:
+            limits.by_ip.release(ip)
+        if user is not None:
+            limits.by_user.release(user)

@@ -84,6 +84,12 @@ def librivox_clips() -> list[tuple[Path, str]]:
     return clips
 
 
+# Every test client comes from 127.0.0.1, often as the same user: the abuse limits are off unless a
+# test turns them on (tests/test_limits.py). The message rate limit stays on everywhere.
+LIMITS_OFF = {"ATLAS_MAX_SESSIONS_PER_IP": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
+              "ATLAS_MAX_SESSIONS_PER_USER": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "0"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,8 +97,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(env: dict[str, str], log_path: Path, timeout: float = 240.0):
-    """`atlas-voice serve` in a subprocess; yields its base URL once /healthz answers 200."""
+def server_process(env: dict[str, str], log_path: Path, timeout: float = 240.0):
+    """`atlas-voice serve` in a subprocess; yields (base URL, process) once /healthz answers 200."""
     port = free_port()
     # Each server records into its own SQLite file and outbox next to its log (fresh each run).
     stores = {"ATLAS_SQLITE_PATH": log_path.with_suffix(".sqlite3"), "ATLAS_OUTBOX_PATH": log_path.with_suffix(".outbox.sqlite3")}
@@ -100,7 +106,7 @@ def running_server(env: dict[str, str], log_path: Path, timeout: float = 240.0):
         if name not in env:
             for leftover in path.parent.glob(path.name + "*"):
                 leftover.unlink()
-    full_env = {**os.environ, "ATLAS_LOG_LEVEL": "DEBUG", **{k: str(v) for k, v in stores.items()}, **env}
+    full_env = {**os.environ, "ATLAS_LOG_LEVEL": "DEBUG", **LIMITS_OFF, **{k: str(v) for k, v in stores.items()}, **env}
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bots.cli", "serve", "--port", str(port)],
@@ -120,14 +126,22 @@ def running_server(env: dict[str, str], log_path: Path, timeout: float = 240.0):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not healthy in {timeout}s; log:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.3)
-        yield base
+        yield base, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         log.close()
+
+
+@contextmanager
+def running_server(env: dict[str, str], log_path: Path, timeout: float = 240.0):
+    """`atlas-voice serve` in a subprocess; yields its base URL once /healthz answers 200."""
+    with server_process(env, log_path, timeout) as (base, _proc):
+        yield base
 
 
 def read_records(path: Path) -> list[dict]:

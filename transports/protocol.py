@@ -54,12 +54,20 @@ class ErrorCode(StrEnum):
     SESSION_MAX_DURATION = "SESSION_MAX_DURATION"  # the session reached ATLAS_SESSION_MAX_SECS
     SERVER_NOT_READY = "SERVER_NOT_READY"  # engines still loading
     SERVER_BUSY = "SERVER_BUSY"  # the server is at ATLAS_MAX_SESSIONS; retry later
+    SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"  # the server is stopping (SIGTERM); reconnect elsewhere
     AUTH_FAILED = "AUTH_FAILED"  # session_start without a valid access token (auth on)
+    ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"  # a browser Origin not in ATLAS_ALLOWED_ORIGINS
+    TOO_MANY_SESSIONS = "TOO_MANY_SESSIONS"  # this IP or user already has its maximum of live sessions
+    RATE_LIMITED = "RATE_LIMITED"  # this IP or user started too many sessions in the last minute
+    MESSAGE_RATE_EXCEEDED = "MESSAGE_RATE_EXCEEDED"  # more messages a second than ATLAS_MAX_MESSAGES_PER_SEC
     PIPELINE_ERROR = "PIPELINE_ERROR"  # an engine failed during the session
     STT_RECONNECTING = "STT_RECONNECTING"  # the STT provider's socket dropped; reconnecting, audio replayed
     LLM_UNAVAILABLE = "LLM_UNAVAILABLE"  # the LLM provider failed after retries; a fallback answers
     TTS_FALLBACK = "TTS_FALLBACK"  # the TTS provider failed; the local voice speaks the rest of the reply
     INTERNAL_ERROR = "INTERNAL_ERROR"  # anything else; the message names no internals
+
+
+SHUTTING_DOWN_MESSAGE = "the server is restarting; reconnect in a moment"
 
 
 class ProtocolError(Exception):
@@ -130,6 +138,17 @@ def parse_session_start(msg: dict[str, Any]) -> SessionStart:
     )
 
 
+def parse_before_start(data: str | bytes, max_audio_bytes: int, max_text_bytes: int) -> SessionStart:
+    """A client frame on a connection without a session yet: a valid `session_start`, or ProtocolError."""
+    if isinstance(data, (bytes, bytearray)):
+        check_audio(data, max_audio_bytes)
+        raise ProtocolError(ErrorCode.NOT_STARTED, "send session_start before audio")
+    msg = parse_text_message(data, max_text_bytes)
+    if msg["type"] != "session_start":
+        raise ProtocolError(ErrorCode.NOT_STARTED, f"send session_start before '{msg['type']}'")
+    return parse_session_start(msg)
+
+
 def check_audio(data: bytes, max_bytes: int) -> None:
     if len(data) > max_bytes:
         raise ProtocolError(
@@ -185,7 +204,7 @@ class AtlasProtocolSerializer(FrameSerializer):
 
     def __init__(
         self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None,
-        on_error=None, audio_batch_ms: int = 40,
+        on_error=None, audio_batch_ms: int = 40, rate=None,
     ):
         super().__init__()
         self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)
@@ -195,13 +214,19 @@ class AtlasProtocolSerializer(FrameSerializer):
         self._on_audio = on_audio
         self._session_end = session_end
         self._on_error = on_error  # called with the code of every `error` message sent
+        self._rate = rate  # bots.limits.MessageRate: over it, messages are dropped before parsing
         self.muted = False
+        self.end_sent = False  # session_end written (the door sends it itself when the pipeline never started)
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
         # When the client will have played every audio chunk sent so far (monotonic clock).
         self.client_playing_until = 0.0
 
     # ---- client -> server -------------------------------------------------------------------
     async def deserialize(self, data: str | bytes) -> Frame | None:
+        if self._rate is not None and not self._rate.allow():
+            if self._rate.should_tell():
+                return OutputTransportMessageUrgentFrame(message=self._rate.refusal().to_message())
+            return None
         try:
             if isinstance(data, (bytes, bytearray)):
                 check_audio(data, self._max_audio)
@@ -265,7 +290,8 @@ class AtlasProtocolSerializer(FrameSerializer):
             if self._on_error is not None and frame.message.get("type") == "error":
                 self._on_error(frame.message.get("code", ""))
             return json.dumps(frame.message)
-        if isinstance(frame, (EndFrame, CancelFrame)) and self._session_end is not None:
+        if isinstance(frame, (EndFrame, CancelFrame)) and self._session_end is not None and not self.end_sent:
+            self.end_sent = True
             return json.dumps(self._session_end())
         return None
 
