@@ -36,14 +36,23 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip wheel
 
-if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
-  step "Building llama.cpp (llama-cpp-python, about 6 minutes on 2 cores the first time; cached after)"
+# Built for the x86-64 AVX2 baseline, not -march=native (llama.cpp's default): a VM can resume on another
+# host CPU (seen here: built on an AMD EPYC, run on an Intel Xeon, and the native build died with a
+# general protection fault at its first token). No pip cache: a cached wheel may be a native one.
+LLAMA_MARK=.venv/.llama-cpp-portable
+if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null || [ ! -f "$LLAMA_MARK" ]; then
+  step "Building llama.cpp (llama-cpp-python, about 6 minutes on 2 cores the first time)"
+  llama_cmake="-DGGML_NATIVE=OFF"
+  [ "$(uname -m)" = x86_64 ] && llama_cmake="$llama_cmake -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
   # pip is silent while a wheel compiles: show cmake/ninja's own progress lines instead.
+  .venv/bin/python -m pip uninstall -y --quiet llama-cpp-python 2>/dev/null || true
   set +o pipefail
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -v 'llama-cpp-python[server]==0.3.36' 2>&1 \
+  CMAKE_ARGS="$llama_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -v --no-cache-dir \
+    'llama-cpp-python[server]==0.3.36' 2>&1 \
     | grep --line-buffered -E '^\s*\[ *[0-9]+(/[0-9]+|%)\]|Successfully (built|installed)|ERROR|error:' || true
   set -o pipefail
   .venv/bin/python -c 'import llama_cpp' || { echo "llama-cpp-python failed to build"; exit 1; }
+  touch "$LLAMA_MARK"
 fi
 
 step "Installing Atlas Voice and its models (the LLM alone is 1.1 GB in 22 parts)"
