@@ -11,6 +11,8 @@ it cannot reconnect, run_tts yields an error and the sentence is skipped. This s
   local Piper voice into the same audio context (so they play in order, right after the last
   ElevenLabs audio), and sends every later sentence of that reply to Piper too;
 - when ElevenLabs cannot be reached for a sentence, Piper speaks it;
+- after a drop, the reply's flush and context close are not sent to the dead socket (Pipecat would
+  report each as a second error for the one fault);
 - when ElevenLabs stays silent on a reply for 3 s (where Pipecat would end the reply in silence),
   the context is cancelled there and Piper speaks the words not yet voiced.
 
@@ -26,6 +28,8 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
 )
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from services.fallback import LOCAL_VOICE, PiperFallbackMixin
 
@@ -107,6 +111,26 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
         await self._start_fallback(context_id, reason)
         async for frame in self._piper_frames(rest, context_id):
             await self.append_to_audio_context(context_id, frame)
+
+    def _socket_closed(self) -> bool:
+        ws = self._websocket
+        return ws is None or ws.state is not State.OPEN
+
+    async def flush_audio(self, context_id: str | None = None):
+        # After a drop, the flush at the reply's end would fail on the dead socket and reach the client
+        # as a second, uncoded error for the one fault (the receive loop's Piper fallback already
+        # finishes the reply; the next request reconnects).
+        if self._socket_closed():
+            return
+        try:
+            await super().flush_audio(context_id)
+        except ConnectionClosed:
+            pass
+
+    async def _close_context(self, context_id: str):
+        if self._socket_closed():  # nothing left to close at the vendor
+            return
+        await super()._close_context(context_id)
 
     async def _receive_messages(self):
         try:
