@@ -132,6 +132,9 @@ class Monitor:
         self.interruptions = Counter("atlas_interruptions", "Turns the user interrupted (barge-in).",
                                      ["transport"], registry=r)
         self.errors = Counter("atlas_errors", "`error` messages sent to clients, by code.", ["code"], registry=r)
+        self.provider_retries = Counter(
+            "atlas_provider_retries", "Provider requests retried (the retry may still succeed), by why.",
+            ["provider", "reason"], registry=r)
         self.cost_total = Counter("atlas_cost_usd", "Estimated provider cost of ended sessions (USD).", registry=r)
         self.session_cost = Histogram("atlas_session_cost_usd", "Estimated provider cost per ended session (USD).",
                                       buckets=_with(COST_BUCKETS, self.cost_threshold_usd), registry=r)
@@ -236,6 +239,10 @@ class Monitor:
                 bisect.insort(self._v2v_sorted, v2v)
             self._window_errored += errored
             self._evaluate_window(now)
+
+    def provider_retry(self, provider: str, reason: str) -> None:
+        """A provider call that failed and was tried again: invisible to the caller when the retry works."""
+        self.provider_retries.labels(provider, reason).inc()
 
     def error(self, code: str) -> None:
         self.errors.labels(str(code)).inc()

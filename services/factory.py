@@ -63,6 +63,7 @@ def make_llm(runtime: "Runtime"):
             fallback_model=runtime.llm_model,
             fallback_api_key=s.llm_api_key,
             fallback_system=system_prompt(local_model=True),
+            on_retry=runtime.monitor.provider_retry if runtime.monitor else None,
         )
     from pipecat.services.openai.llm import OpenAILLMService
 

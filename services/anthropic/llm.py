@@ -74,6 +74,7 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
         fallback_model: str = "local",
         fallback_api_key: str = "none",
         fallback_system: str = "",
+        on_retry=None,
         **kwargs,
     ):
         client = AsyncAnthropic(
@@ -97,6 +98,7 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
         self._fallback_api_key = fallback_api_key
         self._fallback_system = fallback_system or system_instruction
         self._stream = None  # the response being read, closed on cancel
+        self._on_retry = on_retry  # called with ("anthropic", reason) before each retry (/metrics)
         self._fallback_client = None  # AsyncOpenAI for the local LLM, made on first use
 
     async def _process_context(self, context: LLMContext):
@@ -158,6 +160,9 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
                 if said or not _retryable(e) or attempt > self._retries or time.monotonic() + delay > deadline:
                     break
                 logger.warning(f"{self}: {_describe(e)}; retry {attempt} in {delay:.2f}s")
+                if self._on_retry is not None:
+                    status = getattr(e, "status_code", None)
+                    self._on_retry("anthropic", str(status) if status else type(e).__name__)
                 await asyncio.sleep(delay)
 
         logger.error(f"{self}: Claude failed ({_describe(failure)}) after {attempt} attempt(s); falling back")
