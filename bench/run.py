@@ -133,12 +133,18 @@ class Vendors:
             raise RuntimeError("the vendor fakes did not start")
         self.urls = json.loads(line)
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Stop the fakes; returns their closing report (fault counts, connections, requests)."""
         self.proc.stdin.close()
+        line = self.proc.stdout.readline()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        try:
+            return json.loads(line) if line.strip() else {}
+        except ValueError:
+            return {}
 
 
 class Server:

@@ -10,6 +10,12 @@ answer with a fixed transcript and reply instead of running Whisper, so their ow
 - Claude: the stream starts `llm_delay` seconds after the request, then `llm_tps` tokens per second.
 - ElevenLabs: first audio `tts_delay` seconds after each text segment is committed (Piper speech, cached).
 
+Faults (`atlas-voice bench faults`): each Deepgram stream is dropped (TCP abort, no close frame) with
+probability `stt_drop` at a random point 1-20 s of audio in; each Claude request answers 529 with
+`llm_overload` or stalls `llm_stall_secs` after `message_start` with `llm_stall`; each ElevenLabs context
+is cut (connection aborted) with `tts_fail` after 0.2-2 s of audio. The counts are printed as a JSON line
+when the process ends.
+
 With `jitter` > 0 every delay is drawn from a log-normal distribution with that coefficient of variation
 around its median; at 0 (the default) delays are exact, so the server's overhead is exact too.
 
@@ -24,6 +30,8 @@ import math
 import random
 import sys
 from dataclasses import asdict, dataclass
+
+from tests.fakes.base import FaultQueue
 
 VOICE_ID = "21m00Tcm4TlvDq8EAJjs"
 TRANSCRIPT = "What is the quickest way to the old harbour from the station?"
@@ -43,6 +51,11 @@ class VendorScript:
     llm_tps: float = 80.0
     tts_delay: float = 0.2
     jitter: float = 0.0
+    stt_drop: float = 0.0
+    llm_overload: float = 0.0
+    llm_stall: float = 0.0
+    llm_stall_secs: float = 10.0
+    tts_fail: float = 0.0
 
     def sample(self, median: float) -> float:
         if self.jitter <= 0 or median <= 0:
@@ -60,6 +73,51 @@ class VendorScript:
         """
         after_stop = self.stt_delay if turn_end["smart_turn"] else max(turn_end["speech_timeout"], self.stt_delay)
         return turn_end["vad_stop"] + after_stop + self.llm_delay + self.tts_delay
+
+
+class RandomFaults(FaultQueue):
+    """A fake's fault queue whose every take is a fault drawn at random (`draw` returns one or None),
+    counted by kind."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self._draw = draw
+        self.counts: dict[str, int] = {}
+        self.takes = 0
+
+    def take(self):
+        scripted = super().take()
+        if scripted is not None:
+            return scripted
+        self.takes += 1
+        kind, fault = self._draw()
+        if fault is not None:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return fault
+
+
+def _random_faults(fakes: dict, script: VendorScript) -> dict[str, RandomFaults]:
+    from tests.fakes.anthropic import _Fault
+
+    def stt():
+        return ("stt_drop", random.uniform(1.0, 20.0)) if random.random() < script.stt_drop else ("", None)
+
+    def llm():
+        r = random.random()
+        if r < script.llm_overload:
+            return "llm_529", _Fault("fail", status=529)
+        if r < script.llm_overload + script.llm_stall:
+            return "llm_stall", _Fault("stall", seconds=script.llm_stall_secs)
+        return "", None
+
+    def tts():
+        return ("tts_fail", random.uniform(0.2, 2.0)) if random.random() < script.tts_fail else ("", None)
+
+    queues = {"deepgram": RandomFaults(stt), "anthropic": RandomFaults(llm), "elevenlabs": RandomFaults(tts)}
+    fakes["deepgram"]._drops = queues["deepgram"]
+    fakes["anthropic"]._faults = queues["anthropic"]
+    fakes["elevenlabs"]._failures = queues["elevenlabs"]
+    return queues
 
 
 def _sampled(attr: str):
@@ -112,8 +170,19 @@ def main() -> int:
     fakes["elevenlabs"].synthesize("Warming up.", 16000)  # load Piper before the first caller
     urls = {"deepgram": fakes["deepgram"].ws_url, "anthropic": fakes["anthropic"].http_url,
             "elevenlabs": fakes["elevenlabs"].ws_url, "script": asdict(script)}
+    faults = _random_faults(fakes, script) if script.stt_drop or script.llm_overload or script.llm_stall \
+        or script.tts_fail else {}
     print(json.dumps(urls), flush=True)
     sys.stdin.read()  # serve until the benchmark closes our stdin
+    report = {name: {"takes": q.takes, **q.counts} for name, q in faults.items()}
+    report["deepgram_connections"] = len(fakes["deepgram"].connections)
+    requests = list(fakes["anthropic"].requests)
+    report["anthropic_requests"] = len(requests)
+    # What each Claude request carried (messages, bytes): a long call's context must stay flat.
+    report["anthropic_request_sizes"] = [
+        [len((r.body or {}).get("messages", [])) if isinstance(r.body, dict) else 0, len(json.dumps(r.body))]
+        for r in requests]
+    print(json.dumps(report), flush=True)
     for fake in fakes.values():
         fake.stop()
     return 0

@@ -104,6 +104,14 @@ def cmd_bench(bench_args: list[str]) -> int:
             print(f"atlas-voice fuzz needs the dev extras (pip install -e '.[dev]'): {e}", file=sys.stderr)
             return 2
         return fuzz_main(bench_args[1:])
+    if bench_args[:1] == ["faults"]:
+        from bench.faults import main as faults_main
+
+        return faults_main(bench_args[1:])
+    if bench_args[:1] == ["long"]:
+        from bench.long import main as long_main
+
+        return long_main(bench_args[1:])
     if bench_args[:1] == ["turns"]:
         from bench.turns import main as turns_main
 
