@@ -34,13 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.run import QUESTIONS, RESULTS, Scenario, Server, Vendors, _stats, machine
-
-
-def _metric_samples(text: str) -> dict[tuple, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from tests.helpers import metric_samples
 
 
 def _by_label(samples: dict, name: str, label: str) -> dict[str, float]:
@@ -131,7 +125,7 @@ async def run(args) -> dict:
             deadline = time.monotonic() + 180
             while True:
                 async with http.get(server.url + "/metrics") as r:
-                    samples = _metric_samples(await r.text())
+                    samples = metric_samples(await r.text())
                 pending = sum(_by_label(samples, "atlas_outbox_pending", "sink").values())
                 if pending == 0 or time.monotonic() > deadline:
                     break

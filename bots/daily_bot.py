@@ -33,7 +33,7 @@ from services.daily.rooms import (
     delete_room,
     make_helper,
 )
-from transports.protocol import ErrorCode
+from transports.protocol import SHUTTING_DOWN_MESSAGE, ErrorCode
 
 BOT_NAME = "Atlas"
 
@@ -123,7 +123,7 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
     if not runtime.ready.is_set():
         return _error(503, str(ErrorCode.SERVER_NOT_READY), "engines are still loading; retry in a few seconds")
     if runtime.shutting_down:
-        return _error(503, str(ErrorCode.SERVER_SHUTTING_DOWN), "the server is restarting; retry in a moment")
+        return _error(503, str(ErrorCode.SERVER_SHUTTING_DOWN), SHUTTING_DOWN_MESSAGE)
     caller = Caller(user_agent=request.headers.get("user-agent"),
                     ip_address=request.client.host if request.client else None)
     if runtime.auth.enabled:

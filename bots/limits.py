@@ -27,6 +27,12 @@ class _Usage:
     starts: deque = field(default_factory=deque)  # monotonic times of the starts in the last window
 
 
+def _prune(usage: _Usage, now: float) -> None:
+    """Forget the starts that have left the 60 s window."""
+    while usage.starts and now - usage.starts[0] >= WINDOW_SECS:
+        usage.starts.popleft()
+
+
 class KeyedLimit:
     """At most `max_active` at once and `max_per_minute` new ones in any 60 s, per key."""
 
@@ -46,8 +52,7 @@ class KeyedLimit:
             for k, u in list(self._usage.items()):
                 self._forget_if_idle(k, u)
         usage = self._usage.setdefault(key, _Usage())
-        while usage.starts and now - usage.starts[0] >= WINDOW_SECS:
-            usage.starts.popleft()
+        _prune(usage, now)
         if self.max_active and usage.active >= self.max_active:
             self._forget_if_idle(key, usage)
             raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
@@ -72,9 +77,7 @@ class KeyedLimit:
     def _forget_if_idle(self, key: str, usage: _Usage) -> None:
         # Keys with nothing live and no starts in the window are dropped: memory stays bounded by the
         # clients of the last minute, not every address ever seen.
-        now = self._clock()
-        while usage.starts and now - usage.starts[0] >= WINDOW_SECS:
-            usage.starts.popleft()
+        _prune(usage, self._clock())
         if usage.active == 0 and not usage.starts:
             self._usage.pop(key, None)
 

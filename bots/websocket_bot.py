@@ -99,7 +99,7 @@ async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | 
 class Session(VoiceSession):
     """One live conversation over one WebSocket (the Atlas protocol)."""
 
-    def __init__(self, runtime: Runtime, websocket: WebSocket, start: SessionStart):
+    def __init__(self, runtime: Runtime, websocket: WebSocket, start: SessionStart, rate: MessageRate | None = None):
         ws = websocket
         super().__init__(runtime, Caller(
             user_id=start.verified_user_id, client_user_id=start.user_id, conversation_id=start.conversation_id,
@@ -107,7 +107,7 @@ class Session(VoiceSession):
         ), transport_name="websocket")
         self.websocket = websocket
         self.start = start
-        self.rate: MessageRate | None = None  # the connection's message rate, carried on from the handshake
+        self.rate = rate  # the connection's message rate, carried on from the handshake
 
     def session_end_message(self) -> dict:
         return {"type": "session_end", **self.final()}
@@ -249,9 +249,7 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
         if not await _acquire(websocket, runtime, limits.by_user, key):
             return
         user = key
-        session = Session(runtime, websocket, start)
-        session.rate = rate
-        await session.run()
+        await Session(runtime, websocket, start, rate).run()
     except WebSocketDisconnect:
         pass
     except Exception as e:  # never let one session take the server down

@@ -144,6 +144,14 @@ def running_server(env: dict[str, str], log_path: Path, timeout: float = 240.0):
         yield base
 
 
+def metric_samples(text: str) -> dict[tuple, float]:
+    """A Prometheus exposition as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []

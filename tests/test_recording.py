@@ -21,7 +21,7 @@ from storage.records import INSERT, SESSIONS, TURNS, UPSERT
 from storage.sinks import SQLiteSink
 from tests.conftest import cloud_env
 from tests.fakes.anthropic import default_reply
-from tests.helpers import recorded, running_server
+from tests.helpers import metric_samples, recorded, running_server
 from tests.recording_checks import check_recorded
 from tests.supabase_local.stack import SECRET, Stack
 from tests.supabase_local.stack import client as supabase_client
@@ -129,13 +129,6 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
     assert await select_as(stack, stack.api.anon_key, b, SESSIONS, session["id"]) == []
     assert await select_as(stack, stack.api.anon_key, b, TURNS, session["id"]) == []
     assert await select_as(stack, stack.api.anon_key, None, SESSIONS, session["id"]) == []
-
-
-def metric_samples(text: str) -> dict[tuple, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def outbox_counts(path) -> dict[str, int]:
