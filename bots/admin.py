@@ -4,7 +4,9 @@ Access:
   * ATLAS_ADMIN_TOKEN unset (the default): both routes answer 404 with
     `{"type": "error", "code": "ADMIN_DISABLED", ...}` -- the dashboard is off until a token is set.
   * ATLAS_ADMIN_TOKEN set: `/api/dashboard` needs `Authorization: Bearer <token>` or `?token=<token>`
-    (compared in constant time); a missing or wrong token is 401 `ADMIN_AUTH_FAILED`. The page
+    (compared in constant time); a missing or wrong token is 401 `ADMIN_AUTH_FAILED`. After
+    ATLAS_ADMIN_FAILURES_PER_MINUTE wrong tokens from one IP address in a minute, that address gets 429
+    `ADMIN_RATE_LIMITED` (with Retry-After) whatever it sends, until the window has room again. The page
     itself holds no data and is served without the token; it reads `?token=` once, keeps it in
     sessionStorage, removes it from the address bar and sends it as a Bearer header to the API.
   * The token is never echoed in a response or a log line.
@@ -24,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from loguru import logger
 
+from bots.limits import FailureThrottle
 from config.settings import Settings, secret
 from monitoring.analytics import parse_since, summarize
 
@@ -65,11 +68,32 @@ def token_ok(presented: str | None, expected: str) -> bool:
     return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
 
 
-def admin_router(get_sink: Callable[[], object | None], settings: Settings) -> APIRouter:
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def check_token(request: Request, expected: str, throttle: FailureThrottle, code: str,
+                hint: str) -> JSONResponse | None:
+    """None when the request carries `expected`; else the 401 (or, past the throttle, 429) to answer."""
+    ip = client_ip(request)
+    wait = throttle.blocked(ip)
+    if wait:
+        return _error(429, "ADMIN_RATE_LIMITED", f"too many wrong tokens from this address; retry in {wait:.0f} s",
+                      headers={"Retry-After": str(int(wait + 0.999))})
+    if token_ok(_presented_token(request), expected):
+        return None
+    throttle.failed(ip)
+    logger.warning(f"{request.url.path}: rejected a request from {ip} (missing or wrong token)")
+    return _error(401, code, f"a valid token is required: send {hint}", headers={"WWW-Authenticate": "Bearer"})
+
+
+def admin_router(get_sink: Callable[[], object | None], settings: Settings,
+                 throttle: FailureThrottle | None = None) -> APIRouter:
     """The dashboard routes. `get_sink()` returns the store's Sink (or None while it is not ready);
     it is called per request, so the server can pass `lambda: runtime.recorder.sink` before the
-    recorder exists."""
+    recorder exists. `throttle` counts wrong tokens per IP (shared with /metrics)."""
     router = APIRouter()
+    throttle = throttle or FailureThrottle(settings.admin_failures_per_minute)
 
     def expected_token() -> str:
         return secret(settings.admin_token).strip()
@@ -85,12 +109,10 @@ def admin_router(get_sink: Callable[[], object | None], settings: Settings) -> A
         expected = expected_token()
         if not expected:
             return _disabled()
-        if not token_ok(_presented_token(request), expected):
-            logger.warning(f"admin API: rejected a request from {request.client.host if request.client else '?'} "
-                           "(missing or wrong admin token)")
-            return _error(401, "ADMIN_AUTH_FAILED", "a valid admin token is required: send "
-                          "'Authorization: Bearer <ATLAS_ADMIN_TOKEN>' or ?token=",
-                          headers={"WWW-Authenticate": "Bearer"})
+        refused = check_token(request, expected, throttle, "ADMIN_AUTH_FAILED",
+                              "'Authorization: Bearer <ATLAS_ADMIN_TOKEN>' or ?token=")
+        if refused is not None:
+            return refused
         try:
             since_iso = parse_since(since)
         except ValueError as e:

@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, daily, models, report, bench, fuzz."""
+"""`atlas-voice`: serve, talk, daily, models, report, outbox, bench, fuzz."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import sys
 
 
 def _configure_logging(level: str) -> None:
-    from loguru import logger
+    from config.logging import configure_logging
 
-    logger.remove()
-    # diagnose=False: loguru would otherwise print the values of local variables in tracebacks,
-    # which may hold API keys or access tokens.
-    logger.add(sys.stderr, level=level.upper(), diagnose=False)
+    configure_logging(level)
 
 
 def cmd_serve(args) -> int:
@@ -23,7 +20,13 @@ def cmd_serve(args) -> int:
 
     settings = get_settings()
     _configure_logging(settings.log_level)
-    serve(settings, args.host or settings.host, args.port or settings.port)
+    host = args.host or settings.host
+    try:
+        settings.check_exposure(host)
+    except ValueError as e:
+        print(f"atlas-voice serve: {e}", file=sys.stderr)
+        return 2
+    serve(settings, host, args.port or settings.port)
     return 0
 
 
@@ -39,9 +42,9 @@ def cmd_models(args) -> int:
 
     settings = get_settings()
     path = models.resolve_llm_path(settings.llm_model_path, settings.cache_dir, progress=True)
-    print(f"LLM: {path}")
-    print(f"Whisper: {models.whisper_model_dir()}")
-    print(f"Piper voice: {models.piper_voice_dir() / (models.PIPER_VOICE + '.onnx')}")
+    print(f"LLM: {path} (sha256 ok)")
+    print(f"Whisper: {models.verified_whisper_dir(settings.cache_dir)} (sha256 ok)")
+    print(f"Piper voice: {models.verified_piper_dir(settings.cache_dir) / (models.PIPER_VOICE + '.onnx')} (sha256 ok)")
     return 0
 
 
@@ -86,6 +89,54 @@ def cmd_report(args) -> int:
     from bots.report import run_report
 
     return run_report(args.since, args.png, args.bucket)
+
+
+def cmd_outbox(args) -> int:
+    """Dead letters: rows no store took, kept in the outbox file (storage/outbox.py)."""
+    import json
+    from datetime import UTC, datetime
+
+    from config.settings import get_settings
+    from monitoring.analytics import parse_duration
+    from storage.outbox import OutboxFile
+
+    path = get_settings().resolved_outbox_path
+    if not path.exists():
+        print(f"no outbox at {path} (ATLAS_OUTBOX_PATH)", file=sys.stderr)
+        return 1
+    outbox = OutboxFile(path)
+    try:
+        if args.action == "list":
+            letters = outbox.dead_letters(args.limit)
+            if args.json:
+                print(json.dumps([{**vars(d), "row_id": d.row_id} for d in letters], indent=1))
+                return 0
+            pending, dead = outbox.counts()
+            print(f"{path}: {pending} pending writes, {dead} dead letters")
+            for d in letters:
+                when = datetime.fromtimestamp(d.dead_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+                print(f"  #{d.seq}  {when}  {d.table} {d.mode} row {d.row_id or '(not JSON)'}: {d.reason}")
+            return 0
+        seqs = None if args.all else [int(x) for x in args.seq]
+        if seqs is not None and not seqs and not (args.action == "purge" and args.older_than):
+            print(f"atlas-voice outbox {args.action}: name dead letters by number, or --all", file=sys.stderr)
+            return 2
+        if args.action == "retry":
+            n = outbox.request_retry(seqs)
+            print(f"{n} dead letters will be sent again (by the running server within seconds, else at its next start)")
+            return 0
+        older = None
+        if args.older_than:
+            try:
+                older = parse_duration(args.older_than)
+            except ValueError as e:
+                print(f"--older-than {e}", file=sys.stderr)
+                return 2
+        n = outbox.purge(older_than_secs=older, seqs=seqs if not args.all and args.seq else None)
+        print(f"{n} dead letters deleted")
+        return 0
+    finally:
+        outbox.close()
 
 
 def cmd_bench(bench_args: list[str]) -> int:
@@ -156,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket", choices=["hour", "day"], default=None,
                    help="time-series bucket (default: hour up to 48 h, else day)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("outbox", help="rows no store took (dead letters): list, send again, or delete them")
+    p.add_argument("action", choices=["list", "retry", "purge"])
+    p.add_argument("seq", nargs="*", help="dead letter numbers (from `list`)")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.add_argument("--older-than", default=None, help="purge: those dead longer than this (e.g. 7d)")
+    p.add_argument("--limit", type=int, default=None, help="list: at most this many")
+    p.add_argument("--json", action="store_true", help="list: as JSON")
+    p.set_defaults(func=cmd_outbox)
 
     p = sub.add_parser("bench", add_help=False,
                        help="benchmark: simulated callers against fake vendors (`bench --help`; `bench turns`)")

@@ -4,8 +4,11 @@ shared pipeline.
 
 The bot leaves, and the session ends, when the last participant leaves, when nobody joins within
 ATLAS_SESSION_START_TIMEOUT_SECS, when joining fails, or at the maximum duration (the room expires
-then too and Daily ejects everyone). A refused start answers 429 `SERVER_BUSY` when the process is
-at ATLAS_MAX_SESSIONS. With auth on, the request needs `Authorization: Bearer <Supabase token>`.
+then too and Daily ejects everyone). Every start creates a billed room, so the door has the same
+limits as `/ws`: with auth on, the request needs `Authorization: Bearer <Supabase token>` (checked
+first); then sessions at once and starts per minute per IP address and per user (429
+`TOO_MANY_SESSIONS` / `RATE_LIMITED`), and the process cap (429 `SERVER_BUSY`). The slots are held
+until the bot leaves the room.
 
 Not exercised here (no network to Daily from the test machines): joining a real room, WebRTC media,
 and the participant events; the REST flows run against a fake Daily API and the transport is
@@ -33,7 +36,7 @@ from services.daily.rooms import (
     delete_room,
     make_helper,
 )
-from transports.protocol import SHUTTING_DOWN_MESSAGE, ErrorCode
+from transports.protocol import SHUTTING_DOWN_MESSAGE, ErrorCode, ProtocolError
 
 BOT_NAME = "Atlas"
 
@@ -92,9 +95,10 @@ class DailySession(VoiceSession):
             waiter.cancel()
 
 
-async def start_daily_session(runtime: Runtime, caller: Caller,
-                              http: aiohttp.ClientSession) -> tuple[DailyRoomSession, DailySession]:
-    """Create the room and tokens, then run the bot in the background (it holds a session slot)."""
+async def start_daily_session(runtime: Runtime, caller: Caller, http: aiohttp.ClientSession,
+                              on_end=None) -> tuple[DailyRoomSession, DailySession]:
+    """Create the room and tokens, then run the bot in the background (it holds a session slot, given back
+    when it ends, with `on_end()` called then)."""
     s = runtime.settings
     helper = make_helper(secret(s.daily_api_key), http, s.daily_api_url)
     room = await create_session_room(helper, max_duration_secs=s.session_max_secs, bot_name=BOT_NAME)
@@ -107,6 +111,8 @@ async def start_daily_session(runtime: Runtime, caller: Caller,
             logger.exception(f"daily session {session.session_id} failed: {e}")
         finally:
             runtime.release()
+            if on_end is not None:
+                on_end()
             try:
                 await delete_room(helper, room.room_url)
             except DailyAPIError as e:
@@ -117,15 +123,15 @@ async def start_daily_session(runtime: Runtime, caller: Caller,
 
 
 async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
-    s = runtime.settings
+    s, limits = runtime.settings, runtime.limits
     if not s.daily_api_key:
         return _error(404, "DAILY_DISABLED", "the Daily door is off until DAILY_API_KEY is set")
     if not runtime.ready.is_set():
         return _error(503, str(ErrorCode.SERVER_NOT_READY), "engines are still loading; retry in a few seconds")
     if runtime.shutting_down:
         return _error(503, str(ErrorCode.SERVER_SHUTTING_DOWN), SHUTTING_DOWN_MESSAGE)
-    caller = Caller(user_agent=request.headers.get("user-agent"),
-                    ip_address=request.client.host if request.client else None)
+    ip = request.client.host if request.client else "unknown"
+    caller = Caller(user_agent=request.headers.get("user-agent"), ip_address=ip)
     if runtime.auth.enabled:
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
@@ -134,20 +140,40 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
         except AuthError as e:
             runtime.monitor.error(str(ErrorCode.AUTH_FAILED))
             return _error(401, str(ErrorCode.AUTH_FAILED), str(e))
+    held: list[tuple] = []
+
+    def release_limits() -> None:
+        for limit, key in held:
+            limit.release(key)
+        held.clear()
+
+    for limit, key in ((limits.by_ip, ip), (limits.by_user, caller.user_id or f"anon:{ip}")):
+        try:
+            limit.acquire(key)
+        except ProtocolError as e:
+            release_limits()
+            runtime.monitor.error(str(e.code))
+            logger.warning(f"/daily/start refused for {limit.what} {key[:64]!r}: {e.code}")
+            return JSONResponse({"type": "error", "code": str(e.code), "message": e.message}, status_code=429,
+                                headers={"Retry-After": "60"})
+        held.append((limit, key))
     if not runtime.admit():
+        release_limits()
         runtime.monitor.error(str(ErrorCode.SERVER_BUSY))
         return JSONResponse({"type": "error", "code": str(ErrorCode.SERVER_BUSY),
                              "message": f"this server is at its limit of {s.max_sessions} sessions; retry later"},
                             status_code=429, headers={"Retry-After": "30"})
     try:
-        room, session = await start_daily_session(runtime, caller, runtime.http())
+        room, session = await start_daily_session(runtime, caller, runtime.http(), on_end=release_limits)
     except DailyAPIError as e:
         runtime.release()
+        release_limits()
         runtime.monitor.error("DAILY_API_ERROR")
         logger.warning(f"/daily/start: {e}")
         return _error(502, "DAILY_API_ERROR", "the room could not be created; retry shortly")
     except Exception:
         runtime.release()
+        release_limits()
         raise
     return JSONResponse({"roomUrl": room.room_url, "token": room.user_token, "sessionId": session.session_id,
                          "expiresAt": room.expires_at})

@@ -1,5 +1,6 @@
-"""Abuse limits for the browser door: sessions per IP and per user, session starts per minute,
-and the rate of messages inside one connection.
+"""Abuse limits for the doors: sessions per IP and per user, session starts per minute, connections
+that have not started a session yet, and, inside one connection, the rate of messages and the seconds
+of audio (`AudioBudget`).
 
 Pipecat has none of these (its FastAPI transport takes whatever arrives), and `ATLAS_MAX_SESSIONS`
 only protects the process as a whole: one client opening 120 sockets would take every slot. The
@@ -87,12 +88,35 @@ class KeyedLimit:
 
 
 class AbuseLimits:
-    """The per-IP and per-user limits of one process (settings: ATLAS_MAX_SESSIONS_PER_IP, ...)."""
+    """The per-IP and per-user limits of one process (settings: ATLAS_MAX_SESSIONS_PER_IP, ...).
+
+    `pending` counts connections that have not proved who they are yet (no valid `session_start` or
+    Twilio `start`): at most ATLAS_MAX_PENDING_PER_IP per address and ATLAS_MAX_PENDING_CONNECTIONS in
+    all, so a stranger opening sockets and saying nothing cannot hold the server's session slots (a
+    session slot is taken only once the client is authenticated)."""
 
     def __init__(self, settings, clock=time.monotonic):
         s = settings
         self.by_ip = KeyedLimit("IP address", s.max_sessions_per_ip, s.session_starts_per_minute_per_ip, clock)
         self.by_user = KeyedLimit("user", s.max_sessions_per_user, s.session_starts_per_minute_per_user, clock)
+        self.pending = KeyedLimit("IP address", s.max_pending_per_ip, 0, clock)
+        self.max_pending_total = s.max_pending_connections
+        self.pending_total = 0
+
+    def acquire_pending(self, ip: str) -> None:
+        """Count a connection that has not started a session yet, or raise ProtocolError."""
+        if self.max_pending_total and self.pending_total >= self.max_pending_total:
+            raise ProtocolError(ErrorCode.SERVER_BUSY, "too many connections are waiting to start; retry shortly")
+        try:
+            self.pending.acquire(ip)
+        except ProtocolError as e:
+            raise ProtocolError(e.code, f"at most {self.pending.max_active} connections waiting to start "
+                                        "per IP address; start or close one first") from None
+        self.pending_total += 1
+
+    def release_pending(self, ip: str) -> None:
+        self.pending.release(ip)
+        self.pending_total = max(0, self.pending_total - 1)
 
 
 class MessageRate:
@@ -132,3 +156,73 @@ class MessageRate:
     def refusal(self) -> ProtocolError:
         return ProtocolError(ErrorCode.MESSAGE_RATE_EXCEEDED,
                              f"more than {self.per_sec} messages a second; {self.dropped} dropped so far")
+
+
+class AudioBudget:
+    """Seconds of caller audio one connection may send: real time, plus a burst of `burst_secs`.
+
+    The message rate counts messages, not their length: 150 messages of 64 KiB a second are 300
+    seconds of audio a second, which the VAD, the STT (billed per audio second) and Whisper's
+    re-transcribed partials would all have to take. A token bucket in audio seconds refills at
+    `RATE` (5% over real time, so a sound card whose clock runs a little fast never runs dry over an
+    hour); audio over it is dropped before any decoding and the caller is told at most once a
+    second. An honest client (a browser, a phone line) sends in real time and never notices; a
+    network stall that delivers its backlog at once fits in the burst. `burst_secs` 0 turns the
+    budget off.
+    """
+
+    RATE = 1.05  # audio seconds per wall-clock second
+
+    def __init__(self, burst_secs: float, clock=time.monotonic):
+        self.burst = burst_secs
+        self._tokens = burst_secs
+        self._clock = clock
+        self._last = clock()
+        self._told = float("-inf")
+        self.dropped_secs = 0.0
+
+    def take(self, seconds: float) -> bool:
+        if not self.burst:
+            return True
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.RATE)
+        self._last = now
+        if seconds <= self._tokens:
+            self._tokens -= seconds
+            return True
+        self.dropped_secs += seconds
+        return False
+
+    def should_tell(self) -> bool:
+        now = self._clock()
+        if now - self._told >= 1.0:
+            self._told = now
+            return True
+        return False
+
+    def refusal(self) -> ProtocolError:
+        return ProtocolError(ErrorCode.AUDIO_RATE_EXCEEDED,
+                             f"audio is accepted at real time (bursts up to {self.burst:g} s); "
+                             f"{self.dropped_secs:.1f} s of audio dropped so far")
+
+
+class FailureThrottle:
+    """Wrong credentials per IP address: at most `per_minute` in any 60 s (a moving window, the `limits`
+    library in memory); past that the address is refused outright until the window has room again, so
+    a token cannot be guessed by brute force. Used by the admin API and /metrics."""
+
+    def __init__(self, per_minute: int):
+        from limits import RateLimitItemPerMinute, storage, strategies
+
+        self._item = RateLimitItemPerMinute(per_minute)
+        self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+    def blocked(self, ip: str) -> float:
+        """Seconds until `ip` may try again (0: it may try now)."""
+        if self._limiter.test(self._item, "auth-failures", ip):
+            return 0.0
+        reset = self._limiter.get_window_stats(self._item, "auth-failures", ip).reset_time
+        return max(1.0, reset - time.time())
+
+    def failed(self, ip: str) -> None:
+        self._limiter.hit(self._item, "auth-failures", ip)

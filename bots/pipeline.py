@@ -13,6 +13,7 @@ every build.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -50,6 +51,7 @@ from services.local.engines import (
 )
 from storage import make_recorder
 from storage.outbox import Recorder
+from transports.protocol import RECEIVED_AT
 
 CLIENT_SAMPLE_RATE = 16000
 
@@ -71,7 +73,8 @@ class Runtime:
     sessions: int = 0  # admitted sessions, every door (the ATLAS_MAX_SESSIONS cap)
     tasks: set = field(default_factory=set)  # background sessions (Daily bots)
     live: dict = field(default_factory=dict)  # running VoiceSessions by id, every door (drained on shutdown)
-    limits: AbuseLimits | None = None  # per-IP / per-user limits on /ws
+    limits: AbuseLimits | None = None  # per-IP / per-user / pending-connection limits, every door
+    twilio_tokens: object | None = None  # bots.twilio_bot.StreamTokens, made on first use
     shutting_down: bool = False
     _http: object | None = None
 
@@ -101,12 +104,23 @@ class Runtime:
         voice = getattr(self.engines, "piper_voice", None)
         return voice.config.sample_rate if voice is not None else 22050
 
+    def can_admit(self) -> bool:
+        """Whether a new session would be admitted now (at ATLAS_MAX_SESSIONS, shutting down, or the
+        outbox over its disk cap: no)."""
+        if self.shutting_down or self.sessions >= self.settings.max_sessions:
+            return False
+        return not self.recorder.full
+
     def admit(self) -> bool:
-        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS or shutting down."""
+        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS, shutting down, or
+        its outbox is over ATLAS_OUTBOX_MAX_MB (sessions wait until the store takes the backlog)."""
         if self.shutting_down:
             return False
         if self.sessions >= self.settings.max_sessions:
             logger.warning(f"session refused: at the limit of {self.settings.max_sessions} sessions")
+            return False
+        if self.recorder.full:
+            logger.warning("session refused: the outbox is over ATLAS_OUTBOX_MAX_MB until the store catches up")
             return False
         self.sessions += 1
         return True
@@ -139,7 +153,7 @@ class Runtime:
             self.auth = TokenVerifier.from_settings(s)
             logger.info(f"providers: stt={s.resolved_stt} llm={s.resolved_llm} tts={s.resolved_tts}")
             self.engines = await asyncio.to_thread(
-                LocalEngines.load, stt=s.resolved_stt == "whisper", smart_turn=s.smart_turn
+                LocalEngines.load, stt=s.resolved_stt == "whisper", smart_turn=s.smart_turn, cache_dir=s.cache_dir
             )
             local_llm = s.resolved_llm != "anthropic" or s.llm_fallback == "local"
             if s.llm_url and local_llm:
@@ -196,15 +210,34 @@ class Runtime:
 
 
 class UserAggregator(LLMUserAggregator):
-    """Pipecat's user aggregator, except that the caller's audio stops here.
+    """Pipecat's user aggregator, except that the caller's audio stops here, and a session that has
+    fallen too far behind its caller is reported.
 
     Pipecat's aggregator runs the VAD and turn analyzer on the caller's audio, then pushes every
     `InputAudioRawFrame` on down the pipeline: context window, LLM, first clause, TTS, sentence
     marker, output transport and assistant aggregator each take 50 frames a second per session that
     none of them uses (a queue hop and a task wake-up each). Past this point nothing needs them.
-    Adds no state, so `LLMContextAggregatorPair` builds it as Pipecat's and `build_pipeline` only
-    changes its class.
+
+    Pipecat's queues in front of this point (the input transport's, the STT's) are unbounded: when the
+    process cannot keep up, a session's audio waits there and the caller hears replies later and
+    later. Each caller frame carries the time it arrived (transports.protocol.RECEIVED_AT); once one
+    reaches here more than `max_lag_secs` late, `on_backlog(lag)` is called (once), and the session
+    ends (AUDIO_BACKLOG), which bounds what any one session can queue.
+
+    `LLMContextAggregatorPair` builds it as Pipecat's and `build_pipeline` changes its class, then
+    sets `on_backlog` and `max_lag_secs`.
     """
+
+    on_backlog = None
+    max_lag_secs = 0.0
+
+    async def process_frame(self, frame, direction: FrameDirection):
+        if self.on_backlog is not None and isinstance(frame, InputAudioRawFrame):
+            received = frame.metadata.get(RECEIVED_AT)
+            if received is not None and time.monotonic() - received > self.max_lag_secs:
+                callback, self.on_backlog = self.on_backlog, None
+                callback(time.monotonic() - received)
+        await super().process_frame(frame, direction)
 
     async def push_frame(self, frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
         if direction == FrameDirection.DOWNSTREAM and isinstance(frame, InputAudioRawFrame):
@@ -220,7 +253,9 @@ class BuiltPipeline:
     context_window: ContextWindow
 
 
-def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
+def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipeline:
+    """The pipeline for one session on `transport`; `on_backlog(lag_secs)` is called once if the session
+    falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio."""
     s = runtime.settings
     engines = runtime.engines
     assert engines is not None, "engines are not loaded"
@@ -231,6 +266,9 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
         engines.silero_session,
         params=VADParams(stop_secs=s.vad_stop_secs, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume),
         gate_dbfs=s.vad_gate_dbfs,
+        max_speech_secs=s.max_user_turn_secs,
+        # long enough for the turn strategy to end the turn on the forced stop
+        hold_secs=(s.smart_turn_stop_secs if s.smart_turn else s.user_speech_timeout_secs) + 0.5,
     )
     if s.smart_turn and engines.smart_turn_session is not None:
         stop = [
@@ -248,7 +286,9 @@ def build_pipeline(runtime: Runtime, transport) -> BuiltPipeline:
         context,
         user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=stop)),
     )
-    aggregators.user().__class__ = UserAggregator
+    user = aggregators.user()
+    user.__class__ = UserAggregator
+    user.on_backlog, user.max_lag_secs = on_backlog, s.max_audio_lag_secs
     window = ContextWindow(max_messages=s.context_messages)
     # Each reply's first clause goes to TTS on its own; the TTS aggregates the rest by sentence.
     first_clause = [FirstClauseTextProcessor(min_words=s.first_clause_words)] if s.first_clause_words else []

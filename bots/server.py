@@ -3,7 +3,10 @@ the voice doors: `/ws` (browsers, the Atlas protocol), `/twilio/voice` + `/twili
 `/daily/start` (a Daily room with the bot in it).
 
 Engines load in the background after the server starts listening, so `/healthz` can say
-"loading" (503) and then "ok" (200) rather than the port being closed for a minute.
+"loading" (503) and then "ok" (200) rather than the port being closed for a minute. `/healthz` names
+no internals (a load failure is in the log, not the answer). FastAPI's `/docs` and `/openapi.json`
+are off: the voice port serves only what clients need. `/metrics` needs ATLAS_METRICS_TOKEN (or
+ATLAS_ADMIN_TOKEN) as a Bearer token, or, with neither set, a client on a loopback address.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from bots.admin import admin_router
+from bots.admin import admin_router, check_token, client_ip
 from bots.daily_bot import daily_start
+from bots.limits import FailureThrottle
 from bots.pipeline import Runtime
 from bots.twilio_bot import serve_twilio, twilio_voice
 from bots.websocket_bot import serve_websocket
-from config.settings import Settings, get_settings
+from config.logging import configure_logging
+from config.settings import Settings, get_settings, is_loopback, secret
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings.log_level)
     runtime = Runtime(settings=settings)
+    throttle = FailureThrottle(settings.admin_failures_per_minute)  # wrong admin/metrics tokens per IP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             task.cancel()
             await runtime.close()
 
-    app = FastAPI(title="Atlas Voice", lifespan=lifespan)
+    app = FastAPI(title="Atlas Voice", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
 
     @app.get("/healthz")
@@ -51,12 +58,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if runtime.ready.is_set():
             return {"status": "ok", "stt": settings.resolved_stt, "llm": settings.resolved_llm,
                     "tts": settings.resolved_tts}
-        if runtime.load_error:
-            return JSONResponse({"status": "error", "error": runtime.load_error}, status_code=503)
+        if runtime.load_error:  # the cause is in the log; the answer names no internals
+            return JSONResponse({"status": "error"}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        expected = secret(settings.metrics_token or settings.admin_token).strip()
+        if expected:
+            refused = check_token(request, expected, throttle, "METRICS_AUTH_FAILED",
+                                  "'Authorization: Bearer <ATLAS_METRICS_TOKEN>'")
+            if refused is not None:
+                return refused
+        elif not is_loopback(client_ip(request)):
+            return JSONResponse({"type": "error", "code": "METRICS_DISABLED", "message": "set ATLAS_METRICS_TOKEN "
+                                 "to scrape /metrics from another host"}, status_code=404)
         body, content_type = runtime.monitor.render()
         return Response(body, media_type=content_type)
 
@@ -65,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(WEB_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-    app.include_router(admin_router(lambda: runtime.recorder.sink, settings))
+    app.include_router(admin_router(lambda: runtime.recorder.sink, settings, throttle))
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
@@ -106,8 +122,15 @@ class AtlasServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
+def ws_max_size(settings: Settings) -> int:
+    """The largest WebSocket message uvicorn reads at all (close 1009 beyond): the documented frame
+    limits are checked per message, with room for a client that overshoots them a little."""
+    return max(64 * 1024, 2 * max(settings.max_audio_frame_bytes, settings.max_text_message_bytes))
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
+    settings.check_exposure(host)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=1 << 20,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=ws_max_size(settings),
                             timeout_graceful_shutdown=1)
     AtlasServer(config, app.state.runtime).run()

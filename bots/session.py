@@ -11,6 +11,8 @@ observers, and what happens when the pipeline starts.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,15 +47,42 @@ async def close_quietly(websocket, code: int) -> None:
             pass
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+FIELD_LIMITS = {"user_id": 64, "client_user_id": 256, "conversation_id": 256, "user_agent": 512, "ip_address": 64}
+
+
+def clean_text(value, limit: int) -> str | None:
+    """A stored text field from the edge: a string without control characters, at most `limit` long,
+    else None. Whatever a client or Twilio sends, the row built from it can be stored."""
+    if not isinstance(value, str):
+        return None
+    value = _CONTROL.sub("", value)[:limit].strip()
+    return value or None
+
+
 @dataclass
 class Caller:
-    """Who is on the other end, as far as the door knows."""
+    """Who is on the other end, as far as the door knows. Every field is cleaned on construction
+    (`clean_text`): a door may pass what a client sent, of any JSON type."""
 
     user_id: str | None = None  # verified (an auth.users id), else None
     client_user_id: str | None = None  # what the client says, unverified
     conversation_id: str | None = None
     user_agent: str | None = None
     ip_address: str | None = None
+
+    def __post_init__(self):
+        for name, limit in FIELD_LIMITS.items():
+            setattr(self, name, clean_text(getattr(self, name), limit))
+        # Typed columns in Postgres: `ip_address inet`, `user_id uuid`.
+        try:
+            self.ip_address = str(ipaddress.ip_address(self.ip_address)) if self.ip_address else None
+        except ValueError:
+            self.ip_address = None
+        try:
+            self.user_id = str(uuid.UUID(self.user_id)) if self.user_id else None
+        except ValueError:
+            self.user_id = None
 
 
 @dataclass
@@ -71,6 +100,7 @@ class VoiceSession:
     info: SessionInfo = field(init=False)
     _final: dict | None = field(default=None, init=False)
     pipeline_started: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _side_tasks: set = field(default_factory=set, init=False)
 
     def __post_init__(self):
         self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
@@ -82,6 +112,10 @@ class VoiceSession:
         )
 
     # --- telemetry ---------------------------------------------------------------------------
+
+    def describe_user(self) -> str:
+        """Who the session belongs to, for the log (doors whose ids are personal data override it)."""
+        return str(self.caller.user_id or self.caller.client_user_id)
 
     def touch_audio(self, _n: int = 0) -> None:
         self.last_audio_at = time.monotonic()
@@ -142,6 +176,15 @@ class VoiceSession:
             await self.notify_limit(*limit)
         await self.worker.cancel(reason=reason)
 
+    def on_backlog(self, lag_secs: float) -> None:
+        """The pipeline fell `lag_secs` behind the caller's audio (called from inside it): end the session."""
+        logger.warning(f"session {self.session_id}: {lag_secs:.1f} s behind its caller's audio; ending it")
+        limit = self.runtime.settings.max_audio_lag_secs
+        task = asyncio.get_running_loop().create_task(self.stop("audio_backlog", (
+            ErrorCode.AUDIO_BACKLOG, f"the server fell more than {limit:g} s behind your audio; the session ended")))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
     async def _watchdog(self) -> None:
         s = self.runtime.settings
         while True:
@@ -158,7 +201,7 @@ class VoiceSession:
 
     def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
         rt = self.runtime
-        built = build_pipeline(rt, transport)
+        built = build_pipeline(rt, transport, on_backlog=self.on_backlog)
         self.worker = PipelineWorker(
             built.pipeline,
             params=PipelineParams(
@@ -193,8 +236,7 @@ class VoiceSession:
         await runner.add_workers(self.worker)
         rt.recorder.submit(SESSIONS, INSERT, [self.info.start_row()])
         rt.monitor.session_started(self.transport_name)
-        logger.info(f"{self.transport_name} session {self.session_id} started "
-                    f"(user {self.caller.user_id or self.caller.client_user_id})")
+        logger.info(f"{self.transport_name} session {self.session_id} started (user {self.describe_user()})")
         watchdog = asyncio.create_task(self._watchdog())
         rt.live[self.session_id] = self  # Runtime.drain ends it on SIGTERM
         try:

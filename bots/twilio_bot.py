@@ -1,33 +1,53 @@
 """The phone door: Twilio Programmable Voice answers with TwiML that connects the call's audio to
 `/twilio/ws` as a bidirectional Media Stream; the shared pipeline then talks on it.
 
-- `POST /twilio/voice` (the number's voice webhook): checks `X-Twilio-Signature` with the twilio
-  library when TWILIO_AUTH_TOKEN is set (403 when wrong), then answers
-  `<Connect><Stream url="wss://PUBLIC_HOST/twilio/ws">` with the caller's identity as Stream
-  parameters. When the server is full (ATLAS_MAX_SESSIONS) or still loading, the TwiML says sorry
-  and hangs up instead.
-- `/twilio/ws`: Twilio's `connected` and `start` messages, then Pipecat's TwilioFrameSerializer
-  (mu-law 8 kHz both ways, `clear` on interruption, hang-up through Twilio's REST API at
-  TWILIO_API_BASE_URL when the bot ends the call). Our subclass adds what the stock serializer
-  lacks: a `mark` after each reply (Twilio echoes it once the caller has heard the reply, logged
-  with the delay), the caller's `stop` ending the session cleanly without a hang-up request for a
-  call that is already over, and malformed messages dropped and counted instead of raising.
+Only streams that Twilio started, for a call Twilio announced through the signed webhook, get a session:
+
+- The door is off (404) until TWILIO_AUTH_TOKEN (and TWILIO_ACCOUNT_SID) are set, unless
+  ATLAS_TWILIO_ALLOW_UNSIGNED=true opens it without any check, for a local simulator only.
+- `POST /twilio/voice` (the number's voice webhook) must carry a valid `X-Twilio-Signature` (403
+  otherwise) and a well-formed CallSid. It answers `<Connect><Stream url="wss://PUBLIC_HOST/twilio/ws">`
+  with the caller's number and a stream token as `<Parameter>`s (Twilio allows no query string in a
+  stream URL). The token is a JWT signed with a key derived from TWILIO_AUTH_TOKEN, bound to the
+  CallSid, valid ATLAS_TWILIO_STREAM_TOKEN_SECS and good for one stream. When the server is full,
+  loading or stopping, the TwiML says sorry and hangs up instead.
+- `/twilio/ws`: the upgrade request must carry Twilio's `X-Twilio-Signature` for the stream URL
+  (refused with HTTP 403 before the socket opens). Until Twilio's `start` arrives the connection holds
+  no session slot, only one of the ATLAS_MAX_PENDING_* places. `start` must have well-formed SIDs, the
+  configured account, and a stream token that has not been used, for the same CallSid; otherwise the
+  socket closes (1008) and `TWILIO_STREAM_REFUSED` is counted. Then the session is admitted
+  (ATLAS_MAX_SESSIONS, and the per-user limits keyed by the caller's number).
+- In the session: `AtlasTwilioSerializer` reads Twilio's messages itself (size, message rate and audio
+  budget first; malformed ones dropped and counted, never logged whole) and writes through Pipecat's
+  TwilioFrameSerializer (mu-law 8 kHz, `clear` on interruption). A `mark` follows each reply (Twilio
+  echoes it once the caller has heard it). The bot hangs up through Twilio's REST API (at
+  TWILIO_API_BASE_URL) only for a call the signed webhook announced, with SIDs checked by shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
+import hashlib
+import hmac
 import json
+import re
 import time
+import uuid
+from urllib.parse import parse_qsl
 
+import jwt
 from fastapi import Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
+from pipecat.audio.utils import ulaw_to_pcm
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     InputAudioRawFrame,
+    InputDTMFFrame,
     OutputTransportMessageUrgentFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
@@ -37,19 +57,49 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketTransport,
 )
 
+from bots.limits import AudioBudget, MessageRate
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
-from bots.session import Caller, VoiceSession, close_quietly
-from config.settings import secret
-from transports.protocol import AudioBatcher, ErrorCode
+from bots.session import Caller, VoiceSession, clean_text, close_quietly
+from config.settings import Settings, secret
+from transports.protocol import AudioBatcher, ErrorCode, ProtocolError, stamped, text_too_large
 
 PHONE_RATE = 8000  # Twilio Media Streams: 8 kHz mu-law both ways
 
 BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes. Goodbye."
 NOT_READY_MESSAGE = "Sorry, the assistant is starting up. Please call again in a minute. Goodbye."
 
+# Twilio SIDs: a two-letter prefix and 32 hex digits (https://www.twilio.com/docs/glossary/what-is-a-sid).
+_SID = {prefix: re.compile(rf"{prefix}[0-9a-fA-F]{{32}}") for prefix in ("AC", "CA", "MZ")}
+TOKEN_PARAMETER = "atlasToken"
+TOKEN_AUDIENCE = "atlas:twilio-stream"
+MAX_PARAMETER_CHARS = 500  # Twilio's limit on a <Parameter>'s name and value together
+MAX_FORM_BYTES = 64 * 1024  # a voice webhook's form is well under 4 KiB
+MAX_MESSAGES_BEFORE_START = 4  # Twilio sends `connected`, then `start`
 
-def _twiml(body: str) -> Response:
-    return Response(f'<?xml version="1.0" encoding="UTF-8"?>\n{body}', media_type="application/xml")
+
+def is_sid(prefix: str, value) -> bool:
+    return isinstance(value, str) and _SID[prefix].fullmatch(value) is not None
+
+
+def masked(number: str | None) -> str:
+    """A phone number for the log: the last four digits only."""
+    if not number:
+        return "unknown"
+    return "*" * max(0, min(len(number) - 4, 8)) + number[-4:]
+
+
+def door_open(s: Settings) -> bool:
+    return bool(s.twilio_auth_token) or s.twilio_allow_unsigned
+
+
+def _disabled() -> JSONResponse:
+    return JSONResponse({"type": "error", "code": "TWILIO_DISABLED",
+                         "message": "the phone door is off until TWILIO_AUTH_TOKEN is set"}, status_code=404)
+
+
+def _twiml(twiml: str) -> Response:
+    # str(VoiceResponse()) already starts with the XML declaration: a second one is malformed XML.
+    return Response(twiml, media_type="application/xml")
 
 
 def sorry_twiml(message: str) -> str:
@@ -69,9 +119,78 @@ def public_url(request: Request, public_host: str | None) -> str:
     return str(request.url)
 
 
+def stream_url(s: Settings, host: str) -> str:
+    """The Media Stream URL the TwiML names; Twilio signs the stream's upgrade request for exactly this."""
+    return f"wss://{s.public_host or host}/twilio/ws"
+
+
+class StreamTokens:
+    """Single-use tokens that tie a media stream to a call the signed webhook announced.
+
+    A JWT (PyJWT, HS256) whose key is derived from TWILIO_AUTH_TOKEN (so it changes when the token is
+    rotated, and never is the token itself), with the CallSid as `sub`, the caller's number, a `jti`
+    and a short `exp`. Used `jti`s are remembered until they expire, so a token opens one stream.
+    """
+
+    def __init__(self, auth_token: str, ttl_secs: float):
+        self._key = hmac.new(auth_token.encode(), b"atlas twilio stream token v1", hashlib.sha256).digest()
+        self._ttl = ttl_secs
+        self._used: dict[str, float] = {}
+
+    def issue(self, call_sid: str, caller: str | None) -> str:
+        now = time.time()
+        claims = {"sub": call_sid, "aud": TOKEN_AUDIENCE, "iat": int(now), "exp": int(now + self._ttl) + 1,
+                  "jti": uuid.uuid4().hex, "from": caller or ""}
+        return jwt.encode(claims, self._key, algorithm="HS256")
+
+    def redeem(self, token, call_sid: str) -> dict:
+        """The token's claims if it is valid, unused and for `call_sid`; else ProtocolError."""
+        if not isinstance(token, str) or len(token) > MAX_PARAMETER_CHARS:
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "no stream token")
+        try:
+            claims = jwt.decode(token, self._key, algorithms=["HS256"], audience=TOKEN_AUDIENCE,
+                                options={"require": ["exp", "sub", "jti"]})
+        except jwt.InvalidTokenError as e:
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, f"bad stream token ({type(e).__name__})") from None
+        if claims["sub"] != call_sid:
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "the stream token is for another call")
+        now = time.time()
+        for jti in [j for j, exp in self._used.items() if exp < now]:
+            del self._used[jti]
+        if claims["jti"] in self._used:
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "the stream token was used already")
+        self._used[claims["jti"]] = float(claims["exp"])
+        return claims
+
+
+def stream_tokens(runtime: Runtime) -> StreamTokens | None:
+    """The process's token issuer, made on first use; None when the door runs unsigned."""
+    s = runtime.settings
+    if not s.twilio_auth_token:
+        return None
+    if runtime.twilio_tokens is None:
+        runtime.twilio_tokens = StreamTokens(secret(s.twilio_auth_token), s.twilio_stream_token_secs)
+    return runtime.twilio_tokens
+
+
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """The webhook's urlencoded form, or None when it is larger than any Twilio webhook."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
 async def twilio_voice(request: Request, runtime: Runtime) -> Response:
     s = runtime.settings
-    form = dict(await request.form())
+    if not door_open(s):
+        return _disabled()
+    form = await _read_form(request)
+    if form is None:
+        return JSONResponse({"type": "error", "code": "FRAME_TOO_LARGE", "message": "request too large"},
+                            status_code=413)
     token = secret(s.twilio_auth_token)
     if token:
         from twilio.request_validator import RequestValidator
@@ -79,80 +198,139 @@ async def twilio_voice(request: Request, runtime: Runtime) -> Response:
         signature = request.headers.get("x-twilio-signature", "")
         if not RequestValidator(token).validate(public_url(request, s.public_host), form, signature):
             logger.warning("POST /twilio/voice refused: bad X-Twilio-Signature")
-            runtime.monitor.error("TWILIO_SIGNATURE_INVALID")
+            runtime.monitor.error(str(ErrorCode.TWILIO_SIGNATURE_INVALID))
             return Response("invalid Twilio signature", status_code=403)
+    call_sid = form.get("CallSid")
+    if not is_sid("CA", call_sid):
+        runtime.monitor.error(str(ErrorCode.INVALID_FIELD))
+        return JSONResponse({"type": "error", "code": "INVALID_FIELD", "message": "CallSid is missing or malformed"},
+                            status_code=400)
     if not runtime.ready.is_set():
         return _twiml(sorry_twiml(NOT_READY_MESSAGE))
     if runtime.shutting_down:
         return _twiml(sorry_twiml(BUSY_MESSAGE))
-    if runtime.sessions >= s.max_sessions:
-        logger.warning(f"call {form.get('CallSid')} refused: at the limit of {s.max_sessions} sessions")
+    if not runtime.can_admit():
+        logger.warning(f"call {call_sid} refused: at the limit of {s.max_sessions} sessions")
         runtime.monitor.error(str(ErrorCode.SERVER_BUSY))
         return _twiml(sorry_twiml(BUSY_MESSAGE))
 
     from twilio.twiml.voice_response import Connect, VoiceResponse
 
-    host = s.public_host or request.headers.get("host", "localhost")
+    caller = clean_text(form.get("From"), 64)
     response = VoiceResponse()
     connect = Connect()
-    stream = connect.stream(url=f"wss://{host}/twilio/ws")
-    for name, key in (("from", "From"), ("to", "To"), ("callSid", "CallSid")):
-        if form.get(key):
-            stream.parameter(name=name, value=form[key])
+    stream = connect.stream(url=stream_url(s, request.headers.get("host", "localhost")))
+    for name, value in (("from", caller), ("to", clean_text(form.get("To"), 64)), ("callSid", call_sid)):
+        if value:
+            stream.parameter(name=name, value=value)
+    tokens = stream_tokens(runtime)
+    if tokens is not None:
+        stream.parameter(name=TOKEN_PARAMETER, value=tokens.issue(call_sid, caller))
     response.append(connect)
     return _twiml(str(response))
 
 
 class AtlasTwilioSerializer(TwilioFrameSerializer):
-    """Pipecat's Twilio serializer, plus: audio and `stop` reported to the session, bad input dropped."""
+    """Pipecat's Twilio serializer for what the bot sends; what Twilio sends is read here.
 
-    def __init__(self, *args, on_audio=None, on_stop=None, on_bad_message=None, on_mark=None,
-                 audio_batch_ms: int = 40, **kwargs):
+    Pipecat's `deserialize` parses whatever arrives (any size, any rate; a malformed message is logged
+    whole, so a flood of them floods the log) and decodes every media payload. Here each message is
+    checked before any work: its size (ATLAS_MAX_TEXT_MESSAGE_BYTES), the connection's message rate,
+    then, for media, the audio budget in seconds (real time plus a burst). Malformed messages are
+    dropped and counted (INVALID_MESSAGE), never logged with their content. Media is decoded with
+    Pipecat's own `ulaw_to_pcm`; `stop` ends the session without a REST hang-up (the call is over),
+    `mark` echoes are reported, `dtmf` becomes Pipecat's InputDTMFFrame.
+    """
+
+    def __init__(self, *args, on_audio=None, on_stop=None, on_error=None, on_mark=None,
+                 audio_batch_ms: int = 40, max_text_bytes: int = 8192, rate: MessageRate | None = None,
+                 budget: AudioBudget | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)  # after the 8 -> 16 kHz resampling
         # Pipecat's default (SoX "VHQ" stream) holds 8 -> 16 kHz input back ~100 ms and hands it on in bursts,
-        # so the VAD heard the end of speech late: the bench measured ~125 ms between the server's and the
-        # caller's voice-to-voice on this door. SoX's "quick" cubic filter keeps 1 sample; phone audio has
+        # so the VAD heard the end of speech late. SoX's "quick" cubic filter keeps 1 sample; phone audio has
         # nothing above 4 kHz for a steeper filter to protect.
-        self._input_resampler = SOXRStreamAudioResampler(quality="QQ")
+        self._in_resampler = SOXRStreamAudioResampler(quality="QQ")
+        self._in_rate = CLIENT_SAMPLE_RATE
+        self._max_text = max_text_bytes
+        self._rate = rate
+        self._budget = budget
         self._on_mark = on_mark
         self._on_audio = on_audio
         self._on_stop = on_stop
-        self._on_bad_message = on_bad_message
+        self._on_error = on_error
+        self.caller_hung_up = False
+        self.dropped: dict[str, int] = {}
+
+    async def setup(self, setup):
+        await super().setup(setup)
+        self._in_rate = setup.audio_in_sample_rate
+
+    def _drop(self, code: ErrorCode, tell: bool = True) -> None:
+        self.dropped[str(code)] = self.dropped.get(str(code), 0) + 1
+        if tell and self._on_error:
+            self._on_error(str(code))
 
     async def deserialize(self, data: str | bytes):
-        try:
-            frame = await super().deserialize(data)
-        except (binascii.Error, ValueError, TypeError, AttributeError) as e:
-            self._bad(f"{type(e).__name__}: {e}")
+        if not isinstance(data, str) or text_too_large(data, self._max_text):
+            self._drop(ErrorCode.FRAME_TOO_LARGE if isinstance(data, str) else ErrorCode.INVALID_MESSAGE)
             return None
-        if isinstance(frame, InputAudioRawFrame):
-            if self._on_audio:
-                self._on_audio()
-            audio = self._batch.add(frame.audio)
-            if audio is None:
-                return None
-            frame.audio = audio
-            return frame
-        if frame is None:  # not media: look for the caller hanging up (parsed again only here)
+        if self._rate is not None and not self._rate.allow():
+            self._drop(ErrorCode.MESSAGE_RATE_EXCEEDED, self._rate.should_tell())
+            return None
+        try:
+            message = json.loads(data)
+        except (ValueError, RecursionError):
+            message = None
+        event = message.get("event") if isinstance(message, dict) else None
+        if event == "media":
+            return await self._media(message.get("media"))
+        if event == "stop":
+            # The call is over: no REST hang-up (Pipecat's serializer would otherwise try one at the end).
+            self.caller_hung_up = True
+            self._hangup_attempted = True
+            if self._on_stop:
+                await self._on_stop()
+            return None
+        if event == "mark":
+            mark = message.get("mark")
+            name = mark.get("name") if isinstance(mark, dict) else None
+            if isinstance(name, str) and len(name) <= 64 and self._on_mark:
+                self._on_mark(name)
+            return None
+        if event == "dtmf":
+            dtmf = message.get("dtmf")
+            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
             try:
-                message = json.loads(data)
-            except (ValueError, TypeError):
-                self._bad("not JSON")
+                return InputDTMFFrame(KeypadEntry(digit))
+            except ValueError:
+                self._drop(ErrorCode.INVALID_MESSAGE)
                 return None
-            event = message.get("event") if isinstance(message, dict) else None
-            if event == "stop":
-                self._hangup_attempted = True  # the call is already over: no REST hang-up
-                if self._on_stop:
-                    await self._on_stop()
-            elif event == "mark" and self._on_mark:
-                self._on_mark(str((message.get("mark") or {}).get("name")))
-        return frame
+        if isinstance(event, str) and event in ("connected", "start"):
+            return None
+        self._drop(ErrorCode.INVALID_MESSAGE)
+        return None
 
-    def _bad(self, what: str) -> None:
-        logger.debug(f"twilio: malformed media stream message dropped ({what})")
-        if self._on_bad_message:
-            self._on_bad_message()
+    async def _media(self, media) -> InputAudioRawFrame | None:
+        payload = media.get("payload") if isinstance(media, dict) else None
+        if not isinstance(payload, str) or not payload:
+            self._drop(ErrorCode.INVALID_MESSAGE)
+            return None
+        try:
+            ulaw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            self._drop(ErrorCode.INVALID_MESSAGE)
+            return None
+        if self._budget is not None and not self._budget.take(len(ulaw) / PHONE_RATE):
+            self._drop(ErrorCode.AUDIO_RATE_EXCEEDED, self._budget.should_tell())
+            return None
+        if self._on_audio:
+            self._on_audio()
+        pcm = await ulaw_to_pcm(ulaw, PHONE_RATE, self._in_rate, self._in_resampler)
+        audio = self._batch.add(pcm) if pcm else None
+        if audio is None:
+            return None
+        return stamped(InputAudioRawFrame(audio=audio, num_channels=1, sample_rate=self._in_rate))
 
 
 class ReplyMarks(BaseObserver):
@@ -160,7 +338,7 @@ class ReplyMarks(BaseObserver):
 
     FRAME_TYPES = (BotStoppedSpeakingFrame,)
 
-    def __init__(self, session: "TwilioSession"):
+    def __init__(self, session: TwilioSession):
         super().__init__(observe_every_push=False)
         self.session = session
         self.sent: dict[str, float] = {}
@@ -179,18 +357,49 @@ class ReplyMarks(BaseObserver):
                                               "mark": {"name": name}})
 
 
+class StreamStart:
+    """Twilio's `start` message, checked: well-formed SIDs, string parameters, and (signed door) a stream
+    token the webhook issued for this call. `verified` is True when the call came through the signed
+    webhook; only then may the bot hang it up."""
+
+    def __init__(self, start: dict, runtime: Runtime):
+        s = runtime.settings
+        self.stream_sid = start.get("streamSid")
+        self.call_sid = start.get("callSid")
+        account = start.get("accountSid")
+        params = start.get("customParameters")
+        if not is_sid("MZ", self.stream_sid) or not is_sid("CA", self.call_sid):
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "malformed streamSid or callSid")
+        if s.twilio_account_sid and account != s.twilio_account_sid:
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "a stream of another Twilio account")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict) or any(not isinstance(k, str) or not isinstance(v, str)
+                                               or len(k) + len(v) > MAX_PARAMETER_CHARS for k, v in params.items()):
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "malformed customParameters")
+        tokens = stream_tokens(runtime)
+        self.verified = tokens is not None
+        if tokens is not None:
+            claims = tokens.redeem(params.get(TOKEN_PARAMETER), self.call_sid)
+            self.caller = clean_text(claims.get("from"), 64)
+        else:  # the unsigned door (local testing): the parameters as sent
+            self.caller = clean_text(params.get("from"), 64)
+
+
 class TwilioSession(VoiceSession):
-    def __init__(self, runtime: Runtime, websocket: WebSocket, start: dict):
-        params = start.get("customParameters") or {}
+    def __init__(self, runtime: Runtime, websocket: WebSocket, start: StreamStart):
         super().__init__(runtime, Caller(
-            client_user_id=params.get("from"), conversation_id=start.get("callSid"), user_agent="twilio",
+            client_user_id=start.caller, conversation_id=start.call_sid, user_agent="twilio",
             ip_address=websocket.client.host if websocket.client else None,
         ), transport_name="twilio")
         self.websocket = websocket
-        self.stream_sid = start["streamSid"]
-        self.call_sid = start.get("callSid")
-        self.account_sid = start.get("accountSid")
+        self.stream_sid = start.stream_sid
+        self.call_sid = start.call_sid
+        self.verified = start.verified
         self.marks = ReplyMarks(self)
+
+    def describe_user(self) -> str:
+        return masked(self.caller.client_user_id)
 
     async def queue_message(self, message: dict) -> None:
         if self.worker is not None and not self.worker.has_finished():
@@ -198,20 +407,21 @@ class TwilioSession(VoiceSession):
 
     async def run(self) -> None:
         s = self.runtime.settings
-        account_sid = s.twilio_account_sid or self.account_sid
         token = secret(s.twilio_auth_token)
-        hang_up = bool(account_sid and token and self.call_sid)
+        # The REST hang-up goes only to a call the signed webhook announced, of the configured account.
+        hang_up = bool(self.verified and token and s.twilio_account_sid)
 
         async def on_stop():
             asyncio.get_running_loop().create_task(self.stop("caller_hangup"))
 
         serializer = AtlasTwilioSerializer(
-            self.stream_sid, call_sid=self.call_sid, account_sid=account_sid, auth_token=token or None,
+            self.stream_sid, call_sid=self.call_sid if hang_up else None,
+            account_sid=s.twilio_account_sid if hang_up else None, auth_token=token if hang_up else None,
             base_url=s.twilio_api_base_url,
             params=TwilioFrameSerializer.InputParams(auto_hang_up=hang_up),
-            on_audio=self.touch_audio, on_stop=on_stop, on_mark=self.marks.echoed,
-            on_bad_message=lambda: self.count_error(str(ErrorCode.INVALID_MESSAGE)),
-            audio_batch_ms=s.audio_in_batch_ms,
+            on_audio=self.touch_audio, on_stop=on_stop, on_mark=self.marks.echoed, on_error=self.count_error,
+            audio_batch_ms=s.audio_in_batch_ms, max_text_bytes=s.max_text_message_bytes,
+            rate=MessageRate(s.max_messages_per_sec), budget=AudioBudget(s.audio_burst_secs),
         )
         transport = FastAPIWebsocketTransport(
             self.websocket,
@@ -220,8 +430,7 @@ class TwilioSession(VoiceSession):
                                    serializer=serializer),
         )
         # Replies are made at the phone's 8 kHz (the cloud voice renders it; Piper is resampled once), so the
-        # serializer's stream resampler has nothing to do: the bench measured 22.05 kHz output adding ~300 ms
-        # to the first reply audio on this door.
+        # serializer's stream resampler has nothing to do.
         self.make_worker(transport, observers=[self.marks], out_rate=PHONE_RATE)
 
         @transport.event_handler("on_client_disconnected")
@@ -234,41 +443,96 @@ class TwilioSession(VoiceSession):
             await close_quietly(self.websocket, 1000)
 
 
-async def read_start(websocket: WebSocket, timeout: float) -> dict | None:
-    """Twilio's `connected` then `start` messages; the `start` object, or None if they do not come."""
+async def read_start(websocket: WebSocket, timeout: float, max_bytes: int) -> dict | None:
+    """Twilio's `connected` then `start` messages: the `start` object, or None if it does not come
+    (in time, within a few messages, each at most `max_bytes`)."""
     deadline = time.monotonic() + timeout
-    while True:
+    for _ in range(MAX_MESSAGES_BEFORE_START):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
         try:
             raw = await asyncio.wait_for(websocket.receive_text(), remaining)
+        except (TimeoutError, KeyError):
+            return None
+        if text_too_large(raw, max_bytes):
+            return None
+        try:
             message = json.loads(raw)
-        except (TimeoutError, ValueError, KeyError):
+        except (ValueError, RecursionError):
             return None
         if isinstance(message, dict) and message.get("event") == "start":
             start = message.get("start")
-            if isinstance(start, dict) and isinstance(start.get("streamSid") or message.get("streamSid"), str):
-                start.setdefault("streamSid", message.get("streamSid"))
-                return start
-            return None
+            if not isinstance(start, dict):
+                return None
+            start.setdefault("streamSid", message.get("streamSid"))
+            return start
+    return None
+
+
+def upgrade_signed(websocket: WebSocket, s: Settings) -> bool:
+    """Whether the upgrade request carries Twilio's signature for the stream URL the TwiML named."""
+    from twilio.request_validator import RequestValidator
+
+    url = stream_url(s, websocket.headers.get("host", "localhost"))
+    signature = websocket.headers.get("x-twilio-signature", "")
+    return bool(signature) and RequestValidator(secret(s.twilio_auth_token)).validate(url, {}, signature)
 
 
 async def serve_twilio(websocket: WebSocket, runtime: Runtime) -> None:
-    await websocket.accept()
-    admitted = False
+    s, limits = runtime.settings, runtime.limits
+    ip = websocket.client.host if websocket.client else "unknown"
+    # Refusals before the socket opens are an HTTP 403 to the upgrade (nothing to tell a stranger).
+    if not door_open(s):
+        await websocket.close(1008)
+        return
+    if s.twilio_auth_token and not upgrade_signed(websocket, s):
+        logger.warning(f"/twilio/ws refused: upgrade without a valid X-Twilio-Signature (from {ip})")
+        runtime.monitor.error(str(ErrorCode.TWILIO_SIGNATURE_INVALID))
+        await websocket.close(1008)
+        return
     try:
-        if not runtime.ready.is_set() or not runtime.admit():
-            runtime.monitor.error(str(ErrorCode.SERVER_BUSY if runtime.ready.is_set() else ErrorCode.SERVER_NOT_READY))
+        limits.acquire_pending(ip)
+    except ProtocolError as e:
+        runtime.monitor.error(str(e.code))
+        await websocket.close(1008)
+        return
+    pending, admitted, user = True, False, None
+    try:
+        await websocket.accept()
+        if not runtime.ready.is_set():
+            runtime.monitor.error(str(ErrorCode.SERVER_NOT_READY))
             await websocket.close(1013)
             return
-        admitted = True
-        start = await read_start(websocket, runtime.settings.session_start_timeout_secs)
-        if start is None:
+        raw = await read_start(websocket, s.session_start_timeout_secs, s.max_text_message_bytes)
+        if raw is None:
             logger.warning("twilio media stream without a valid `start` message; closed")
             runtime.monitor.error(str(ErrorCode.SESSION_START_TIMEOUT))
             await websocket.close(1008)
             return
+        try:
+            start = StreamStart(raw, runtime)
+        except ProtocolError as e:
+            logger.warning(f"twilio media stream refused: {e.message}")
+            runtime.monitor.error(str(e.code))
+            await websocket.close(1008)
+            return
+        limits.release_pending(ip)
+        pending = False
+        if not runtime.admit():
+            runtime.monitor.error(str(ErrorCode.SERVER_BUSY))
+            await websocket.close(1013)
+            return
+        admitted = True
+        key = f"phone:{start.caller or start.call_sid}"
+        try:
+            limits.by_user.acquire(key)
+        except ProtocolError as e:
+            logger.warning(f"call {start.call_sid} refused: {e.code} for caller {masked(start.caller)}")
+            runtime.monitor.error(str(e.code))
+            await websocket.close(1008)
+            return
+        user = key
         await TwilioSession(runtime, websocket, start).run()
     except WebSocketDisconnect:
         pass
@@ -276,5 +540,9 @@ async def serve_twilio(websocket: WebSocket, runtime: Runtime) -> None:
         logger.exception(f"twilio session failed: {e}")
         await close_quietly(websocket, 1011)
     finally:
+        if pending:
+            limits.release_pending(ip)
         if admitted:
             runtime.release()
+        if user is not None:
+            limits.by_user.release(user)

@@ -1,8 +1,11 @@
 """The browser/WebSocket door: handshake, one Pipecat pipeline per session, clean endings.
 
 Life of a connection:
-1. accept; wait (up to ATLAS_SESSION_START_TIMEOUT_SECS) for a valid `session_start`. Anything
-   else before it gets an `error` (NOT_STARTED, INVALID_JSON, ...) and the wait goes on.
+1. accept; the origin, per-IP and pending-connection limits; wait (up to
+   ATLAS_SESSION_START_TIMEOUT_SECS) for a valid `session_start`, its token checked when auth is on.
+   Anything else before it gets an `error` (NOT_STARTED, INVALID_JSON, ...) and the wait goes on.
+   Only then is a session slot taken (ATLAS_MAX_SESSIONS) and the per-user limits applied, so a
+   connection that never authenticates holds no slot.
 2. `session_started` with the audio format, `status: listening`; the pipeline runs.
 3. it ends on `session_stop`, on idle timeout, on max duration, on a pipeline failure, or when
    the client goes away. Whenever the client is still there it gets `session_end` with the metrics
@@ -23,7 +26,7 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from starlette.websockets import WebSocketState
 
 from bots.auth import AuthError
-from bots.limits import KeyedLimit, MessageRate
+from bots.limits import AudioBudget, KeyedLimit, MessageRate
 from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime
 from bots.session import Caller, VoiceSession, close_quietly
 from processors.client_events import ClientEventsObserver
@@ -99,7 +102,8 @@ async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | 
 class Session(VoiceSession):
     """One live conversation over one WebSocket (the Atlas protocol)."""
 
-    def __init__(self, runtime: Runtime, websocket: WebSocket, start: SessionStart, rate: MessageRate | None = None):
+    def __init__(self, runtime: Runtime, websocket: WebSocket, start: SessionStart, rate: MessageRate | None = None,
+                 budget: AudioBudget | None = None):
         ws = websocket
         super().__init__(runtime, Caller(
             user_id=start.verified_user_id, client_user_id=start.user_id, conversation_id=start.conversation_id,
@@ -108,6 +112,7 @@ class Session(VoiceSession):
         self.websocket = websocket
         self.start = start
         self.rate = rate  # the connection's message rate, carried on from the handshake
+        self.budget = budget  # the connection's audio budget (seconds of audio, real time + a burst)
 
     def session_end_message(self) -> dict:
         return {"type": "session_end", **self.final()}
@@ -138,6 +143,7 @@ class Session(VoiceSession):
 
         serializer = AtlasProtocolSerializer(
             rate=self.rate,
+            budget=self.budget,
             max_audio_bytes=s.max_audio_frame_bytes,
             max_text_bytes=s.max_text_message_bytes,
             on_session_stop=on_session_stop,
@@ -197,6 +203,9 @@ def _gate(websocket: WebSocket, runtime: Runtime) -> tuple[ErrorCode, str, int] 
         return ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY
     if not runtime.ready.is_set():
         return ErrorCode.SERVER_NOT_READY, "engines are still loading; retry in a few seconds", CLOSE_TRY_AGAIN
+    if not runtime.can_admit():  # full now: say so at once (the slot itself is taken after session_start)
+        return (ErrorCode.SERVER_BUSY, f"this server is at its limit of {s.max_sessions} sessions; retry later",
+                CLOSE_TRY_AGAIN)
     return None
 
 
@@ -220,7 +229,7 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
     await websocket.accept()
     s, limits = runtime.settings, runtime.limits
     ip = websocket.client.host if websocket.client else "unknown"
-    admitted = ip_held = False
+    admitted = ip_held = pending = False
     user = None
     try:
         refusal = _gate(websocket, runtime)
@@ -230,26 +239,36 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
         if not await _acquire(websocket, runtime, limits.by_ip, ip):
             return
         ip_held = True
+        try:
+            limits.acquire_pending(ip)
+            pending = True
+        except ProtocolError as e:
+            logger.warning(f"connection from {ip} refused: {e.code} (too many waiting to start)")
+            await _refuse(websocket, runtime, e.code, e.message,
+                          CLOSE_TRY_AGAIN if e.code == ErrorCode.SERVER_BUSY else CLOSE_POLICY)
+            return
+        rate = MessageRate(s.max_messages_per_sec)
+        start = await handshake(websocket, runtime, rate)
+        if start is None:
+            return
+        limits.release_pending(ip)
+        pending = False
+        if runtime.shutting_down:
+            await _refuse(websocket, runtime, ErrorCode.SERVER_SHUTTING_DOWN,
+                          SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY)
+            return
         if not runtime.admit():
             await _refuse(websocket, runtime, ErrorCode.SERVER_BUSY,
                           f"this server is at its limit of {s.max_sessions} sessions; retry later", CLOSE_TRY_AGAIN)
             return
         admitted = True
-        rate = MessageRate(s.max_messages_per_sec)
-        start = await handshake(websocket, runtime, rate)
-        if start is None:
-            return
-        if runtime.shutting_down:
-            await _refuse(websocket, runtime, ErrorCode.SERVER_SHUTTING_DOWN,
-                          SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY)
-            return
-        # Per user: the verified id when auth is on, else what the client says (limits honest clients
-        # only, as anything unverified can; the per-IP limits hold the rest).
-        key = start.verified_user_id or start.user_id
+        # Per user: the verified id when auth is on. Without auth the client's userId is only a claim,
+        # so it counts per address: nobody can use up another address's sessions by claiming its id.
+        key = start.verified_user_id or f"anon:{ip}:{start.user_id}"
         if not await _acquire(websocket, runtime, limits.by_user, key):
             return
         user = key
-        await Session(runtime, websocket, start, rate).run()
+        await Session(runtime, websocket, start, rate, AudioBudget(s.audio_burst_secs)).run()
     except WebSocketDisconnect:
         pass
     except Exception as e:  # never let one session take the server down
@@ -257,6 +276,8 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
         await _send_error(websocket, runtime, ErrorCode.INTERNAL_ERROR, "internal error; the session ended")
         await close_quietly(websocket, 1011)
     finally:
+        if pending:
+            limits.release_pending(ip)
         if admitted:
             runtime.release()
         if ip_held:

@@ -6,7 +6,9 @@ README's settings table lists each one with its default; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     # Comma-separated in the environment (NoDecode: pydantic-settings would otherwise demand JSON).
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                             validation_alias=_env("ATLAS_ALLOWED_ORIGINS"))
+    # Auth off (no SUPABASE_JWT_SECRET / SUPABASE_JWKS_URL) is allowed on a loopback address only, unless
+    # this says anonymous sessions from the network are intended.
+    allow_anonymous: bool = Field(False, validation_alias=_env("ATLAS_ALLOW_ANONYMOUS"))
 
     # --- engine choice ------------------------------------------------------------------------
     # "auto" picks the cloud provider whose key is set, else the local engine.
@@ -115,6 +120,10 @@ class Settings(BaseSettings):
     supabase_jwt_secret: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_JWT_SECRET"))
     supabase_jwks_url: str | None = Field(None, validation_alias=_env("SUPABASE_JWKS_URL"))
     jwt_audience: str = Field("authenticated", validation_alias=_env("ATLAS_JWT_AUDIENCE"))
+    # The `iss` a token must carry; unset = `<SUPABASE_URL>/auth/v1` when SUPABASE_URL is set (else unchecked).
+    jwt_issuer: str | None = Field(None, validation_alias=_env("ATLAS_JWT_ISSUER"))
+    # Supabase's anonymous sign-ins (`is_anonymous: true`) are refused unless this is on.
+    jwt_allow_anonymous_users: bool = Field(False, validation_alias=_env("ATLAS_JWT_ALLOW_ANONYMOUS_USERS"))
 
     # --- phone calls (Twilio) --------------------------------------------------------------------
     twilio_account_sid: str | None = Field(None, validation_alias=_env("TWILIO_ACCOUNT_SID"))
@@ -122,6 +131,10 @@ class Settings(BaseSettings):
     twilio_api_base_url: str = Field("https://api.twilio.com", validation_alias=_env("TWILIO_API_BASE_URL"))
     # The host name Twilio reaches this server at (TwiML stream URL, signature check behind a proxy).
     public_host: str | None = Field(None, validation_alias=_env("ATLAS_PUBLIC_HOST"))
+    # Without TWILIO_AUTH_TOKEN the phone door is off (404); this opens it unsigned, for a local simulator only.
+    twilio_allow_unsigned: bool = Field(False, validation_alias=_env("ATLAS_TWILIO_ALLOW_UNSIGNED"))
+    # How long the single-use stream token in the webhook's TwiML stays valid (Twilio connects within a second).
+    twilio_stream_token_secs: float = Field(60.0, gt=0, validation_alias=_env("ATLAS_TWILIO_STREAM_TOKEN_SECS"))
 
     # --- Daily rooms -------------------------------------------------------------------------------
     daily_api_key: SecretStr | None = Field(None, validation_alias=_env("DAILY_API_KEY"))
@@ -134,10 +147,17 @@ class Settings(BaseSettings):
     sqlite_path: Path | None = Field(None, validation_alias=_env("ATLAS_SQLITE_PATH"))
     outbox_path: Path | None = Field(None, validation_alias=_env("ATLAS_OUTBOX_PATH"))
     outbox_max_backoff_secs: float = Field(60.0, validation_alias=_env("ATLAS_OUTBOX_MAX_BACKOFF_SECS"))
+    # The outbox file's disk cap (storage/outbox.py: dead letters are pruned first, then new sessions wait).
+    outbox_max_mb: float = Field(256.0, gt=0, validation_alias=_env("ATLAS_OUTBOX_MAX_MB"))
+    dead_letter_retention_days: float = Field(30.0, gt=0, validation_alias=_env("ATLAS_DEAD_LETTER_RETENTION_DAYS"))
 
     # --- monitoring -------------------------------------------------------------------------------
     # Bearer token for /dashboard and /api/dashboard; unset = dashboard disabled (404)
     admin_token: SecretStr | None = Field(None, validation_alias=_env("ATLAS_ADMIN_TOKEN"))
+    # Wrong admin tokens one IP address may present in a minute before it gets 429 for the rest of it.
+    admin_failures_per_minute: int = Field(10, ge=1, validation_alias=_env("ATLAS_ADMIN_FAILURES_PER_MINUTE"))
+    # Bearer token for /metrics; unset = ATLAS_ADMIN_TOKEN, and with neither /metrics answers loopback only.
+    metrics_token: SecretStr | None = Field(None, validation_alias=_env("ATLAS_METRICS_TOKEN"))
     alert_p95_ms: float = Field(5000.0, validation_alias=_env("ATLAS_ALERT_P95_MS"))
     alert_error_rate: float = Field(0.05, validation_alias=_env("ATLAS_ALERT_ERROR_RATE"))
     alert_cost_per_session_usd: float = Field(0.50, validation_alias=_env("ATLAS_ALERT_COST_PER_SESSION_USD"))
@@ -149,7 +169,14 @@ class Settings(BaseSettings):
     session_idle_timeout_secs: float = Field(600.0, validation_alias=_env("ATLAS_SESSION_IDLE_TIMEOUT_SECS"))
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
     session_start_timeout_secs: float = Field(30.0, validation_alias=_env("ATLAS_SESSION_START_TIMEOUT_SECS"))
-    max_audio_frame_bytes: int = Field(65536, validation_alias=_env("ATLAS_MAX_AUDIO_FRAME_BYTES"))
+    max_audio_frame_bytes: int = Field(16384, ge=640, validation_alias=_env("ATLAS_MAX_AUDIO_FRAME_BYTES"))
+    # Audio budget per connection, every door: real time plus a burst of this many seconds of audio; the
+    # excess is dropped (AUDIO_RATE_EXCEEDED). 0 = no budget.
+    audio_burst_secs: float = Field(2.0, ge=0, validation_alias=_env("ATLAS_AUDIO_BURST_SECS"))
+    # A session whose pipeline has fallen this far behind its caller's audio ends (AUDIO_BACKLOG).
+    max_audio_lag_secs: float = Field(5.0, gt=0, validation_alias=_env("ATLAS_MAX_AUDIO_LAG_SECS"))
+    # A user turn ends after this much continuous speech, as if the caller had paused.
+    max_user_turn_secs: float = Field(30.0, ge=5, validation_alias=_env("ATLAS_MAX_USER_TURN_SECS"))
     # The caller's 20 ms messages join into frames of this length before the pipeline (transports/protocol.py
     # AudioBatcher): half the per-frame work at 40 ms, for at most 20 ms of delay.
     audio_in_batch_ms: int = Field(40, ge=10, le=200, validation_alias=_env("ATLAS_AUDIO_IN_BATCH_MS"))
@@ -157,6 +184,9 @@ class Settings(BaseSettings):
 
     # --- abuse limits on /ws (bots/limits.py; 0 turns one off) ----------------------------------------
     max_sessions_per_ip: int = Field(20, ge=0, validation_alias=_env("ATLAS_MAX_SESSIONS_PER_IP"))
+    # Connections that have not started a session yet (no valid session_start / Twilio `start`), per IP and in all.
+    max_pending_per_ip: int = Field(10, ge=0, validation_alias=_env("ATLAS_MAX_PENDING_PER_IP"))
+    max_pending_connections: int = Field(200, ge=0, validation_alias=_env("ATLAS_MAX_PENDING_CONNECTIONS"))
     max_sessions_per_user: int = Field(5, ge=0, validation_alias=_env("ATLAS_MAX_SESSIONS_PER_USER"))
     session_starts_per_minute_per_ip: int = Field(
         60, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP"))
@@ -170,7 +200,8 @@ class Settings(BaseSettings):
     @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
                      "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", "supabase_url",
                      "supabase_service_role_key", "admin_token", "sqlite_path", "outbox_path", "twilio_account_sid",
-                     "twilio_auth_token", "public_host", "daily_api_key", mode="before")
+                     "twilio_auth_token", "public_host", "daily_api_key", "jwt_issuer", "metrics_token",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -229,6 +260,37 @@ class Settings(BaseSettings):
                 raise ValueError(f"ATLAS_{kind.upper()}={provider} needs {', '.join(missing)}")
         if self.supabase_url and not self.supabase_service_role_key:
             raise ValueError("SUPABASE_URL needs SUPABASE_SERVICE_ROLE_KEY (the server writes with the service role)")
+        if self.twilio_auth_token and not self.twilio_account_sid:
+            raise ValueError("TWILIO_AUTH_TOKEN needs TWILIO_ACCOUNT_SID (the account the phone door hangs up calls of)")
+        if self.twilio_account_sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", self.twilio_account_sid):
+            raise ValueError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.supabase_jwt_secret or self.supabase_jwks_url)
+
+    @property
+    def resolved_jwt_issuer(self) -> str | None:
+        if self.jwt_issuer:
+            return self.jwt_issuer
+        return self.supabase_url.rstrip("/") + "/auth/v1" if self.supabase_url else None
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse to serve anonymous sessions to the network unless ATLAS_ALLOW_ANONYMOUS says so."""
+        if self.auth_enabled or self.allow_anonymous or is_loopback(host):
+            return
+        raise ValueError(
+            f"auth is off and the server would listen on {host}: set SUPABASE_JWT_SECRET or SUPABASE_JWKS_URL "
+            "to require a Supabase access token, or ATLAS_ALLOW_ANONYMOUS=true to serve anonymous sessions")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache(maxsize=1)

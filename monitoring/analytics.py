@@ -60,6 +60,14 @@ def parse_ts(value) -> datetime | None:
     return dt.astimezone(UTC)
 
 
+def parse_duration(text: str) -> float:
+    """`24h`, `90m`, `7d`, `2w`, `30s` as seconds; ValueError when unreadable."""
+    match = _RELATIVE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r}: use a duration like 30m, 24h or 7d")
+    return float(match.group(1)) * RELATIVE_UNITS[match.group(2).lower()]
+
+
 def parse_since(text: str | None, now: datetime | None = None) -> str | None:
     """`24h`, `90m`, `7d`, `2w`, `30s` (relative to now), an ISO 8601 date or time, or `all`/empty
     (no limit: None). Returns the ISO string to pass to `Sink.fetch`. ValueError when unreadable."""
@@ -69,7 +77,10 @@ def parse_since(text: str | None, now: datetime | None = None) -> str | None:
     if match:
         now = now or datetime.now(UTC)
         seconds = float(match.group(1)) * RELATIVE_UNITS[match.group(2).lower()]
-        return iso(now - timedelta(seconds=seconds))
+        try:
+            return iso(now - timedelta(seconds=seconds))
+        except (OverflowError, ValueError):  # before year 1: the whole history
+            return None
     try:
         dt = parse_ts(str(text).strip().replace("z", "Z"))
     except ValueError:

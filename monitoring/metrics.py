@@ -82,12 +82,20 @@ class _OutboxCollector:
         return (
             GaugeMetricFamily("atlas_outbox_pending", "Writes not yet in the store (in memory or in the outbox).",
                               labels=["sink"]),
-            GaugeMetricFamily("atlas_outbox_dead", "Writes the store rejected permanently, kept in the outbox.",
+            GaugeMetricFamily("atlas_outbox_dead", "Dead letters kept: rows no store takes (`atlas-voice outbox list`).",
                               labels=["sink"]),
             CounterMetricFamily("atlas_outbox_written", "Writes delivered to the store since the process started.",
                                 labels=["sink"]),
             CounterMetricFamily("atlas_outbox_failures", "Failed (transient) store writes since the process started.",
                                 labels=["sink"]),
+            CounterMetricFamily("atlas_outbox_dead_lettered", "Rows dead-lettered since the process started.",
+                                labels=["sink"]),
+            CounterMetricFamily("atlas_outbox_pruned", "Dead letters deleted (retention or disk cap) since the "
+                                "process started.", labels=["sink"]),
+            GaugeMetricFamily("atlas_outbox_bytes", "Bytes of the outbox file in use (capped by ATLAS_OUTBOX_MAX_MB).",
+                              labels=["sink"]),
+            GaugeMetricFamily("atlas_outbox_full", "1 while pending writes alone are over the disk cap (no new "
+                              "sessions).", labels=["sink"]),
         )
 
     def describe(self):
@@ -99,7 +107,8 @@ class _OutboxCollector:
             return
         sink = str(getattr(getattr(recorder, "sink", None), "name", None) or "unknown")
         families = self._families()
-        for family, attr in zip(families, ("pending", "dead", "written", "failures"), strict=True):
+        attrs = ("pending", "dead", "written", "failures", "dead_lettered", "pruned", "bytes", "full")
+        for family, attr in zip(families, attrs, strict=True):
             family.add_metric([sink], _num(getattr(recorder, attr, 0)))
         yield from families
 

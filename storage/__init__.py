@@ -19,4 +19,6 @@ def make_sink(settings: Settings) -> Sink:
 
 def make_recorder(settings: Settings) -> Recorder:
     return Recorder(make_sink(settings), settings.resolved_outbox_path,
-                    max_backoff_secs=settings.outbox_max_backoff_secs)
+                    max_backoff_secs=settings.outbox_max_backoff_secs,
+                    max_bytes=int(settings.outbox_max_mb * (1 << 20)),
+                    dead_retention_secs=settings.dead_letter_retention_days * 86400)

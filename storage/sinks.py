@@ -3,13 +3,14 @@
 A sink writes a batch of rows of one table, idempotently, and reads rows back for the dashboard
 and `atlas-voice report`. It raises `TransientWriteError` when trying again later may work (the
 database is down, a timeout, a bad key that an operator will fix) and `PermanentWriteError` when
-the rows themselves are wrong (a constraint violation); the outbox retries the first and sets the
-second aside.
+the rows themselves are wrong (a constraint violation, a value of a type the store cannot take); the
+outbox retries the first and dead-letters the second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from storage.records import INSERT, SESSIONS, TURNS
 
 SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
 TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}
+_COLUMN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class TransientWriteError(Exception):
@@ -73,6 +75,8 @@ class SQLiteSink(Sink):
     def _write(self, table: str, mode: str, rows: list[dict]) -> None:
         db = self._db()
         columns = list(rows[0])
+        if table not in TIME_COLUMN or not all(isinstance(c, str) and _COLUMN.fullmatch(c) for c in columns):
+            raise PermanentWriteError(f"{table}: not a table or column name of this store")
         names = ", ".join(columns)
         marks = ", ".join("?" for _ in columns)
         if mode == INSERT:
@@ -82,10 +86,15 @@ class SQLiteSink(Sink):
         sql = f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT (id) {conflict}"
         try:
             with db:
-                db.executemany(sql, [tuple(r[c] for c in columns) for r in rows])
-        except sqlite3.IntegrityError as e:
-            raise PermanentWriteError(f"{table}: {e}") from e
+                db.executemany(sql, [tuple(r.get(c) for c in columns) for r in rows])
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError,
+                TypeError, ValueError) as e:
+            # The rows themselves: a constraint, or a value SQLite cannot bind (a nested object, an integer
+            # over 64 bits, a row whose columns differ from the batch's). Trying again cannot help.
+            raise PermanentWriteError(f"{table}: {type(e).__name__}: {e}") from e
         except sqlite3.OperationalError as e:  # locked, disk full, unreadable file
+            if "no such column" in str(e) or "has no column" in str(e):
+                raise PermanentWriteError(f"{table}: {e}") from e
             raise TransientWriteError(f"{table}: {e}") from e
 
     async def write(self, table: str, mode: str, rows: list[dict]) -> None:

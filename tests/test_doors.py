@@ -21,7 +21,7 @@ from bots.talk import VoiceClient
 from tests.fakes.anthropic import default_reply
 from tests.fakes.base import whisper_transcribe
 from tests.fakes.daily import FakeDailyAPI
-from tests.fakes.twilio import FakeTwilioREST, TwilioCaller, new_sid, twilio_signature
+from tests.fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
 from tests.helpers import running_server, wer
 
 pytestmark = pytest.mark.timeout(900)
@@ -97,15 +97,18 @@ def voice_webhook(base: str, call_sid: str, *, signature: str | None = None) -> 
     return httpx.post(url, data=form, headers={"X-Twilio-Signature": sig})
 
 
-def test_voice_webhook_checks_the_signature_and_connects_a_stream(doors):
+async def test_voice_webhook_checks_the_signature_and_connects_a_stream(doors, twilio_rest):
     base, _ = doors
     call_sid = new_sid("CA")
-    r = voice_webhook(base, call_sid)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
+    # Read as Twilio reads it: one well-formed XML document (a strict parser), not substrings.
+    plan = await answer_call(base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid,
+                             from_="+15550001111", to="+15550002222")
     host = base.removeprefix("http://")
-    assert f'<Stream url="wss://{host}/twilio/ws">' in r.text
-    for name, value in (("from", "+15550001111"), ("to", "+15550002222"), ("callSid", call_sid)):
-        assert f'<Parameter name="{name}" value="{value}" />' in r.text
+    assert plan.stream_url == f"wss://{host}/twilio/ws"
+    assert plan.twiml.count("<?xml") == 1
+    assert {k: v for k, v in plan.parameters.items() if k != "atlasToken"} == {
+        "from": "+15550001111", "to": "+15550002222", "callSid": call_sid}
+    assert len(plan.parameters["atlasToken"]) < 500  # Twilio's limit on a <Parameter>
     assert voice_webhook(base, call_sid, signature="bm90IHRoZSByaWdodCBvbmU=").status_code == 403
     assert voice_webhook(base, call_sid, signature="").status_code == 403
 
@@ -115,9 +118,8 @@ async def test_phone_call_speaks_mulaw_barges_in_is_capped_and_is_hung_up_by_the
     base, db = doors
     claude = vendors["anthropic"]
     call_sid = new_sid("CA")
-    caller = TwilioCaller(base.replace("http://", "ws://") + "/twilio/ws", account_sid=twilio_rest.account_sid,
-                          call_sid=call_sid, custom_parameters={"from": "+15550001111", "to": "+15550002222",
-                                                                "callSid": call_sid})
+    caller = await TwilioCaller.dial(base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid,
+                                     from_="+15550001111", to="+15550002222")
     await caller.connect()
     started = time.monotonic()
     await caller.send_silence(0.5)
@@ -134,8 +136,8 @@ async def test_phone_call_speaks_mulaw_barges_in_is_capped_and_is_hung_up_by_the
     assert mark.echoed_at is not None
 
     # The cap (1 session): every door refuses clearly while the call is live.
-    busy = voice_webhook(base, new_sid("CA"))
-    assert busy.status_code == 200 and "<Say>" in busy.text and "<Hangup />" in busy.text and "<Stream" not in busy.text
+    busy = await answer_call(base, TOKEN, account_sid=twilio_rest.account_sid)
+    assert busy.says and busy.hangup and busy.stream_url is None
     async with websockets.connect(base.replace("http://", "ws://") + "/ws") as ws:
         refused = json.loads(await ws.recv())
         assert refused["code"] == "SERVER_BUSY"
@@ -174,8 +176,8 @@ async def test_caller_hangs_up_cleanly_and_phone_vs_websocket_latency(doors, ven
     call_sid = new_sid("CA")
     phone, web = [], []
     for _ in range(2):
-        caller = TwilioCaller(base.replace("http://", "ws://") + "/twilio/ws", account_sid=twilio_rest.account_sid,
-                              call_sid=call_sid, custom_parameters={"from": "+15550003333", "callSid": call_sid})
+        caller = await TwilioCaller.dial(base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid,
+                                         from_="+15550003333")
         await caller.connect()
         await caller.send_silence(0.5)
         for name in ("dinner", "puppy"):

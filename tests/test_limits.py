@@ -192,16 +192,19 @@ async def test_session_starts_per_minute_per_user(limited):
 
 async def test_a_message_flood_is_dropped_and_told_and_the_session_goes_on(limited):
     ws, _ = await open_session(limited, "gina")
-    for _ in range(1500):  # 30 s of 20 ms audio at once, against 100 messages a second
+    for _ in range(1500):  # 30 s of 20 ms audio at once, against 100 messages a second and real time
         await ws.send(b"\x00" * 640)
-    await expect_error(ws, "MESSAGE_RATE_EXCEEDED")
-    await asyncio.sleep(2.5)  # the bucket refills
+    told = set()
+    while told != {"MESSAGE_RATE_EXCEEDED", "AUDIO_RATE_EXCEEDED"}:
+        told.add((await recv_type(ws, "error"))["code"])
+    await asyncio.sleep(2.5)  # the buckets refill
     summary = await end(ws)
     assert summary["reason"] == "client_stop"
-    assert summary["metrics"]["errorsByCode"].get("MESSAGE_RATE_EXCEEDED", 0) >= 1
+    errors = summary["metrics"]["errorsByCode"]
     # Told about once a second, not once per dropped message.
-    assert summary["metrics"]["errorsByCode"]["MESSAGE_RATE_EXCEEDED"] <= 5
-    assert summary["metrics"]["sttDuration"] < 10  # the dropped audio never reached the recogniser
+    assert 1 <= errors["MESSAGE_RATE_EXCEEDED"] <= 5 and 1 <= errors["AUDIO_RATE_EXCEEDED"] <= 5, errors
+    # The audio budget let through real time plus its 2 s burst: the dropped audio never reached the recogniser.
+    assert summary["metrics"]["sttDuration"] < 6
 
 
 async def test_sigterm_ends_live_sessions_with_session_end_and_exits_in_bound(vendors, artifacts):

@@ -7,6 +7,7 @@ The Atlas servers run as subprocesses on the fake cloud vendors (tests/fakes), e
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from bots.talk import VoiceClient
 from config.prices import rates_for
 from services.supabase.store import SupabaseSink
-from storage.outbox import Recorder
+from storage.outbox import OutboxFile, Recorder
 from storage.records import INSERT, SESSIONS, TURNS, UPSERT
 from storage.sinks import SQLiteSink
 from tests.conftest import cloud_env
@@ -132,8 +133,11 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
 
 
 def outbox_counts(path) -> dict[str, int]:
+    """{"pending": writes not yet in the store, "dead": dead letters}, leaving out what is 0."""
     with sqlite3.connect(path) as db:
-        return dict(db.execute("select state, count(*) from outbox group by state").fetchall())
+        counts = {"pending": db.execute("select count(*) from outbox").fetchone()[0],
+                  "dead": db.execute("select count(*) from dead_letters").fetchone()[0]}
+    return {k: v for k, v in counts.items() if v}
 
 
 async def test_database_outage_and_restart_lose_nothing(stack, vendors, llm_record, speech, artifacts, tmp_path):
@@ -229,7 +233,7 @@ async def test_outbox_keeps_order_sets_bad_rows_aside_and_replays(tmp_path):
     # Writes queued but not yet sent survive a restart: append straight to the outbox, then start anew.
     later = str(uuid.uuid4())
     recorder = Recorder(SQLiteSink(db), tmp_path / "outbox.sqlite3")
-    await recorder._run(recorder._append, [(SESSIONS, INSERT, [session_row(later)])])
+    await recorder._run(recorder.file.append, [(SESSIONS, INSERT, [session_row(later)])])
     await recorder.start()
     assert recorder.dead == 1
     assert await recorder.flush(10)
@@ -237,3 +241,151 @@ async def test_outbox_keeps_order_sets_bad_rows_aside_and_replays(tmp_path):
     sink = SQLiteSink(db)
     assert {s["id"] for s in await sink.fetch(SESSIONS)} == {sid, later}
     await sink.close()
+
+
+# --- rows no store takes: dead letters, on both sinks ---------------------------------------------------------
+
+def poison_rows() -> list[tuple[str, dict]]:
+    """Session rows as a careless door could have built them from a hostile Twilio `start`, each with why
+    no store takes it."""
+    import uuid
+
+    def row(**extra):
+        return session_row(str(uuid.uuid4()), **extra)
+
+    return [
+        ("a 71-bit integer", row(turns_count=2 ** 70)),
+        ("an object in a number column", row(turns_count={"a": {"b": [1, 2]}})),
+        ("NaN", row(avg_latency_ms=float("nan"))),
+        ("a set (not JSON)", row(client_user_id={"+1555"})),
+    ]
+
+
+def outbox_cli(outbox, *args) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "bots.cli", "outbox", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "ATLAS_OUTBOX_PATH": str(outbox)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+async def test_rows_sqlite_cannot_store_are_dead_lettered_and_never_block_later_rows(tmp_path):
+    import json
+    import uuid
+
+    db, outbox = tmp_path / "atlas.sqlite3", tmp_path / "outbox.sqlite3"
+    before, after, orphan_session = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    recorder = Recorder(SQLiteSink(db), outbox)
+    await recorder.start()
+    recorder.submit(SESSIONS, INSERT, [session_row(before)])
+    poison = poison_rows()
+    for _, row in poison:
+        recorder.submit(SESSIONS, INSERT, [row])
+    recorder.submit(TURNS, INSERT, [turn(orphan_session, 0)])  # its session row is not there (yet)
+    recorder.submit(SESSIONS, INSERT, [session_row(after)])
+    assert await recorder.flush(20)
+    assert recorder.dead == len(poison) + 1 and recorder.dead_lettered == len(poison) + 1
+    await recorder.close()
+    sink = SQLiteSink(db)
+    assert {s["id"] for s in await sink.fetch(SESSIONS)} == {before, after}  # the rows behind got through
+    await sink.close()
+
+    # Listed with their reasons; kept across a restart, still not in the way.
+    listed = json.loads(outbox_cli(outbox, "list", "--json"))
+    assert len(listed) == len(poison) + 1
+    reasons = " | ".join(d["reason"] for d in listed)
+    assert "OverflowError" in reasons or "too large" in reasons, reasons
+    assert "not storable" in reasons and "FOREIGN KEY" in reasons, reasons
+    assert outbox_counts(outbox) == {"dead": len(poison) + 1}
+
+    # The operator fixes the cause (the missing session row lands) and sends that one dead letter again.
+    sink = SQLiteSink(db)
+    await sink.write(SESSIONS, INSERT, [session_row(orphan_session)])
+    await sink.close()
+    orphan = [d for d in listed if d["table"] == TURNS][0]
+    assert "1 dead letters will be sent again" in outbox_cli(outbox, "retry", str(orphan["seq"]))
+    recorder = Recorder(SQLiteSink(db), outbox)
+    await recorder.start()
+    assert await recorder.flush(10)
+    assert recorder.dead == len(poison)
+    await recorder.close()
+    sink = SQLiteSink(db)
+    assert [t["session_id"] for t in await sink.fetch(TURNS)] == [orphan_session]
+    await sink.close()
+    assert "4 dead letters deleted" in outbox_cli(outbox, "purge", "--all")
+    assert outbox_counts(outbox) == {}
+
+
+async def test_rows_postgres_rejects_are_dead_lettered_and_never_block_later_rows(stack, tmp_path):
+    import uuid
+
+    outbox = tmp_path / "outbox.sqlite3"
+    before, after = str(uuid.uuid4()), str(uuid.uuid4())
+    bad_ip = session_row(str(uuid.uuid4()), ip_address="not-an-ip")  # inet
+    bad_int = session_row(str(uuid.uuid4()), turns_count=2 ** 40)  # int
+    bad_type = session_row(str(uuid.uuid4()), turns_count={"a": 1})
+    recorder = Recorder(SupabaseSink(stack.api.url, stack.api.service_key, timeout_secs=2), outbox)
+    await recorder.start()
+    recorder.submit(SESSIONS, INSERT, [session_row(before)])
+    recorder.submit(SESSIONS, INSERT, [bad_ip, bad_int, bad_type])  # one batch: isolated row by row
+    recorder.submit(SESSIONS, INSERT, [session_row(after)])
+    assert await recorder.flush(30)
+    assert recorder.dead == 3
+    await recorder.close()
+    with psycopg.connect(stack.pg.dsn) as conn:
+        ids = {str(r[0]) for r in conn.execute("select id from voice_sessions where id = any(%s)",
+                                               [[before, after, bad_ip["id"], bad_int["id"], bad_type["id"]]])}
+    assert ids == {before, after}
+    reasons = [d.reason for d in OutboxFile(outbox).dead_letters()]
+    assert len(reasons) == 3 and all(r.startswith("voice_sessions: 22") for r in reasons), reasons
+
+
+async def test_the_outbox_disk_cap_prunes_dead_letters_first_then_holds_new_sessions(tmp_path):
+    from bots.pipeline import Runtime
+    from config.settings import Settings
+    from storage.sinks import Sink, TransientWriteError
+
+    class Down(Sink):
+        name = "down"
+
+        async def write(self, table, mode, rows):
+            raise TransientWriteError("the database is down")
+
+    outbox = tmp_path / "outbox.sqlite3"
+    file = OutboxFile(outbox)
+    file.append([(SESSIONS, INSERT, [{"id": i, "bad": {1, 2}, "pad": "x" * 1000} for i in range(60)])])
+    file.close()
+    recorder = Recorder(Down(), outbox, max_bytes=256 << 10, max_backoff_secs=0.2)
+    await recorder.start()
+    assert recorder.dead == 60 and not recorder.full
+    runtime = Runtime(settings=Settings(outbox_path=outbox, sqlite_path=tmp_path / "s.sqlite3"), recorder=recorder)
+    assert runtime.admit()
+    runtime.release()
+    for i in range(200):  # ~400 KB of pending writes against a 256 KiB cap, while the store is down
+        recorder.submit(SESSIONS, INSERT, [session_row(f"s-{i}", user_agent="y" * 2000)])
+    deadline = asyncio.get_running_loop().time() + 20
+    while not recorder.full and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+    assert recorder.full and recorder.dead == 0 and recorder.pruned == 60  # dead letters went first
+    assert not runtime.admit()  # no new session while the backlog is over the cap...
+    assert recorder.pending == 200  # ... and not one pending write was dropped
+    await recorder.close(timeout=0.1)
+    assert outbox_counts(outbox) == {"pending": 200}
+
+
+async def test_dead_letters_past_their_retention_are_deleted(tmp_path):
+    outbox = tmp_path / "outbox.sqlite3"
+    file = OutboxFile(outbox)
+    file.append([(SESSIONS, INSERT, [{"id": 1, "bad": float("inf")}, {"id": 2, "bad": float("nan")}])])
+    file.db().execute("update dead_letters set dead_at = dead_at - 40 * 86400 where seq = "
+                      "(select min(seq) from dead_letters)").connection.commit()
+    file.close()
+    recorder = Recorder(SQLiteSink(tmp_path / "atlas.sqlite3"), outbox, dead_retention_secs=30 * 86400)
+    await recorder.start()
+    assert (recorder.dead, recorder.pruned) == (1, 1)
+    await recorder.close()

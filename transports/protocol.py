@@ -38,6 +38,9 @@ from processors.sentence_marker import SentenceStartFrame
 
 CLIENT_SAMPLE_RATE = 16000
 MAX_ID_LENGTH = 256
+# Frame.metadata key: when the caller's audio in this frame reached the server (time.monotonic()); the
+# pipeline measures how far behind the caller it runs from it (ATLAS_MAX_AUDIO_LAG_SECS).
+RECEIVED_AT = "atlas_received_at"
 
 
 class ErrorCode(StrEnum):
@@ -60,6 +63,10 @@ class ErrorCode(StrEnum):
     TOO_MANY_SESSIONS = "TOO_MANY_SESSIONS"  # this IP or user already has its maximum of live sessions
     RATE_LIMITED = "RATE_LIMITED"  # this IP or user started too many sessions in the last minute
     MESSAGE_RATE_EXCEEDED = "MESSAGE_RATE_EXCEEDED"  # more messages a second than ATLAS_MAX_MESSAGES_PER_SEC
+    AUDIO_RATE_EXCEEDED = "AUDIO_RATE_EXCEEDED"  # audio faster than real time beyond ATLAS_AUDIO_BURST_SECS
+    AUDIO_BACKLOG = "AUDIO_BACKLOG"  # the server fell ATLAS_MAX_AUDIO_LAG_SECS behind the caller's audio
+    TWILIO_SIGNATURE_INVALID = "TWILIO_SIGNATURE_INVALID"  # phone door: a request Twilio did not sign
+    TWILIO_STREAM_REFUSED = "TWILIO_STREAM_REFUSED"  # phone door: a stream no signed webhook announced
     PIPELINE_ERROR = "PIPELINE_ERROR"  # an engine failed during the session
     STT_RECONNECTING = "STT_RECONNECTING"  # the STT provider's socket dropped; reconnecting, audio replayed
     LLM_UNAVAILABLE = "LLM_UNAVAILABLE"  # the LLM provider failed after retries; a fallback answers
@@ -111,9 +118,14 @@ def _string_field(msg: dict, name: str, required: bool) -> str | None:
     return value
 
 
+def text_too_large(data: str, max_bytes: int) -> bool:
+    """Whether a text frame is over `max_bytes` of UTF-8 (a character takes 1 to 4 bytes)."""
+    return len(data) > max_bytes or (len(data) * 4 > max_bytes and len(data.encode("utf-8", "surrogatepass")) > max_bytes)
+
+
 def parse_text_message(data: str, max_bytes: int) -> dict[str, Any]:
     """Parse one client text frame into a validated message dict, or raise ProtocolError."""
-    if len(data) > max_bytes:
+    if text_too_large(data, max_bytes):
         raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"text messages are limited to {max_bytes} bytes")
     try:
         msg = json.loads(data)
@@ -160,6 +172,12 @@ def check_audio(data: bytes, max_bytes: int) -> None:
         )
 
 
+def stamped(frame: InputAudioRawFrame) -> InputAudioRawFrame:
+    """Mark a caller audio frame with when it arrived (see RECEIVED_AT)."""
+    frame.metadata[RECEIVED_AT] = time.monotonic()
+    return frame
+
+
 class AudioBatcher:
     """Joins the caller's short audio messages into frames of at least `ms` milliseconds.
 
@@ -204,7 +222,7 @@ class AtlasProtocolSerializer(FrameSerializer):
 
     def __init__(
         self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None,
-        on_error=None, audio_batch_ms: int = 40, rate=None,
+        on_error=None, audio_batch_ms: int = 40, rate=None, budget=None,
     ):
         super().__init__()
         self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)
@@ -215,6 +233,7 @@ class AtlasProtocolSerializer(FrameSerializer):
         self._session_end = session_end
         self._on_error = on_error  # called with the code of every `error` message sent
         self._rate = rate  # bots.limits.MessageRate: over it, messages are dropped before parsing
+        self._budget = budget  # bots.limits.AudioBudget: audio over real time (+ a burst) is dropped
         self.muted = False
         self.end_sent = False  # session_end written (the door sends it itself when the pipeline never started)
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
@@ -232,12 +251,16 @@ class AtlasProtocolSerializer(FrameSerializer):
                 check_audio(data, self._max_audio)
                 if not data:
                     return None
+                if self._budget is not None and not self._budget.take(len(data) / (2 * CLIENT_SAMPLE_RATE)):
+                    if self._budget.should_tell():
+                        return OutputTransportMessageUrgentFrame(message=self._budget.refusal().to_message())
+                    return None
                 if self._on_audio:
                     self._on_audio(len(data))
                 audio = self._batch.add(bytes(len(data)) if self.muted else bytes(data))
                 if audio is None:
                     return None
-                return InputAudioRawFrame(audio=audio, sample_rate=CLIENT_SAMPLE_RATE, num_channels=1)
+                return stamped(InputAudioRawFrame(audio=audio, sample_rate=CLIENT_SAMPLE_RATE, num_channels=1))
             msg = parse_text_message(data, self._max_text)
         except ProtocolError as e:
             return OutputTransportMessageUrgentFrame(message=e.to_message())

@@ -6,8 +6,22 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   start: $("start"), mute: $("mute"), interrupt: $("interrupt"), status: $("status"),
   level: $("level"), partial: $("partial"), transcript: $("transcript"), stats: $("stats"),
-  latency: $("latency"), error: $("error"),
+  latency: $("latency"), error: $("error"), token: $("token"), signin: $("signin"),
 };
+
+// The user's Supabase access token, for servers with auth on. Supabase's sign-in redirect brings it in the
+// address's fragment (#access_token=...): it is kept in sessionStorage (this tab only) and removed from the
+// address bar; it can also be pasted into the sign-in field.
+(function takeTokenFromAddress() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("access_token");
+  if (token) {
+    sessionStorage.setItem("atlas-token", token);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  ui.token.value = sessionStorage.getItem("atlas-token") || "";
+  ui.token.onchange = () => sessionStorage.setItem("atlas-token", ui.token.value.trim());
+})();
 
 const atlas = (window.atlas = {
   state: "idle", sessionId: null, audioChunks: 0, audioSeconds: 0, finals: [], botText: [],
@@ -41,6 +55,7 @@ function addLine(kind, text, note) {
 function showError(msg) {
   atlas.errors.push(msg);
   ui.error.textContent = `${msg.code}: ${msg.message}`;
+  if (msg.code === "AUTH_FAILED") ui.signin.open = true;
 }
 
 function b64ToBuffer(b64) {
@@ -131,7 +146,10 @@ async function start() {
     });
     const user = localStorage.getItem("atlas-user") || `browser-${crypto.randomUUID()}`;
     localStorage.setItem("atlas-user", user);
-    ws.send(JSON.stringify({ type: "session_start", userId: user, conversationId: crypto.randomUUID(), authToken: "" }));
+    const start = { type: "session_start", userId: user, conversationId: crypto.randomUUID() };
+    const token = ui.token.value.trim();
+    if (token) start.authToken = token;
+    ws.send(JSON.stringify(start));
 
     capture.port.onmessage = (e) => {
       if (e.data.type === "pcm") {

@@ -54,7 +54,10 @@ class LocalEngines:
     load_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, *, stt: bool = True, tts: bool = True, smart_turn: bool = True) -> "LocalEngines":
+    def load(cls, *, stt: bool = True, tts: bool = True, smart_turn: bool = True,
+             cache_dir=None) -> "LocalEngines":
+        """Load the models; each model's files are checked against their SHA-256 first (services/local/models.py),
+        with the check's stamp kept in `cache_dir`."""
         engines = cls()
         t0 = time.perf_counter()
         # Silero and smart-turn: build one analyzer each the normal way and keep its session.
@@ -69,14 +72,15 @@ class LocalEngines:
 
             t = time.perf_counter()
             engines.whisper = WhisperModel(
-                str(models.whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=2, num_workers=2
+                str(models.verified_whisper_dir(cache_dir)), device="cpu", compute_type="int8", cpu_threads=2,
+                num_workers=2
             )
             engines.load_seconds["whisper"] = time.perf_counter() - t
         if tts:
             from piper import PiperVoice
 
             t = time.perf_counter()
-            engines.piper_voice = PiperVoice.load(models.piper_voice_dir() / f"{models.PIPER_VOICE}.onnx")
+            engines.piper_voice = PiperVoice.load(models.verified_piper_dir(cache_dir) / f"{models.PIPER_VOICE}.onnx")
             engines.load_seconds["piper"] = time.perf_counter() - t
         logger.info(
             "Local engines loaded: " + ", ".join(f"{k} {v:.2f}s" for k, v in engines.load_seconds.items())
@@ -105,10 +109,14 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
       window cannot count as speech whatever its volume.
     - a chunk with no window to score is analysed right here on the event loop, with no thread hop; a
       chunk with speech goes to one process-wide Silero thread (ONNX releases the GIL while it runs).
+    - a monologue is cut: after `max_speech_secs` of speech without a stop (counted in audio, not wall
+      time) the VAD declares a stop, then hears nothing for `hold_secs` so the turn strategy ends the turn
+      on what was said (Pipecat has no bound: Whisper's segment, its partials and the turn's text would
+      grow for as long as someone talks). Speech after the hold starts a new turn, as a barge-in would.
     """
 
     def __init__(self, session, *, sample_rate: int | None = None, params: VADParams | None = None,
-                 gate_dbfs: float = -60.0):
+                 gate_dbfs: float = -60.0, max_speech_secs: float = 0.0, hold_secs: float = 1.0):
         VADAnalyzer.__init__(self, sample_rate=sample_rate, params=params)
         model = SileroOnnxModel.__new__(SileroOnnxModel)
         model.session = session
@@ -122,11 +130,20 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
         self._skipped = False  # windows were skipped since the model last ran: reset it first
         self._gated = False  # the window being analysed was skipped
         self.windows_scored = self.windows_skipped = 0
+        self._max_speech_secs = max_speech_secs  # 0: no bound
+        self._hold_secs = hold_secs
+        self._speech_bytes = 0  # audio analysed since the VAD declared speech, without a stop
+        self._hold_bytes = 0  # audio still to be heard as silence after a forced stop
+        self.forced_stops = 0
 
     def _quiet(self, audio: np.ndarray) -> bool:
         return len(audio) == 0 or float(np.dot(audio, audio)) / len(audio) < self._gate_sq
 
     def voice_confidence(self, buffer: bytes) -> float:
+        if self._hold_bytes > 0:  # after a forced stop: silence, whatever is said
+            self._hold_bytes -= len(buffer)
+            self._skipped = self._gated = True
+            return 0.0
         audio = np.frombuffer(buffer, np.int16).astype(np.float32)
         if self._vad_state == VADState.QUIET and self._quiet(audio):
             self.windows_skipped += 1
@@ -144,6 +161,27 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
             self._volume_tracker.update(audio, self.sample_rate)
             return self._prev_volume
         return super()._get_smoothed_volume(audio)
+
+    def _run_analyzer(self, buffer: bytes) -> VADState:
+        state = super()._run_analyzer(buffer)
+        if not self._max_speech_secs:
+            return state
+        if state in (VADState.SPEAKING, VADState.STOPPING):
+            self._speech_bytes += len(buffer)
+            if self._speech_bytes >= self._max_speech_secs * self.sample_rate * 2:
+                self._force_stop()
+                return self._vad_state
+        else:
+            self._speech_bytes = 0
+        return state
+
+    def _force_stop(self) -> None:
+        logger.info(f"VAD: {self._max_speech_secs:g} s of speech without a pause; ending the user's turn there")
+        self._vad_state = VADState.QUIET
+        self._vad_starting_count = self._vad_stopping_count = 0
+        self._speech_bytes = 0
+        self._hold_bytes = int(self._hold_secs * self.sample_rate) * 2
+        self.forced_stops += 1
 
     async def analyze_audio(self, buffer: bytes):
         pending = self._vad_buffer + buffer
@@ -187,7 +225,14 @@ class SharedWhisperSTTService(WhisperSTTService):
     notice: `confidence` on every transcript (exp of Whisper's mean log-probability), and partial
     transcripts while the user is still talking, by re-transcribing the growing segment every
     `partial_interval` seconds (greedy, one at a time, skipped when the previous one still runs).
+
+    Each partial re-reads the whole segment, so its cost grows with the segment: the next partial
+    starts at least `PARTIAL_DUTY` times as long after the last one as that one took, which keeps
+    partials to a third of one thread however long someone talks (the VAD also cuts a turn at
+    ATLAS_MAX_USER_TURN_SECS).
     """
+
+    PARTIAL_DUTY = 3.0
 
     def __init__(self, model, *, beam_size: int = 1, partials: bool = True, partial_interval: float = 0.8, **kwargs):
         self._shared_model = model
@@ -196,6 +241,7 @@ class SharedWhisperSTTService(WhisperSTTService):
         self._partial_interval = partial_interval
         self._partial_task: asyncio.Task | None = None
         self._last_partial = 0.0
+        self._partial_cost = 0.0  # seconds the last partial took
         self._segment_generation = 0
         settings = WhisperSTTService.Settings(model="tiny.en", language="en", no_speech_prob=0.6)
         super().__init__(settings=settings, **kwargs)
@@ -217,6 +263,7 @@ class SharedWhisperSTTService(WhisperSTTService):
             # A new segment boundary: any partial still running belongs to the old one.
             self._segment_generation += 1
             self._last_partial = time.monotonic()
+            self._partial_cost = 0.0
         await super().process_frame(frame, direction)
 
     async def process_audio_frame(self, frame, direction):
@@ -225,7 +272,8 @@ class SharedWhisperSTTService(WhisperSTTService):
             self._partials
             and self._user_speaking
             and (self._partial_task is None or self._partial_task.done())
-            and time.monotonic() - self._last_partial >= self._partial_interval
+            and time.monotonic() - self._last_partial >= max(self._partial_interval,
+                                                              self.PARTIAL_DUTY * self._partial_cost)
         ):
             self._last_partial = time.monotonic()
             self._partial_task = self.create_task(
@@ -233,11 +281,14 @@ class SharedWhisperSTTService(WhisperSTTService):
             )
 
     async def _run_partial(self, pcm: bytes, generation: int):
+        t0 = time.monotonic()
         try:
             text, confidence = await asyncio.to_thread(self._transcribe, pcm, 1)
         except Exception as e:  # a failed partial is not worth an error to the user
             logger.debug(f"{self}: partial transcription failed: {e}")
             return
+        finally:
+            self._partial_cost = time.monotonic() - t0
         if text and generation == self._segment_generation and self._user_speaking:
             await self.push_frame(
                 InterimTranscriptionFrame(

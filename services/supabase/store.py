@@ -7,7 +7,8 @@
   `upsert` mode merges.
 - Errors are classified for the outbox: network faults, 5xx/503 (PGRST000-003: database
   unreachable), 401/403 (a key an operator will fix) and undefined tables/columns (a migration not
-  yet applied) are transient; data and constraint errors (SQLSTATE classes 22 and 23) are permanent.
+  yet applied) are transient; data and constraint errors (SQLSTATE classes 22 and 23) and bodies
+  PostgREST cannot read (PGRST102) are permanent: the outbox dead-letters those rows.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ PAGE = 1000
 
 
 def _is_permanent(e: APIError) -> bool:
+    """Data errors (SQLSTATE classes 22 and 23) and a body PostgREST cannot read (PGRST102): the rows."""
     code = str(e.code or "")
-    return code[:2] in ("22", "23")
+    return code[:2] in ("22", "23") or code == "PGRST102"
 
 
 class SupabaseSink(Sink):

@@ -26,8 +26,12 @@ request), `updates` (every Call update: call sid, params, auth ok, response stat
 `TwilioCaller` is Twilio's side of a bidirectional Media Stream ("Media Streams - WebSocket Messages"), an asyncio
 client of the bot's WebSocket:
 
-* handshake headers `X-Twilio-Signature` (HMAC-SHA1 of the URL with the auth token, when one is given) and
-  Twilio's user agent; then `connected` (`protocol` "Call", `version` "1.0.0"), `start` (`sequenceNumber` "1",
+* `TwilioCaller.dial(server, auth_token, ...)` first does what Twilio does when a call comes in: POSTs the
+  number's voice webhook (`/twilio/voice`, signed), parses the TwiML answer with a strict XML parser, and streams
+  to the `<Stream url>` it names with its `<Parameter>`s (a `wss://` URL is reached as `ws://` on a plain-HTTP
+  test server, as a TLS-terminating proxy would);
+* handshake headers `X-Twilio-Signature` (HMAC-SHA1 of the stream URL with the auth token, when one is given)
+  and Twilio's user agent; then `connected` (`protocol` "Call", `version` "1.0.0"), `start` (`sequenceNumber` "1",
   `start.accountSid/streamSid/callSid/tracks/customParameters/mediaFormat`), and from then on a `media` message
   every 20 ms of real time (160 bytes of 8 kHz G.711 mu-law, base64, `track` "inbound", `chunk` from "1",
   `timestamp` = ms since the stream started), speech when `say()` queued some and silence otherwise, as a phone
@@ -393,6 +397,57 @@ class _Utterance:
     index: int = 0
 
 
+@dataclass
+class CallPlan:
+    """What the voice webhook's TwiML told Twilio to do with a call."""
+
+    call_sid: str
+    account_sid: str
+    twiml: str
+    stream_url: str | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    says: list[str] = field(default_factory=list)
+    hangup: bool = False
+
+
+async def answer_call(server: str, auth_token: str | None, *, account_sid: str | None = None,
+                      call_sid: str | None = None, from_: str = "+15005550006", to: str = "+15005550001",
+                      signature: str | None = None) -> CallPlan:
+    """POST the number's voice webhook as Twilio does (form body, `X-Twilio-Signature` over URL + params) and
+    read the TwiML answer with a strict XML parser (ValueError if it is not one well-formed `<Response>`)."""
+    import xml.etree.ElementTree as ET
+
+    import httpx
+
+    account_sid = account_sid or new_sid("AC")
+    call_sid = call_sid or new_sid("CA")
+    url = server.rstrip("/") + "/twilio/voice"
+    form = {"CallSid": call_sid, "AccountSid": account_sid, "From": from_, "To": to, "CallStatus": "ringing",
+            "Direction": "inbound", "ApiVersion": API_VERSION}
+    headers = {"User-Agent": "TwilioProxy/1.1"}
+    if signature is not None or auth_token:
+        headers["X-Twilio-Signature"] = signature if signature is not None else twilio_signature(auth_token, url, form)
+    async with httpx.AsyncClient(timeout=20) as http:
+        r = await http.post(url, data=form, headers=headers)
+    if r.status_code != 200:
+        raise ValueError(f"the voice webhook answered {r.status_code}: {r.text[:200]}")
+    if not r.headers.get("content-type", "").startswith(("application/xml", "text/xml")):
+        raise ValueError(f"the voice webhook answered {r.headers.get('content-type')}, not XML")
+    try:
+        root = ET.fromstring(r.content)  # bytes: the XML declaration, if any, must be the first thing
+    except ET.ParseError as e:
+        raise ValueError(f"malformed TwiML ({e}): {r.text[:300]}") from None
+    if root.tag != "Response":
+        raise ValueError(f"TwiML must be a <Response>, got <{root.tag}>")
+    plan = CallPlan(call_sid=call_sid, account_sid=account_sid, twiml=r.text)
+    for stream in root.iter("Stream"):
+        plan.stream_url = stream.get("url")
+        plan.parameters = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
+    plan.says = [say.text or "" for say in root.iter("Say")]
+    plan.hangup = root.find("Hangup") is not None
+    return plan
+
+
 class TwilioCaller:
     """A phone caller as Twilio streams it to the bot's WebSocket. Usage:
 
@@ -413,13 +468,16 @@ class TwilioCaller:
         auth_token: str | None = None,
         headers: dict[str, str] | None = None,
         on_event: Callable[[dict], None] | None = None,
+        signed_url: str | None = None,
     ) -> None:
         """
         Args:
             url: the bot's Media Stream WebSocket (ws:// or wss://).
             account_sid, call_sid, stream_sid: the SIDs in `start` (new ones when omitted).
             custom_parameters: `<Parameter>`s of the `<Stream>` TwiML, sent in `start.customParameters`.
-            auth_token: when given, the handshake carries `X-Twilio-Signature` for `url` signed with it.
+            auth_token: when given, the handshake carries `X-Twilio-Signature` for `signed_url` (default `url`)
+                signed with it.
+            signed_url: the stream URL as the TwiML named it (what Twilio signs), when `url` differs.
             headers: extra handshake headers.
             on_event: called with every message received from the bot (parsed, with `_t`).
         """
@@ -429,6 +487,7 @@ class TwilioCaller:
         self.stream_sid = stream_sid or new_sid("MZ")
         self.custom_parameters = dict(custom_parameters or {})
         self.auth_token = auth_token
+        self.signed_url = signed_url or url
         self.extra_headers = dict(headers or {})
         self.on_event = on_event or (lambda e: None)
         self.out_rate = TWILIO_RATE
@@ -463,6 +522,19 @@ class TwilioCaller:
         self._hanging_up = False
         self._tasks: list[asyncio.Task] = []
 
+    @classmethod
+    async def dial(cls, server: str, auth_token: str | None, *, account_sid: str | None = None,
+                   call_sid: str | None = None, from_: str = "+15005550006", to: str = "+15005550001",
+                   **kwargs) -> "TwilioCaller":
+        """A call as Twilio places it: the signed voice webhook, its TwiML parsed strictly, then a caller for
+        the `<Stream>` it names (not connected yet). `server` is the bot's http(s) base URL."""
+        plan = await answer_call(server, auth_token, account_sid=account_sid, call_sid=call_sid, from_=from_, to=to)
+        url = plan.stream_url
+        if server.startswith("http://"):
+            url = "ws://" + server.removeprefix("http://") + "/" + url.split("/", 3)[3]
+        return cls(url, account_sid=plan.account_sid, call_sid=plan.call_sid, custom_parameters=plan.parameters,
+                   auth_token=auth_token, signed_url=plan.stream_url, **kwargs)
+
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> "TwilioCaller":
@@ -482,7 +554,7 @@ class TwilioCaller:
 
         headers = dict(self.extra_headers)
         if self.auth_token:
-            headers["X-Twilio-Signature"] = twilio_signature(self.auth_token, self.url)
+            headers["X-Twilio-Signature"] = twilio_signature(self.auth_token, self.signed_url)
         self.ws = await websockets.connect(self.url, additional_headers=headers, max_size=None,
                                            open_timeout=open_timeout, user_agent_header=USER_AGENT)
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"}, sequenced=False)

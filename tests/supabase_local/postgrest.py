@@ -498,6 +498,8 @@ class LocalPostgrest(FakeServer):
         return self._service_key
 
     def user_token(self, sub: str | uuid.UUID, exp_in: float | None = 3600, **claims: Any) -> str:
+        """A signed-in user's access token as Supabase Auth issues it (`iss` = `<project URL>/auth/v1`)."""
+        claims.setdefault("iss", f"{self.http_url}/auth/v1")
         return make_jwt(self.jwt_secret, "authenticated", sub=sub, exp_in=exp_in, **claims)
 
     # ---- faults ------------------------------------------------------------------------------------------------
