@@ -187,7 +187,7 @@ class AudioBudget:
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.RATE)
         self._last = now
-        if seconds <= self._tokens:
+        if seconds <= self._tokens + 1e-9:  # sums of 20 ms frames are not exact in binary
             self._tokens -= seconds
             return True
         self.dropped_secs += seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -128,3 +129,78 @@ def test_percentile():
     assert percentile([], 0.5) is None
     assert percentile([100.0], 0.95) == 100.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+
+
+async def test_a_session_that_falls_behind_its_callers_audio_is_reported_once():
+    """UserAggregator: a caller frame that reaches it more than ATLAS_MAX_AUDIO_LAG_SECS after it arrived
+    calls on_backlog once (the session then ends with AUDIO_BACKLOG); fresh frames do not."""
+    import time
+
+    from pipecat.frames.frames import InputAudioRawFrame
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+    from pipecat.tests.utils import run_test
+
+    from bots.pipeline import UserAggregator
+    from transports.protocol import RECEIVED_AT
+
+    def frame(age: float) -> InputAudioRawFrame:
+        f = InputAudioRawFrame(audio=bytes(1280), sample_rate=16000, num_channels=1)
+        f.metadata[RECEIVED_AT] = time.monotonic() - age
+        return f
+
+    lags = []
+    user = LLMContextAggregatorPair(LLMContext()).user()
+    user.__class__ = UserAggregator
+    user.on_backlog, user.max_lag_secs = lags.append, 5.0
+    down, _ = await run_test(user, frames_to_send=[frame(0.01), frame(0.5), frame(7.0), frame(9.0), frame(0.0)])
+    assert len(lags) == 1 and 7.0 <= lags[0] < 8.0
+    assert not [f for f in down if isinstance(f, InputAudioRawFrame)]  # the caller's audio stops here
+
+
+async def test_on_backlog_ends_the_session_with_its_code():
+    from bots.pipeline import Runtime
+    from bots.session import Caller, VoiceSession
+    from config.settings import Settings
+
+    stops = []
+
+    class Session(VoiceSession):
+        async def stop(self, reason, limit=None):
+            stops.append((reason, limit))
+
+    session = Session(Runtime(settings=Settings(max_audio_lag_secs=5)), Caller())
+    session.on_backlog(6.2)
+    await asyncio.gather(*session._side_tasks)
+    assert stops == [("audio_backlog", (ErrorCode.AUDIO_BACKLOG,
+                                        "the server fell more than 5 s behind your audio; the session ended"))]
+
+
+def test_audio_budget_allows_real_time_and_a_burst_then_drops_and_tells_once_a_second():
+    from bots.limits import AudioBudget
+
+    clock = [100.0]
+    budget = AudioBudget(2.0, clock=lambda: clock[0])
+    assert all(budget.take(0.02) for _ in range(100))  # the 2 s burst at once
+    assert not budget.take(0.02) and budget.should_tell() and not budget.should_tell()
+    for _ in range(1000):  # then real time (20 ms every 20 ms) for 20 s: nothing dropped, and the 5% over
+        clock[0] += 0.02  # real time refills 1 s of burst meanwhile
+        assert budget.take(0.02)
+    taken = 0
+    for _ in range(500):  # twice real time for 5 s: 5 s x 1.05 + the 1 s refilled get through, 3.75 s dropped
+        clock[0] += 0.01
+        taken += budget.take(0.02)
+    assert 305 <= taken <= 320 and 3.5 < budget.dropped_secs < 4.0, (taken, budget.dropped_secs)
+    assert budget.refusal().code == ErrorCode.AUDIO_RATE_EXCEEDED
+    assert AudioBudget(0).take(1000.0)  # 0: no budget
+
+
+def test_caller_fields_are_cleaned_at_the_edge():
+    from bots.session import Caller
+
+    c = Caller(user_id="not-a-uuid", client_user_id={"nested": [1]}, conversation_id="c\x00\x1fid" + "x" * 500,
+               user_agent=12, ip_address="999.1.1.1")
+    assert (c.user_id, c.client_user_id, c.user_agent, c.ip_address) == (None, None, None, None)
+    assert c.conversation_id.startswith("cid") and len(c.conversation_id) == 256
+    assert Caller(ip_address="::1", user_id="5E449A5A-6D32-401D-B904-C358A5B78A64").user_id == \
+        "5e449a5a-6d32-401d-b904-c358a5b78a64"

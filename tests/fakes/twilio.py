@@ -469,6 +469,7 @@ class TwilioCaller:
         headers: dict[str, str] | None = None,
         on_event: Callable[[dict], None] | None = None,
         signed_url: str | None = None,
+        local_addr: tuple[str, int] | None = None,
     ) -> None:
         """
         Args:
@@ -478,6 +479,7 @@ class TwilioCaller:
             auth_token: when given, the handshake carries `X-Twilio-Signature` for `signed_url` (default `url`)
                 signed with it.
             signed_url: the stream URL as the TwiML named it (what Twilio signs), when `url` differs.
+            local_addr: the (address, port) to connect from, e.g. ("127.0.0.7", 0) to be another client IP.
             headers: extra handshake headers.
             on_event: called with every message received from the bot (parsed, with `_t`).
         """
@@ -488,6 +490,7 @@ class TwilioCaller:
         self.custom_parameters = dict(custom_parameters or {})
         self.auth_token = auth_token
         self.signed_url = signed_url or url
+        self.local_addr = local_addr
         self.extra_headers = dict(headers or {})
         self.on_event = on_event or (lambda e: None)
         self.out_rate = TWILIO_RATE
@@ -555,8 +558,9 @@ class TwilioCaller:
         headers = dict(self.extra_headers)
         if self.auth_token:
             headers["X-Twilio-Signature"] = twilio_signature(self.auth_token, self.signed_url)
+        extra = {"local_addr": self.local_addr} if self.local_addr else {}
         self.ws = await websockets.connect(self.url, additional_headers=headers, max_size=None,
-                                           open_timeout=open_timeout, user_agent_header=USER_AGENT)
+                                           open_timeout=open_timeout, user_agent_header=USER_AGENT, **extra)
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"}, sequenced=False)
         await self._send({
             "event": "start",
