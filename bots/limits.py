@@ -119,38 +119,52 @@ class AbuseLimits:
         self.pending_total = max(0, self.pending_total - 1)
 
 
-class MessageRate:
+class _Bucket:
+    """A token bucket: `rate` tokens a second up to `capacity`; `should_tell` is True at most once a second
+    (the client is told about drops, not about each dropped message)."""
+
+    def __init__(self, rate: float, capacity: float, clock):
+        self._rate = rate
+        self.capacity = capacity
+        self._tokens = capacity
+        self._clock = clock
+        self._last = clock()
+        self._told = float("-inf")
+
+    def _take(self, amount: float) -> bool:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if amount <= self._tokens + 1e-9:  # sums of 20 ms frames are not exact in binary
+            self._tokens -= amount
+            return True
+        return False
+
+    def should_tell(self) -> bool:
+        """True at most once a second while something is being dropped."""
+        now = self._clock()
+        if now - self._told >= 1.0:
+            self._told = now
+            return True
+        return False
+
+
+class MessageRate(_Bucket):
     """A token bucket over one connection's messages (audio and text): `per_sec` on average, bursts
     of `burst_secs` worth. A browser sends 50 audio messages a second; past the limit messages are
     dropped unread (no parsing, no pipeline work) and the client is told at most once a second."""
 
     def __init__(self, per_sec: int, burst_secs: float = 2.0, clock=time.monotonic):
+        super().__init__(per_sec, per_sec * burst_secs, clock)
         self.per_sec = per_sec
-        self.capacity = per_sec * burst_secs
-        self._tokens = self.capacity
-        self._clock = clock
-        self._last = clock()
-        self._told = float("-inf")
         self.dropped = 0
 
     def allow(self) -> bool:
         if not self.per_sec:
             return True
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.per_sec)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._take(1):
             return True
         self.dropped += 1
-        return False
-
-    def should_tell(self) -> bool:
-        """True at most once a second while messages are being dropped."""
-        now = self._clock()
-        if now - self._told >= 1.0:
-            self._told = now
-            return True
         return False
 
     def refusal(self) -> ProtocolError:
@@ -158,7 +172,7 @@ class MessageRate:
                              f"more than {self.per_sec} messages a second; {self.dropped} dropped so far")
 
 
-class AudioBudget:
+class AudioBudget(_Bucket):
     """Seconds of caller audio one connection may send: real time, plus a burst of `burst_secs`.
 
     The message rate counts messages, not their length: 150 messages of 64 KiB a second are 300
@@ -174,30 +188,14 @@ class AudioBudget:
     RATE = 1.05  # audio seconds per wall-clock second
 
     def __init__(self, burst_secs: float, clock=time.monotonic):
+        super().__init__(self.RATE, burst_secs, clock)
         self.burst = burst_secs
-        self._tokens = burst_secs
-        self._clock = clock
-        self._last = clock()
-        self._told = float("-inf")
         self.dropped_secs = 0.0
 
     def take(self, seconds: float) -> bool:
-        if not self.burst:
-            return True
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.RATE)
-        self._last = now
-        if seconds <= self._tokens + 1e-9:  # sums of 20 ms frames are not exact in binary
-            self._tokens -= seconds
+        if not self.burst or self._take(seconds):
             return True
         self.dropped_secs += seconds
-        return False
-
-    def should_tell(self) -> bool:
-        now = self._clock()
-        if now - self._told >= 1.0:
-            self._told = now
-            return True
         return False
 
     def refusal(self) -> ProtocolError:
