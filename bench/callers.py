@@ -115,8 +115,12 @@ class Caller:
 
     def __init__(self, index: int, door: str, url: str, utterances: list[Frames], http: aiohttp.ClientSession, *,
                  jitter: float = 0.06, quiet: float = 1.0, reply_timeout: float = 15.0,
-                 pause: tuple[float, float] = (0.4, 1.2)) -> None:
+                 pause: tuple[float, float] = (0.4, 1.2), twilio: tuple[str, str] | None = None) -> None:
+        """`twilio`: (auth token, account SID) of a server whose phone door checks signatures (Atlas): each
+        call then comes through the signed voice webhook first, as Twilio places it. None: the stream
+        alone (bare Pipecat has no webhook)."""
         self.index, self.door, self.url, self.utterances, self.http = index, door, url, utterances, http
+        self.twilio = twilio
         self.jitter, self.quiet, self.reply_timeout, self.pause = jitter, quiet, reply_timeout, pause
         self.record = CallRecord(caller=index, door=door)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -125,7 +129,7 @@ class Caller:
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self._seq = 0
         self._closed = asyncio.Event()
-        self._silences = utterances[0].silence
+        self._silences = utterances[0].silence if utterances else []
         self._n_silence = 0
 
     # ---- sending --------------------------------------------------------------------------------------
@@ -145,6 +149,9 @@ class Caller:
                 f'"chunk":"{self._seq}","timestamp":"{ts}","payload":"{frame}"}},"streamSid":"{self.stream_sid}"}}')
 
     async def _connect(self) -> None:
+        if self.door == "twilio" and self.twilio is not None:
+            await self._connect_signed()
+            return
         self.ws = await self.http.ws_connect(self.url, max_msg_size=0, autoping=True, heartbeat=None)
         if self.door == "ws":
             await self.ws.send_str(json.dumps({"type": "session_start", "userId": f"bench-{self.index}",
@@ -165,6 +172,25 @@ class Caller:
                                                                      "to": "+15550000000"},
                           "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
             self.record.session_id = call_sid
+
+    async def _connect_signed(self) -> None:
+        """The call as Twilio places it: the signed voice webhook, then the stream its TwiML names, signed."""
+        from tests.fakes.twilio import answer_call, twilio_signature
+
+        token, account = self.twilio
+        base = "http://" + self.url.split("://", 1)[1].split("/", 1)[0]
+        plan = await answer_call(base, token, account_sid=account, from_=f"+1555{self.index:07d}", to="+15550000000")
+        if plan.stream_url is None:
+            raise ConnectionError("the webhook answered without a stream (busy)")
+        headers = {"X-Twilio-Signature": twilio_signature(token, plan.stream_url)}
+        self.ws = await self.http.ws_connect(self.url, max_msg_size=0, autoping=True, heartbeat=None, headers=headers)
+        await self.ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await self.ws.send_str(json.dumps({
+            "event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid,
+            "start": {"accountSid": account, "streamSid": self.stream_sid, "callSid": plan.call_sid,
+                      "tracks": ["inbound"], "customParameters": plan.parameters,
+                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+        self.record.session_id = plan.call_sid
 
     # ---- receiving ------------------------------------------------------------------------------------
 
@@ -320,3 +346,4 @@ def make_utterances(texts: list[str]) -> list[Utterance]:
 def frames_for(utterances: list[Utterance], door: str) -> list[Frames]:
     mulaw = _mulaw_table() if door == "twilio" else None
     return [Frames(u, door, mulaw) for u in utterances]
+

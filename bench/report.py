@@ -58,6 +58,19 @@ def markdown(results: dict) -> str:
             lines.append(f"| {c['sessions']} | {_f(c['overhead_p50_ratio'], 2)} | {_f(c['overhead_p95_ratio'], 2)} "
                          f"| {_f(c['cpu_per_session_ratio'], 2)} | {_f(c['rss_per_session_ratio'], 2)} "
                          f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} |")
+    if results.get("flood_vs_plain"):
+        lines += ["", "Honest callers with one connection flooding audio as fast as it can beside them "
+                  "(bench/flood.py), against the same run without it:", "",
+                  "| scenario | v2v p50 plain / flood | v2v p95 plain / flood | p95 ratio | errors plain / flood "
+                  "| the flooder: sent, audio offered, reached the STT, told |", "|---|---|---|---|---|---|"]
+        for c in results["flood_vs_plain"]:
+            f = c["flood"] or {}
+            told = ", ".join(f"{k} {v}" for k, v in (f.get("errors") or {}).items()) or "-"
+            lines.append(f"| {c['scenario']} | {_f(c['p50_ms'][0])} / {_f(c['p50_ms'][1])} "
+                         f"| {_f(c['p95_ms'][0])} / {_f(c['p95_ms'][1])} | {_f(c['p95_ratio'], 3)} "
+                         f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} | {f.get('messages')} messages "
+                         f"in {f.get('seconds')} s, {f.get('audio_offered_s')} s of audio, "
+                         f"{_f(f.get('stt_seconds'), 1)} s to the STT; {told} |")
     soaks = [r for r in results["scenarios"] if r.get("rss_growth")]
     if soaks:
         lines += ["", "Memory over long runs (median RSS of the first and the last minute of the steady part):", "",

@@ -47,6 +47,9 @@ QUESTIONS = [
     "How long does the ferry to the island take in the morning?",
     "Is the museum open on Sunday afternoons?",
 ]
+# The phone door's credentials on the Atlas server under test: callers come through its signed webhook.
+TWILIO_TOKEN = "bench-twilio-auth-token"
+TWILIO_ACCOUNT = "AC" + "b" * 32
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,6 +62,7 @@ class Scenario:
     duration: float
     env: dict[str, str] = field(default_factory=dict)
     label: str = ""
+    flood: str | None = None  # a door a flooding client (bench/flood.py) hammers while the callers talk
 
     @property
     def name(self) -> str:
@@ -162,6 +166,10 @@ class Server:
                # every simulated caller comes from 127.0.0.1: the per-IP abuse limits would refuse them
                "ATLAS_MAX_SESSIONS_PER_IP": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
                "ATLAS_MAX_SESSIONS_PER_USER": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "0",
+               "ATLAS_MAX_PENDING_PER_IP": "0",
+               "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT,
+               # hang-ups (only when the bot ends a call) go nowhere: there is no Twilio here
+               "TWILIO_API_BASE_URL": "http://127.0.0.1:9",
                **env, **scenario.env}
         if scenario.server == "bare":
             cmd = [sys.executable, "-m", "bench.bare_pipecat", "--port", str(self.port)]
@@ -221,11 +229,12 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
         await server.wait_ready()
         frames = frames_for(utterances, sc.door)
         url = server.ws_url(sc.door)
+        twilio = (TWILIO_TOKEN, TWILIO_ACCOUNT) if sc.server != "bare" else None
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
             # warm-up: one call of two turns (first requests, caches, lazy imports), not counted
-            warm = await Caller(-1, sc.door, url, frames, http, reply_timeout=60).run(time.monotonic() + 120,
-                                                                                     max_turns=2)
+            warm = await Caller(-1, sc.door, url, frames, http, reply_timeout=60, twilio=twilio).run(
+                time.monotonic() + 120, max_turns=2)
             if not warm.turns or warm.turns[0].first_audio is None:
                 raise RuntimeError(f"the warm-up call got no reply ({warm.errors}, {warm.turns}, {warm.session_end}); see {server.log}")
             await asyncio.sleep(2)
@@ -234,7 +243,12 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
             ramp = min(10.0, 0.1 * sc.sessions)
             start = time.monotonic()
             until = start + ramp + sc.duration
-            callers = [Caller(i, sc.door, url, frames, http) for i in range(sc.sessions)]
+            callers = [Caller(i, sc.door, url, frames, http, twilio=twilio) for i in range(sc.sessions)]
+            flooder = None
+            if sc.flood:
+                cmd = [sys.executable, "-m", "bench.flood", sc.flood, server.ws_url(sc.flood), str(until - start)]
+                flooder = subprocess.Popen(cmd + [TWILIO_TOKEN, TWILIO_ACCOUNT], cwd=REPO, stdout=subprocess.PIPE,
+                                           text=True)
             tasks = []
             for i, caller in enumerate(callers):
                 tasks.append(asyncio.create_task(caller.run(until, offset=random.uniform(0, 3))))
@@ -251,6 +265,10 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
                     progress(sum(len(c.record.turns) for c in callers))
                 await asyncio.wait(tasks, timeout=1.0)
             records = [t.result() for t in tasks]
+            flood_stats = None
+            if flooder is not None:
+                out, _ = await asyncio.to_thread(flooder.communicate, timeout=60)
+                flood_stats = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": "no report"}
     finally:
         server.stop()
     result = summarize(sc, records, samples, steady_from, until, idle_rss, script, turn_wait,
@@ -258,6 +276,13 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
     if profiler is not None:
         profiler.wait(60)
         result["profile"] = profile_summary(workdir / f"{sc.name}.pyspy.txt")
+    if sc.flood:
+        if flood_stats and flood_stats.get("call_sid") and server.sqlite.exists():
+            with sqlite3.connect(server.sqlite) as db:
+                row = db.execute("SELECT stt_duration_seconds FROM voice_sessions WHERE conversation_id = ?",
+                                 (flood_stats["call_sid"],)).fetchone()
+            flood_stats["stt_seconds"] = row[0] if row else None
+        result["flood"] = flood_stats
     return result
 
 
@@ -371,6 +396,8 @@ def build_scenarios(args) -> list[Scenario]:
     for n in args.sessions:
         for door in args.doors:
             out.append(Scenario("atlas", door, n, args.duration))
+            if args.flood_compare:
+                out.append(Scenario("atlas", door, n, args.duration, label=f"atlas-{door}-{n}-flood", flood=door))
             if args.first_clause_compare:
                 out.append(Scenario("atlas", door, n, args.duration, env={"ATLAS_FIRST_CLAUSE_WORDS": "0"},
                                     label=f"atlas-{door}-{n}-no-first-clause"))
@@ -426,7 +453,26 @@ async def run(args) -> dict:
         if vendors is not None:
             vendors.close()
     _ratios(results)
+    _flood_ratios(results)
     return results
+
+
+def _flood_ratios(results: dict) -> None:
+    """Honest callers' voice-to-voice with a flooding connection beside them, against the same scenario
+    without it (the flood scenario runs right after its twin, in the same run)."""
+    plain = {r["scenario"]: r for r in results["scenarios"] if not r.get("flood")}
+    out = []
+    for r in results["scenarios"]:
+        base = plain.get(r["scenario"].removesuffix("-flood")) if r.get("flood") else None
+        if base is None:
+            continue
+        v, b = r["voice_to_voice_ms"], base["voice_to_voice_ms"]
+        out.append({"scenario": r["scenario"], "sessions": r["sessions"],
+                    "p50_ms": [b["p50"], v["p50"]], "p95_ms": [b["p95"], v["p95"]],
+                    "p95_ratio": round(v["p95"] / b["p95"], 3) if v["p95"] and b["p95"] else None,
+                    "error_rate": [base["error_rate"], r["error_rate"]], "flood": r["flood"]})
+    if out:
+        results["flood_vs_plain"] = out
 
 
 def _ratios(results: dict) -> None:
@@ -475,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the offline default (local engines, 1 session)")
     parser.add_argument("--first-clause-compare", action="store_true",
                         help="also run each Atlas scenario with the first-clause TTS start off")
+    parser.add_argument("--flood-compare", action="store_true",
+                        help="also run each Atlas scenario with one connection flooding audio as fast as it can "
+                             "on the same door (bench/flood.py), and compare the honest callers' latency")
     parser.add_argument("--soak", type=float, default=0, metavar="MINUTES",
                         help="also run a soak: --soak-sessions callers on /ws for MINUTES (memory growth reported)")
     parser.add_argument("--soak-sessions", type=int, default=20, help="sessions in the soak (default 20)")

@@ -41,3 +41,22 @@ def test_bench_measures_both_doors_and_bare_pipecat(tmp_path):
     md = (tmp_path / "smoke.md").read_text()
     assert all(f"| {name} |" in md for name in by) and "Atlas / bare Pipecat" in md
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_flood_compare_measures_honest_callers_beside_a_flooder(tmp_path):
+    code = main(["bench", "--sessions", "2", "--doors", "ws,twilio", "--duration", "8", "--no-offline", "--no-bare",
+                 "--flood-compare", "--name", "flood", "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "flood.json").read_text())
+    pairs = {c["scenario"]: c for c in results["flood_vs_plain"]}
+    assert set(pairs) == {"atlas-ws-2-flood", "atlas-twilio-2-flood"}
+    for c in pairs.values():
+        flood = c["flood"]
+        # The flooder offered minutes of audio; the server took real time plus the 2 s burst, told it so,
+        # and the honest callers were answered.
+        assert flood["audio_offered_s"] > 60
+        if flood["door"] == "ws":  # the phone door has no one to tell: it counts the drops in /metrics
+            assert flood["errors"].get("AUDIO_RATE_EXCEEDED", 0) >= 1
+        assert flood["stt_seconds"] is not None and flood["stt_seconds"] <= flood["seconds"] * 1.05 + 2 + 1.5, flood
+        assert c["error_rate"] == [0, 0] and c["p95_ratio"] is not None
+    assert "flooding audio" in (tmp_path / "flood.md").read_text()
