@@ -1,15 +1,20 @@
-"""A flooding client for `atlas-voice bench --flood-compare`: one connection sending loud audio as fast as
-the socket takes it, in a process of its own (so its busy loop slows neither the honest callers' pacing
-nor their measurements, only the server, which is what the bench measures).
+"""A flooding client for `atlas-voice bench --flood-compare`, in a process of its own (so its busy loop slows
+neither the honest callers' pacing nor their measurements, only the server, which is what the bench
+measures).
 
-Run: `python -m bench.flood ws|twilio URL SECONDS [TWILIO_TOKEN ACCOUNT_SID]`; prints one JSON line with
-what it offered and what the server told it.
+It opens a `/ws` session from its own address (127.0.0.2) and sends loud audio in the largest frames the
+door accepts, as fast as the socket takes them. The server drops what is over the message rate and the
+audio budget, and ends the session once the flood goes on (MESSAGE_RATE_EXCEEDED, `message_flood`); the
+flooder then connects again at once, as an attacker would, until the per-IP limits refuse it too. It
+reports what it offered, how often it got in, and how much of its audio reached the STT (the `sttDuration`
+of each of its sessions' `session_end`).
+
+Run: `python -m bench.flood URL SECONDS`; prints one JSON line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import sys
 import time
@@ -17,79 +22,81 @@ import time
 import aiohttp
 import numpy as np
 
-from bench.callers import Caller, _mulaw_table
-async def flood(door: str, url: str, http: aiohttp.ClientSession, until: float,
-                twilio: tuple[str, str] | None = None) -> dict:
-    """One connection sending loud audio as fast as the socket takes it until `until`: the largest
-    frames a door accepts, no pacing. Returns what it offered and what the server told it."""
-    stats = {"door": door, "messages": 0, "audio_offered_s": 0.0, "errors": {}, "closed_by_server": False}
-    loud = (np.sin(np.arange(8192) / 5) * 12000).astype(np.int16)
-    caller = Caller(-2, door, url, [], http, twilio=twilio)
-    caller.record.session_id = None
-    if door == "ws":
-        caller.ws = await http.ws_connect(url, max_msg_size=0)
-        await caller.ws.send_str(json.dumps({"type": "session_start", "userId": "flood", "conversationId": "flood"}))
-        started = await caller.ws.receive(timeout=30)
-        if started.type != aiohttp.WSMsgType.TEXT or json.loads(started.data).get("type") != "session_started":
-            raise ConnectionError(f"the flooder's session was refused: {started.data}")
-        message, seconds = loud.tobytes(), len(loud) / 16000
-        send = caller.ws.send_bytes
-    else:
-        await caller._connect()
-        ulaw = _mulaw_table()[loud[::2].astype(np.int32) + 32768].tobytes()[:4000]
-        message = json.dumps({"event": "media", "streamSid": caller.stream_sid,
-                              "media": {"payload": base64.b64encode(ulaw).decode()}})
-        seconds = len(ulaw) / 8000
-        send = caller.ws.send_str
+FLOOD_IP = "127.0.0.2"
 
-    ended = asyncio.get_running_loop().create_future()
 
-    async def read():
-        async for msg in caller.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT and '"error"' in msg.data[:40]:
-                code = json.loads(msg.data).get("code", "?")
-                stats["errors"][code] = stats["errors"].get(code, 0) + 1
-            elif msg.type == aiohttp.WSMsgType.TEXT and '"session_end"' in msg.data[:40] and not ended.done():
-                ended.set_result(json.loads(msg.data))
-        stats["closed_by_server"] = time.monotonic() < until
-
-    reader = asyncio.create_task(read())
-    t0 = time.monotonic()
+async def _session(http: aiohttp.ClientSession, url: str, until: float, stats: dict) -> None:
+    loud = (np.sin(np.arange(8192) / 5) * 12000).astype(np.int16).tobytes()  # 0.512 s, the largest frame
+    seconds = len(loud) / 32000
+    ws = await http.ws_connect(url, max_msg_size=0)
     try:
-        while time.monotonic() < until and not reader.done():
-            await send(message)
-            stats["messages"] += 1
-            stats["audio_offered_s"] += seconds
-            if stats["messages"] % 50 == 0:
-                await asyncio.sleep(0)  # let the honest callers' tasks run on this loop too
-    except (ConnectionError, RuntimeError):
-        stats["closed_by_server"] = True
+        await ws.send_str(json.dumps({"type": "session_start", "userId": "flood", "conversationId": "flood"}))
+        first = await ws.receive(timeout=30)
+        if first.type != aiohttp.WSMsgType.TEXT or json.loads(first.data).get("type") != "session_started":
+            code = json.loads(first.data).get("code") if first.type == aiohttp.WSMsgType.TEXT else first.type.name
+            stats["refused"][code] = stats["refused"].get(code, 0) + 1
+            await asyncio.sleep(0.2)
+            return
+        stats["sessions"] += 1
+        ended = asyncio.get_running_loop().create_future()
+
+        async def read():
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(msg.data)
+                if data.get("type") == "error":
+                    stats["errors"][data["code"]] = stats["errors"].get(data["code"], 0) + 1
+                elif data.get("type") == "session_end" and not ended.done():
+                    ended.set_result(data)
+
+        reader = asyncio.create_task(read())
+        try:
+            while time.monotonic() < until and not reader.done() and not ws.closed:
+                await ws.send_bytes(loud)
+                stats["messages"] += 1
+                stats["audio_offered_s"] += seconds
+        except (ConnectionError, RuntimeError):
+            pass
+        if time.monotonic() < until:
+            stats["ended_by_server"] += 1
+        else:  # the run is over: end the session the normal way, once the message rate has room again
+            await asyncio.sleep(2.5)
+            try:
+                await ws.send_str(json.dumps({"type": "session_stop"}))
+            except (ConnectionError, RuntimeError):
+                pass
+        try:
+            end = await asyncio.wait_for(ended, 15)
+            stats["stt_seconds"] += end["metrics"]["sttDuration"]
+            stats["end_reasons"][end["reason"]] = stats["end_reasons"].get(end["reason"], 0) + 1
+        except asyncio.TimeoutError:
+            stats["no_session_end"] += 1
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        await ws.close()
+
+
+async def flood(url: str, seconds: float) -> dict:
+    stats = {"door": "ws", "sessions": 0, "refused": {}, "ended_by_server": 0, "end_reasons": {}, "messages": 0,
+             "audio_offered_s": 0.0, "stt_seconds": 0.0, "errors": {}, "no_session_end": 0}
+    t0 = time.monotonic()
+    until = t0 + seconds
+    connector = aiohttp.TCPConnector(local_addr=(FLOOD_IP, 0), limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        while time.monotonic() < until:
+            try:
+                await _session(http, url, until, stats)
+            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
+                name = type(e).__name__
+                stats["refused"][name] = stats["refused"].get(name, 0) + 1
+                await asyncio.sleep(0.2)
     stats["seconds"] = round(time.monotonic() - t0, 1)
     stats["audio_offered_s"] = round(stats["audio_offered_s"], 1)
-    # End the call the normal way (after the message rate's bucket has refilled, or the stop is dropped too)
-    # to learn how much audio reached the STT: the ws door's session_end says it; the phone door's row does.
-    await asyncio.sleep(2.5)
-    try:
-        if door == "ws":
-            await caller.ws.send_str(json.dumps({"type": "session_stop"}))
-            stats["stt_seconds"] = (await asyncio.wait_for(ended, 15))["metrics"]["sttDuration"]
-        else:
-            await caller.ws.send_str(json.dumps({"event": "stop", "streamSid": caller.stream_sid}))
-            stats["call_sid"] = caller.record.session_id
-    except (ConnectionError, RuntimeError, asyncio.TimeoutError):
-        pass
-    reader.cancel()
-    await asyncio.gather(reader, return_exceptions=True)
-    await caller.ws.close()
+    stats["stt_seconds"] = round(stats["stt_seconds"], 1)
     return stats
 
 
-async def _main(door: str, url: str, seconds: float, twilio: tuple[str, str] | None) -> dict:
-    async with aiohttp.ClientSession() as http:
-        return await flood(door, url, http, time.monotonic() + seconds, twilio)
-
-
 if __name__ == "__main__":
-    door, url, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    creds = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 5 else None
-    print(json.dumps(asyncio.run(_main(door, url, secs, creds))), flush=True)
+    print(json.dumps(asyncio.run(flood(sys.argv[1], float(sys.argv[2])))), flush=True)

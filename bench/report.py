@@ -59,18 +59,23 @@ def markdown(results: dict) -> str:
                          f"| {_f(c['cpu_per_session_ratio'], 2)} | {_f(c['rss_per_session_ratio'], 2)} "
                          f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} |")
     if results.get("flood_vs_plain"):
-        lines += ["", "Honest callers with one connection flooding audio as fast as it can beside them "
-                  "(bench/flood.py), against the same run without it:", "",
+        lines += ["", "Honest callers with a client flooding /ws with audio as fast as it can beside them, "
+                  "reconnecting whenever it is cut off (bench/flood.py), against the same run without it:", "",
                   "| scenario | v2v p50 plain / flood | v2v p95 plain / flood | p95 ratio | errors plain / flood "
-                  "| the flooder: sent, audio offered, reached the STT, told |", "|---|---|---|---|---|---|"]
+                  "| the flooder |", "|---|---|---|---|---|---|"]
         for c in results["flood_vs_plain"]:
             f = c["flood"] or {}
-            told = ", ".join(f"{k} {v}" for k, v in (f.get("errors") or {}).items()) or "-"
+
+            def counts(d):
+                return ", ".join(f"{k} {v}" for k, v in (d or {}).items()) or "none"
+
             lines.append(f"| {c['scenario']} | {_f(c['p50_ms'][0])} / {_f(c['p50_ms'][1])} "
                          f"| {_f(c['p95_ms'][0])} / {_f(c['p95_ms'][1])} | {_f(c['p95_ratio'], 3)} "
                          f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} | {f.get('messages')} messages "
-                         f"in {f.get('seconds')} s, {f.get('audio_offered_s')} s of audio, "
-                         f"{_f(f.get('stt_seconds'), 1)} s to the STT; {told} |")
+                         f"({f.get('audio_offered_s')} s of audio) in {f.get('seconds')} s over {f.get('sessions')} "
+                         f"sessions, {_f(f.get('stt_seconds'), 1)} s of it to the STT; sessions ended: "
+                         f"{counts(f.get('end_reasons'))}; refused: {counts(f.get('refused'))}; told: "
+                         f"{counts(f.get('errors'))} |")
     soaks = [r for r in results["scenarios"] if r.get("rss_growth")]
     if soaks:
         lines += ["", "Memory over long runs (median RSS of the first and the last minute of the steady part):", "",

@@ -176,14 +176,32 @@ class VoiceSession:
             await self.notify_limit(*limit)
         await self.worker.cancel(reason=reason)
 
+    def stop_soon(self, reason: str, limit: tuple[ErrorCode, str] | None = None) -> None:
+        """`stop` from another task: for callers inside the pipeline (a processor, the transport's receive
+        loop), which the stop's cancel would otherwise wait on."""
+        task = asyncio.get_running_loop().create_task(self.stop(reason, limit))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
     def on_backlog(self, lag_secs: float) -> None:
         """The pipeline fell `lag_secs` behind the caller's audio (called from inside it): end the session."""
         logger.warning(f"session {self.session_id}: {lag_secs:.1f} s behind its caller's audio; ending it")
         limit = self.runtime.settings.max_audio_lag_secs
-        task = asyncio.get_running_loop().create_task(self.stop("audio_backlog", (
-            ErrorCode.AUDIO_BACKLOG, f"the server fell more than {limit:g} s behind your audio; the session ended")))
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+        self.stop_soon("audio_backlog", (ErrorCode.AUDIO_BACKLOG,
+                                         f"the server fell more than {limit:g} s behind your audio; the session ended"))
+
+    async def on_flood(self) -> None:
+        """The connection kept sending over twice its message rate (bots.limits.MessageRate.flooding): cut
+        it off at once (every message read costs the server, even dropped unread), then end the session."""
+        logger.warning(f"session {self.session_id}: message flood; ending it")
+        self.end_reason = "message_flood"
+        self.count_error(str(ErrorCode.MESSAGE_RATE_EXCEEDED))
+        await self.cut_off(ErrorCode.MESSAGE_RATE_EXCEEDED, f"over twice {self.runtime.settings.max_messages_per_sec} "
+                                                            "messages a second for seconds; the session ended")
+        self.stop_soon("message_flood")
+
+    async def cut_off(self, code: ErrorCode, message: str) -> None:
+        """Tell the client why (doors that can) and close its socket now, ahead of the pipeline's end."""
 
     async def _watchdog(self) -> None:
         s = self.runtime.settings

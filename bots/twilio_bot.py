@@ -244,7 +244,7 @@ class AtlasTwilioSerializer(TwilioFrameSerializer):
 
     def __init__(self, *args, on_audio=None, on_stop=None, on_error=None, on_mark=None,
                  audio_batch_ms: int = 40, max_text_bytes: int = 8192, rate: MessageRate | None = None,
-                 budget: AudioBudget | None = None, **kwargs):
+                 budget: AudioBudget | None = None, on_flood=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)  # after the 8 -> 16 kHz resampling
         # Pipecat's default (SoX "VHQ" stream) holds 8 -> 16 kHz input back ~100 ms and hands it on in bursts,
@@ -259,6 +259,7 @@ class AtlasTwilioSerializer(TwilioFrameSerializer):
         self._on_audio = on_audio
         self._on_stop = on_stop
         self._on_error = on_error
+        self._on_flood = on_flood  # called once when the message rate says the stream is flooding
         self.caller_hung_up = False
         self.dropped: dict[str, int] = {}
 
@@ -277,6 +278,9 @@ class AtlasTwilioSerializer(TwilioFrameSerializer):
             return None
         if self._rate is not None and not self._rate.allow():
             self._drop(ErrorCode.MESSAGE_RATE_EXCEEDED, self._rate.should_tell())
+            if self._on_flood is not None and self._rate.flooding:
+                on_flood, self._on_flood = self._on_flood, None
+                await on_flood()
             return None
         try:
             message = json.loads(data)
@@ -401,6 +405,9 @@ class TwilioSession(VoiceSession):
     def describe_user(self) -> str:
         return masked(self.caller.client_user_id)
 
+    async def cut_off(self, code: ErrorCode, message: str) -> None:
+        await close_quietly(self.websocket, 1008)
+
     async def queue_message(self, message: dict) -> None:
         if self.worker is not None and not self.worker.has_finished():
             await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message=message))
@@ -412,7 +419,7 @@ class TwilioSession(VoiceSession):
         hang_up = bool(self.verified and token and s.twilio_account_sid)
 
         async def on_stop():
-            asyncio.get_running_loop().create_task(self.stop("caller_hangup"))
+            self.stop_soon("caller_hangup")
 
         serializer = AtlasTwilioSerializer(
             self.stream_sid, call_sid=self.call_sid if hang_up else None,
@@ -421,7 +428,7 @@ class TwilioSession(VoiceSession):
             params=TwilioFrameSerializer.InputParams(auto_hang_up=hang_up),
             on_audio=self.touch_audio, on_stop=on_stop, on_mark=self.marks.echoed, on_error=self.count_error,
             audio_batch_ms=s.audio_in_batch_ms, max_text_bytes=s.max_text_message_bytes,
-            rate=MessageRate(s.max_messages_per_sec), budget=AudioBudget(s.audio_burst_secs),
+            rate=MessageRate(s.max_messages_per_sec), budget=AudioBudget(s.audio_burst_secs), on_flood=self.on_flood,
         )
         transport = FastAPIWebsocketTransport(
             self.websocket,

@@ -79,6 +79,11 @@ async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | 
         if message["type"] == "websocket.disconnect":
             return None
         if rate is not None and not rate.allow():
+            if rate.flooding:
+                await _send_error(websocket, runtime, ErrorCode.MESSAGE_RATE_EXCEEDED,
+                                  "over twice the message rate for seconds; the connection is closed")
+                await close_quietly(websocket, CLOSE_POLICY)
+                return None
             if rate.should_tell():
                 await _send_error(websocket, runtime, ErrorCode.MESSAGE_RATE_EXCEEDED, rate.refusal().message)
             continue
@@ -113,6 +118,7 @@ class Session(VoiceSession):
         self.start = start
         self.rate = rate  # the connection's message rate, carried on from the handshake
         self.budget = budget  # the connection's audio budget (seconds of audio, real time + a burst)
+        self.serializer: AtlasProtocolSerializer | None = None
 
     def session_end_message(self) -> dict:
         return {"type": "session_end", **self.final()}
@@ -120,6 +126,13 @@ class Session(VoiceSession):
     async def _send(self, message: dict) -> None:
         if self.worker is not None and not self.worker.has_finished():
             await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message=message))
+
+    async def cut_off(self, code: ErrorCode, message: str) -> None:
+        await _send_json(self.websocket, error_message(code, message))
+        if self.serializer is not None and not self.serializer.end_sent:
+            self.serializer.end_sent = True
+            await _send_json(self.websocket, self.session_end_message())
+        await close_quietly(self.websocket, CLOSE_POLICY)
 
     async def notify_limit(self, code: ErrorCode, message: str) -> None:
         await _send_json(self.websocket, error_message(code, message))
@@ -139,11 +152,12 @@ class Session(VoiceSession):
 
         async def on_session_stop():
             # Called from inside the input transport's receive loop: end from another task.
-            asyncio.get_running_loop().create_task(self.stop("client_stop"))
+            self.stop_soon("client_stop")
 
-        serializer = AtlasProtocolSerializer(
+        serializer = self.serializer = AtlasProtocolSerializer(
             rate=self.rate,
             budget=self.budget,
+            on_flood=self.on_flood,
             max_audio_bytes=s.max_audio_frame_bytes,
             max_text_bytes=s.max_text_message_bytes,
             on_session_stop=on_session_stop,

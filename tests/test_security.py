@@ -377,14 +377,15 @@ async def test_every_twiml_answer_is_one_well_formed_xml_document(secure, twilio
 
 # --- 4. audio was not limited to real time ----------------------------------------------------------------
 
-async def flood(send, seconds: float) -> int:
-    """Call `send()` as fast as the socket takes it for `seconds`; returns how many messages went."""
+async def paced(send, seconds: float, per_sec: int = 100) -> int:
+    """Call `send()` `per_sec` times a second (under the message rate) for `seconds`; returns how many went."""
     n, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
         await send()
         n += 1
-        if n % 20 == 0:
-            await asyncio.sleep(0)
+        delay = t0 + n / per_sec - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
     return n
 
 
@@ -398,9 +399,9 @@ async def test_a_browser_socket_gets_real_time_audio_into_the_stt_and_no_more(se
     conn = dg.connections[-1]
     loud = (np.sin(np.arange(8192) / 5) * 12000).astype(np.int16).tobytes()  # 0.512 s per message
     t0 = time.monotonic()
-    sent = await flood(lambda: ws.send(loud), 6.0)
+    # 100 messages a second is within the message rate, and 51 s of audio a second.
+    sent = await paced(lambda: ws.send(loud), 6.0)
     errors = set()
-    await asyncio.sleep(2.5)  # the message rate's bucket refills (a stop sent now would be dropped too)
     await ws.send(json.dumps({"type": "session_stop"}))
     while True:
         msg = await recv_json(ws)
@@ -409,12 +410,11 @@ async def test_a_browser_socket_gets_real_time_audio_into_the_stt_and_no_more(se
         if msg["type"] == "session_end":
             break
     wall = time.monotonic() - t0
-    assert sent * 0.512 > 60  # offered: over a minute of audio
-    assert "AUDIO_RATE_EXCEEDED" in errors
+    assert sent * 0.512 > 250  # offered: over four minutes of audio in six seconds
+    assert errors == {"AUDIO_RATE_EXCEEDED"} and msg["reason"] == "client_stop"  # told, and the session went on
     assert len(dg.connections) == n_conn
-    # What reached Deepgram (what it bills): real time (5% over) plus the 2 s burst, and the second of
-    # silence-free time before the flood.
-    assert conn.audio_seconds <= wall * 1.05 + 2.0 + 1.5, (conn.audio_seconds, wall)
+    # What reached Deepgram (what it bills): real time (5% over) plus the 2 s burst.
+    assert conn.audio_seconds <= wall * 1.05 + 2.0 + 0.5, (conn.audio_seconds, wall)
     await ws.close()
 
 
@@ -429,13 +429,27 @@ async def test_a_phone_stream_gets_real_time_audio_into_the_stt_and_no_more(secu
     payload = base64.b64encode(bytes([0x20, 0xA0]) * 2000).decode()  # 0.5 s of loud mu-law per message
     message = json.dumps({"event": "media", "streamSid": call.stream_sid, "media": {"payload": payload}})
     t0 = time.monotonic()
-    await flood(lambda: call.ws.send(message), 6.0)
+    await paced(lambda: call.ws.send(message), 6.0)  # with the caller's own 50 a second: under the rate
     wall = time.monotonic() - t0 + 1.0
     await call.hang_up()
-    assert conn.audio_seconds <= wall * 1.05 + 2.0 + 1.0, (conn.audio_seconds, wall)
+    assert conn.audio_seconds <= wall * 1.05 + 2.0 + 0.5, (conn.audio_seconds, wall)
     assert error_count(metrics(base), "AUDIO_RATE_EXCEEDED") > before
     rows = await wait_rows(log, "conversation_id = ? and ended_at is not null", (call.call_sid,))
-    assert rows and rows[0]["errors_count"] >= 1
+    assert rows and rows[0]["errors_count"] >= 1 and rows[0]["end_reason"] == "caller_hangup"
+
+
+async def test_a_phone_stream_flooding_messages_is_ended_and_recorded(secure, twilio_rest):
+    base, log = secure
+    call = await TwilioCaller.dial(base, TWILIO_TOKEN, account_sid=twilio_rest.account_sid)
+    await call.connect()
+    message = json.dumps({"event": "media", "streamSid": call.stream_sid, "media": {"payload": "f39/"}})
+    deadline = time.monotonic() + 20
+    with pytest.raises(websockets.ConnectionClosed):
+        while time.monotonic() < deadline:  # as fast as the socket takes them, until the server hangs up
+            await call.ws.send(message)
+    await call.hang_up()
+    rows = await wait_rows(log, "conversation_id = ? and ended_at is not null", (call.call_sid,))
+    assert rows and rows[0]["end_reason"] == "message_flood"
 
 
 async def test_a_monologue_is_cut_into_turns_at_the_maximum_turn_length(secure, speech):

@@ -204,3 +204,22 @@ def test_caller_fields_are_cleaned_at_the_edge():
     assert c.conversation_id.startswith("cid") and len(c.conversation_id) == 256
     assert Caller(ip_address="::1", user_id="5E449A5A-6D32-401D-B904-C358A5B78A64").user_id == \
         "5e449a5a-6d32-401d-b904-c358a5b78a64"
+
+
+def test_message_rate_says_flooding_only_when_over_twice_the_rate_is_sustained():
+    from bots.limits import MessageRate
+
+    clock = [0.0]
+    rate = MessageRate(100, clock=lambda: clock[0])
+    for _ in range(2000):  # a 20 s burst at once: 200 pass, 1800 dropped, but over within a moment
+        rate.allow()
+    assert rate.flooding  # 1800 dropped in a moment is more than 10 s worth (1000)
+    rate = MessageRate(100, clock=lambda: clock[0])
+    for _ in range(1500):  # 1.5x the rate for 15 s: a fast clock, a greedy client, not a flood
+        clock[0] += 1 / 150
+        rate.allow()
+    assert not rate.flooding
+    for _ in range(2100):  # 3x the rate for 7 s: 1400 dropped in the window... then more
+        clock[0] += 1 / 300
+        rate.allow()
+    assert rate.flooding

@@ -222,7 +222,7 @@ class AtlasProtocolSerializer(FrameSerializer):
 
     def __init__(
         self, *, max_audio_bytes: int, max_text_bytes: int, on_session_stop=None, on_audio=None, session_end=None,
-        on_error=None, audio_batch_ms: int = 40, rate=None, budget=None,
+        on_error=None, audio_batch_ms: int = 40, rate=None, budget=None, on_flood=None,
     ):
         super().__init__()
         self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)
@@ -234,6 +234,7 @@ class AtlasProtocolSerializer(FrameSerializer):
         self._on_error = on_error  # called with the code of every `error` message sent
         self._rate = rate  # bots.limits.MessageRate: over it, messages are dropped before parsing
         self._budget = budget  # bots.limits.AudioBudget: audio over real time (+ a burst) is dropped
+        self._on_flood = on_flood  # called once when the message rate says the connection is flooding
         self.muted = False
         self.end_sent = False  # session_end written (the door sends it itself when the pipeline never started)
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
@@ -243,6 +244,10 @@ class AtlasProtocolSerializer(FrameSerializer):
     # ---- client -> server -------------------------------------------------------------------
     async def deserialize(self, data: str | bytes) -> Frame | None:
         if self._rate is not None and not self._rate.allow():
+            if self._on_flood is not None and self._rate.flooding:
+                on_flood, self._on_flood = self._on_flood, None
+                await on_flood()
+                return None
             if self._rate.should_tell():
                 return OutputTransportMessageUrgentFrame(message=self._rate.refusal().to_message())
             return None
