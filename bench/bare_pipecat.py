@@ -1,10 +1,10 @@
 """The benchmark's reference: a bare Pipecat 1.14 phone bot, as Pipecat's own Twilio example builds it.
 
 One FastAPI app with `/twilio/ws`: Pipecat's TwilioFrameSerializer and FastAPIWebsocketTransport,
-Silero VAD (and smart-turn v3 when ATLAS_SMART_TURN is on) loaded per call (as the examples do), and Pipecat's own Deepgram,
-Anthropic and ElevenLabs services, pointed at the same fakes and given the same model, prompt and
-VAD and turn-end settings as Atlas. No Atlas processor, serializer, recorder or metrics: what Atlas adds or
-saves is measured against this, in the same run.
+Silero VAD (and smart-turn v3 when ATLAS_SMART_TURN is on) loaded per call (as the examples do), and
+Pipecat's own Deepgram, Anthropic and ElevenLabs services, pointed at the same fakes and given the same
+model, prompt and VAD and turn-end settings as Atlas. No Atlas processor, serializer, recorder or metrics:
+what Atlas adds or saves is measured against this, in the same run.
 
 Run: `python -m bench.bare_pipecat --port 8100` with DEEPGRAM_BASE_URL, ANTHROPIC_BASE_URL,
 ELEVENLABS_BASE_URL (and their keys) in the environment.
@@ -71,41 +71,59 @@ def create_app() -> FastAPI:
         await messages.__anext__()  # "connected"
         start = json.loads(await messages.__anext__())["start"]
         serializer = TwilioFrameSerializer(
-            stream_sid=start["streamSid"], call_sid=start["callSid"],
+            stream_sid=start["streamSid"],
+            call_sid=start["callSid"],
             params=TwilioFrameSerializer.InputParams(auto_hang_up=False),
         )
         transport = FastAPIWebsocketTransport(
-            websocket, FastAPIWebsocketParams(audio_in_enabled=True, audio_out_enabled=True,
-                                              add_wav_header=False, serializer=serializer),
+            websocket,
+            FastAPIWebsocketParams(
+                audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer
+            ),
         )
         stt = DeepgramSTTService(
-            api_key=env["DEEPGRAM_API_KEY"], base_url=env["DEEPGRAM_BASE_URL"],
-            settings=DeepgramSTTService.Settings(model="nova-3", interim_results=True, punctuate=True,
-                                                 endpointing=300, utterance_end_ms=1000),
+            api_key=env["DEEPGRAM_API_KEY"],
+            base_url=env["DEEPGRAM_BASE_URL"],
+            settings=DeepgramSTTService.Settings(
+                model="nova-3", interim_results=True, punctuate=True, endpointing=300, utterance_end_ms=1000
+            ),
         )
         llm = AnthropicLLMService(
             api_key=env["ANTHROPIC_API_KEY"],
             client=AsyncAnthropic(api_key=env["ANTHROPIC_API_KEY"], base_url=env["ANTHROPIC_BASE_URL"]),
-            settings=AnthropicLLMService.Settings(model=s.anthropic_model,
-                                                  system_instruction=system_prompt(local_model=False),
-                                                  max_tokens=s.max_tokens),
+            settings=AnthropicLLMService.Settings(
+                model=s.anthropic_model, system_instruction=system_prompt(local_model=False), max_tokens=s.max_tokens
+            ),
         )
         tts = ElevenLabsTTSService(
-            api_key=env["ELEVENLABS_API_KEY"], url=env["ELEVENLABS_BASE_URL"],
+            api_key=env["ELEVENLABS_API_KEY"],
+            url=env["ELEVENLABS_BASE_URL"],
             settings=ElevenLabsTTSService.Settings(voice=env["ELEVENLABS_VOICE_ID"], model="eleven_flash_v2_5"),
         )
         context = LLMContext()
-        aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
-            vad_analyzer=SileroVADAnalyzer(params=vad),  # the same VAD settings as Atlas
-            # the same turn end as Atlas: smart-turn v3 (loaded per call) or the speech timeout
-            user_turn_strategies=UserTurnStrategies(stop=[
-                TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3()) if s.smart_turn
-                else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.user_speech_timeout_secs)]),
-        ))
-        pipeline = Pipeline([transport.input(), stt, aggregators.user(), llm, tts, transport.output(),
-                             aggregators.assistant()])
-        worker = PipelineWorker(pipeline, params=PipelineParams(
-            audio_in_sample_rate=8000, audio_out_sample_rate=8000, enable_metrics=True, enable_usage_metrics=True))
+        aggregators = LLMContextAggregatorPair(
+            context,
+            user_params=LLMUserAggregatorParams(
+                vad_analyzer=SileroVADAnalyzer(params=vad),  # the same VAD settings as Atlas
+                # the same turn end as Atlas: smart-turn v3 (loaded per call) or the speech timeout
+                user_turn_strategies=UserTurnStrategies(
+                    stop=[
+                        TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())
+                        if s.smart_turn
+                        else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.user_speech_timeout_secs)
+                    ]
+                ),
+            ),
+        )
+        pipeline = Pipeline(
+            [transport.input(), stt, aggregators.user(), llm, tts, transport.output(), aggregators.assistant()]
+        )
+        worker = PipelineWorker(
+            pipeline,
+            params=PipelineParams(
+                audio_in_sample_rate=8000, audio_out_sample_rate=8000, enable_metrics=True, enable_usage_metrics=True
+            ),
+        )
 
         @transport.event_handler("on_client_disconnected")
         async def _gone(_transport, _client):

@@ -3,7 +3,7 @@
 Each caller streams a microphone in real time (20 ms frames, silence between utterances, as a phone or a
 browser does), speaks an utterance, measures the reply as a listener would and speaks again once the
 reply has played out. Two doors: `/ws` (the Atlas protocol: binary PCM up, `audio_chunk` JSON down) and
-`/twilio/ws` (Twilio Media Streams: base64 mu-law JSON both ways, as tests/fakes/twilio.py speaks it).
+`/twilio/ws` (Twilio Media Streams: base64 mu-law JSON both ways, as fakes/twilio.py speaks it).
 
 Per turn it records:
 - voice-to-voice: the end of speech in the utterance (when that frame was sent) -> first reply audio in;
@@ -11,7 +11,7 @@ Per turn it records:
   browser or Twilio does); every time the buffer runs dry before the reply ends is an audible gap;
 - errors: no reply within `reply_timeout`, `error` messages (by code), a connection refused or dropped.
 
-The tests' own clients (bots.talk.VoiceClient, tests.fakes.twilio.TwilioCaller) keep every message for
+The tests' own clients (app.talk.VoiceClient, fakes.twilio.TwilioCaller) keep every message for
 assertions; at 100 callers that bookkeeping would cost the benchmark more than the server, so these
 keep counters only.
 """
@@ -73,7 +73,7 @@ class CallRecord:
 
 
 def _mulaw_table() -> np.ndarray:
-    from tests.fakes.twilio import mulaw_encode
+    from fakes.twilio import mulaw_encode
 
     return np.frombuffer(mulaw_encode(np.arange(-32768, 32768, dtype=np.int16)), np.uint8)
 
@@ -104,18 +104,29 @@ class Frames:
             n = 160
             pcm8 = np.concatenate([pcm8, np.zeros(-len(pcm8) % n, np.int16)])
             ulaw = mulaw[pcm8.astype(np.int32) + 32768]
-            return [base64.b64encode(ulaw[i:i + n].tobytes()).decode() for i in range(0, len(ulaw), n)]
+            return [base64.b64encode(ulaw[i : i + n].tobytes()).decode() for i in range(0, len(ulaw), n)]
         n = 320
         pcm = np.concatenate([pcm, np.zeros(-len(pcm) % n, np.int16)])
-        return [pcm[i:i + n].tobytes() for i in range(0, len(pcm), n)]
+        return [pcm[i : i + n].tobytes() for i in range(0, len(pcm), n)]
 
 
 class Caller:
     """One simulated caller. `run()` calls until `until` (monotonic), then hangs up."""
 
-    def __init__(self, index: int, door: str, url: str, utterances: list[Frames], http: aiohttp.ClientSession, *,
-                 jitter: float = 0.06, quiet: float = 1.0, reply_timeout: float = 15.0,
-                 pause: tuple[float, float] = (0.4, 1.2), twilio: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        door: str,
+        url: str,
+        utterances: list[Frames],
+        http: aiohttp.ClientSession,
+        *,
+        jitter: float = 0.06,
+        quiet: float = 1.0,
+        reply_timeout: float = 15.0,
+        pause: tuple[float, float] = (0.4, 1.2),
+        twilio: tuple[str, str] | None = None,
+    ) -> None:
         """`twilio`: (auth token, account SID) of a server whose phone door checks signatures (Atlas): each
         call then comes through the signed voice webhook first, as Twilio places it. None: the stream
         alone (bare Pipecat has no webhook)."""
@@ -146,7 +157,8 @@ class Caller:
             ts = (self._seq - 1) * 20
             await self.ws.send_str(
                 f'{{"event":"media","sequenceNumber":"{self._seq + 1}","media":{{"track":"inbound",'
-                f'"chunk":"{self._seq}","timestamp":"{ts}","payload":"{frame}"}},"streamSid":"{self.stream_sid}"}}')
+                f'"chunk":"{self._seq}","timestamp":"{ts}","payload":"{frame}"}},"streamSid":"{self.stream_sid}"}}'
+            )
 
     async def _connect(self) -> None:
         if self.door == "twilio" and self.twilio is not None:
@@ -154,8 +166,15 @@ class Caller:
             return
         self.ws = await self.http.ws_connect(self.url, max_msg_size=0, autoping=True, heartbeat=None)
         if self.door == "ws":
-            await self.ws.send_str(json.dumps({"type": "session_start", "userId": f"bench-{self.index}",
-                                               "conversationId": f"bench-{uuid.uuid4().hex[:12]}"}))
+            await self.ws.send_str(
+                json.dumps(
+                    {
+                        "type": "session_start",
+                        "userId": f"bench-{self.index}",
+                        "conversationId": f"bench-{uuid.uuid4().hex[:12]}",
+                    }
+                )
+            )
             msg = await self.ws.receive(timeout=30)
             started = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
             if started.get("type") != "session_started":
@@ -165,17 +184,28 @@ class Caller:
         else:
             call_sid = "CA" + uuid.uuid4().hex
             await self.ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-            await self.ws.send_str(json.dumps({
-                "event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid,
-                "start": {"accountSid": "AC" + uuid.uuid4().hex, "streamSid": self.stream_sid, "callSid": call_sid,
-                          "tracks": ["inbound"], "customParameters": {"from": f"+1555{self.index:07d}",
-                                                                     "to": "+15550000000"},
-                          "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+            await self.ws.send_str(
+                json.dumps(
+                    {
+                        "event": "start",
+                        "sequenceNumber": "1",
+                        "streamSid": self.stream_sid,
+                        "start": {
+                            "accountSid": "AC" + uuid.uuid4().hex,
+                            "streamSid": self.stream_sid,
+                            "callSid": call_sid,
+                            "tracks": ["inbound"],
+                            "customParameters": {"from": f"+1555{self.index:07d}", "to": "+15550000000"},
+                            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                        },
+                    }
+                )
+            )
             self.record.session_id = call_sid
 
     async def _connect_signed(self) -> None:
         """The call as Twilio places it: the signed voice webhook, then the stream its TwiML names, signed."""
-        from tests.fakes.twilio import answer_call, twilio_signature
+        from fakes.twilio import answer_call, twilio_signature
 
         token, account = self.twilio
         base = "http://" + self.url.split("://", 1)[1].split("/", 1)[0]
@@ -185,11 +215,23 @@ class Caller:
         headers = {"X-Twilio-Signature": twilio_signature(token, plan.stream_url)}
         self.ws = await self.http.ws_connect(self.url, max_msg_size=0, autoping=True, heartbeat=None, headers=headers)
         await self.ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await self.ws.send_str(json.dumps({
-            "event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid,
-            "start": {"accountSid": account, "streamSid": self.stream_sid, "callSid": plan.call_sid,
-                      "tracks": ["inbound"], "customParameters": plan.parameters,
-                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+        await self.ws.send_str(
+            json.dumps(
+                {
+                    "event": "start",
+                    "sequenceNumber": "1",
+                    "streamSid": self.stream_sid,
+                    "start": {
+                        "accountSid": account,
+                        "streamSid": self.stream_sid,
+                        "callSid": plan.call_sid,
+                        "tracks": ["inbound"],
+                        "customParameters": plan.parameters,
+                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                    },
+                }
+            )
+        )
         self.record.session_id = plan.call_sid
 
     # ---- receiving ------------------------------------------------------------------------------------
@@ -320,18 +362,25 @@ class Caller:
                 await asyncio.wait_for(self._closed.wait(), 15)
             else:
                 self._seq += 1
-                await self.ws.send_str(json.dumps({"event": "stop", "sequenceNumber": str(self._seq + 1),
-                                                   "streamSid": self.stream_sid,
-                                                   "stop": {"accountSid": "AC", "callSid": self.record.session_id}}))
+                await self.ws.send_str(
+                    json.dumps(
+                        {
+                            "event": "stop",
+                            "sequenceNumber": str(self._seq + 1),
+                            "streamSid": self.stream_sid,
+                            "stop": {"accountSid": "AC", "callSid": self.record.session_id},
+                        }
+                    )
+                )
                 await asyncio.wait_for(self._closed.wait(), 5)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        except (TimeoutError, ConnectionError, RuntimeError):
             self.record.error("HANGUP_TIMEOUT")
 
 
 def make_utterances(texts: list[str]) -> list[Utterance]:
     """Piper speaks each text at 16 kHz (real speech, same every run) over room noise, with 0.3 s of it after."""
-    from bots.talk import speech_end_seconds
-    from tests.fakes.base import piper_pcm
+    from app.talk import speech_end_seconds
+    from fakes.base import piper_pcm
 
     out = []
     for text in texts:
@@ -346,4 +395,3 @@ def make_utterances(texts: list[str]) -> list[Utterance]:
 def frames_for(utterances: list[Utterance], door: str) -> list[Frames]:
     mulaw = _mulaw_table() if door == "twilio" else None
     return [Frames(u, door, mulaw) for u in utterances]
-

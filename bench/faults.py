@@ -4,7 +4,7 @@ Defaults (issue 7): 50 concurrent callers on /ws for 5 minutes, each placing cal
 another; Deepgram drops 10% of its streams (TCP abort, no close frame, 1-20 s of audio in), Claude answers
 529 to 5% of requests and stalls 2% (10 s after `message_start`), ElevenLabs cuts 5% of its replies
 (connection aborted 0.2-2 s of audio in), the database (Postgres behind the PostgREST-compatible endpoint
-of tests/supabase_local, through the real supabase client) is stopped for 30 s one minute in, and 1% of
+of fakes/supabase_local, through the real supabase client) is stopped for 30 s one minute in, and 1% of
 calls vanish: their TCP connection is aborted at a random moment, without a WebSocket close.
 
 After the calls it waits for the outbox to drain, scrapes /metrics, stops the server with SIGTERM and
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.harness import metric_samples
 from bench.run import QUESTIONS, RESULTS, Scenario, Server, Vendors, _stats, machine
-from tests.helpers import metric_samples
 
 
 def _by_label(samples: dict, name: str, label: str) -> dict[str, float]:
@@ -46,8 +46,9 @@ def _by_label(samples: dict, name: str, label: str) -> dict[str, float]:
     return out
 
 
-async def _caller_slot(index: int, url: str, frames, http, until: float, turns: int, vanish: float,
-                       records: list, outcomes: list) -> None:
+async def _caller_slot(
+    index: int, url: str, frames, http, until: float, turns: int, vanish: float, records: list, outcomes: list
+) -> None:
     """One line of calls: call after call until `until`; a `vanish` share of them drop off mid-call."""
     from bench.callers import Caller
 
@@ -58,10 +59,12 @@ async def _caller_slot(index: int, url: str, frames, http, until: float, turns: 
         vanished = random.random() < vanish
         handle = None
         if vanished:
+
             def abort(c=caller):
                 conn = getattr(c.ws, "_conn", None) if c.ws is not None else None
                 if conn is not None and conn.transport is not None:
                     conn.transport.abort()  # the network is gone: no close frame, nothing more
+
             handle = asyncio.get_running_loop().call_later(random.uniform(3, 25), abort)
         record = await caller.run(until, offset=random.uniform(0, 1), max_turns=turns)
         if handle is not None:
@@ -73,17 +76,24 @@ async def _caller_slot(index: int, url: str, frames, http, until: float, turns: 
 async def run(args) -> dict:
     from bench.callers import frames_for, make_utterances
     from bench.vendors import VendorScript, vendor_env
-    from tests.supabase_local.stack import Stack
+    from fakes.supabase_local.stack import Stack
 
-    script = VendorScript(stt_drop=args.stt_drop, llm_overload=args.llm_overload, llm_stall=args.llm_stall,
-                          tts_fail=args.tts_fail)
+    script = VendorScript(
+        stt_drop=args.stt_drop, llm_overload=args.llm_overload, llm_stall=args.llm_stall, tts_fail=args.tts_fail
+    )
     print("starting Postgres + the PostgREST-compatible endpoint, the vendor fakes, the server ...", flush=True)
     stack = Stack().start()
     vendors = Vendors(asdict(script))
     workdir = Path(tempfile.mkdtemp(prefix="atlas-faults-"))
-    env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology",
-           "SUPABASE_URL": stack.api.url, "SUPABASE_SERVICE_ROLE_KEY": stack.api.service_key,
-           "ATLAS_DB_TIMEOUT_SECS": "2", "ATLAS_OUTBOX_MAX_BACKOFF_SECS": "5", "ATLAS_LOG_LEVEL": "INFO"}
+    env = {
+        **vendor_env(vendors.urls),
+        "ATLAS_LLM_FALLBACK": "apology",
+        "SUPABASE_URL": stack.api.url,
+        "SUPABASE_SERVICE_ROLE_KEY": stack.api.service_key,
+        "ATLAS_DB_TIMEOUT_SECS": "2",
+        "ATLAS_OUTBOX_MAX_BACKOFF_SECS": "5",
+        "ATLAS_LOG_LEVEL": "INFO",
+    }
     server = Server(Scenario("atlas", "ws", args.sessions, args.minutes * 60, label=args.name), env, workdir)
     vendor_report: dict = {}
     records: list = []
@@ -108,13 +118,19 @@ async def run(args) -> dict:
             outage_task = asyncio.create_task(database_outage()) if args.outage else None
             slots = []
             for i in range(args.sessions):
-                slots.append(asyncio.create_task(_caller_slot(i, url, frames, http, until, args.turns, args.vanish,
-                                                              records, vanished)))
+                slots.append(
+                    asyncio.create_task(
+                        _caller_slot(i, url, frames, http, until, args.turns, args.vanish, records, vanished)
+                    )
+                )
                 await asyncio.sleep(10 / args.sessions)
             while not all(t.done() for t in slots):
                 done = sum(len(r.turns) for r in records)
-                print(f"\r  {time.monotonic() - start:5.0f} s  {len(records)} calls done, {done} turns",
-                      end="", flush=True)
+                print(
+                    f"\r  {time.monotonic() - start:5.0f} s  {len(records)} calls done, {done} turns",
+                    end="",
+                    flush=True,
+                )
                 await asyncio.wait(slots, timeout=5)
             print(flush=True)
             for t in slots:
@@ -142,25 +158,44 @@ async def run(args) -> dict:
 
 
 def _summarize(args, script, records, vanished, samples, stack, vendor_report, outage, pending) -> dict:
-    calls = [(r, v) for r, v in zip(records, vanished)]
+    calls = [(r, v) for r, v in zip(records, vanished, strict=False)]
     kept = [r for r, v in calls if not v]
     gone = [r for r, v in calls if v]
 
     def complete(r) -> bool:
-        return (r.session_id is not None and r.session_end is not None and bool(r.turns)
-                and all(t.first_audio is not None and t.error is None for t in r.turns))
+        return (
+            r.session_id is not None
+            and r.session_end is not None
+            and bool(r.turns)
+            and all(t.first_audio is not None and t.error is None for t in r.turns)
+        )
 
     ok = [r for r in kept if complete(r)]
-    failed = [{"session": r.session_id, "errors": r.errors,
-               "turns": [(t.first_audio is not None, t.error) for t in r.turns],
-               "session_end": r.session_end is not None} for r in kept if not complete(r)]
+    failed = [
+        {
+            "session": r.session_id,
+            "errors": r.errors,
+            "turns": [(t.first_audio is not None, t.error) for t in r.turns],
+            "session_end": r.session_end is not None,
+        }
+        for r in kept
+        if not complete(r)
+    ]
 
-    rows = {sid: (ended, turns_count) for sid, ended, turns_count in stack.pg.execute(
-        "select id::text, ended_at is not null, turns_count from public.voice_sessions")}
-    turn_rows: dict[str, int] = {sid: n for sid, n in stack.pg.execute(
-        "select session_id::text, count(*) from public.voice_turns group by session_id")}
-    twice = stack.pg.execute("select count(*) from (select session_id, turn_index from public.voice_turns "
-                             "group by 1, 2 having count(*) > 1) d")[0][0]
+    rows = {
+        sid: (ended, turns_count)
+        for sid, ended, turns_count in stack.pg.execute(
+            "select id::text, ended_at is not null, turns_count from public.voice_sessions"
+        )
+    }
+    turn_rows: dict[str, int] = {
+        sid: n
+        for sid, n in stack.pg.execute("select session_id::text, count(*) from public.voice_turns group by session_id")
+    }
+    twice = stack.pg.execute(
+        "select count(*) from (select session_id, turn_index from public.voice_turns "
+        "group by 1, 2 having count(*) > 1) d"
+    )[0][0]
     lost_sessions, lost_turns, extra_turns, not_ended = [], 0, 0, []
     for r, _v in calls:
         if r.session_id is None:
@@ -178,24 +213,49 @@ def _summarize(args, script, records, vanished, samples, stack, vendor_report, o
     all_turns = [t for r in kept for t in r.turns]
     errors = _by_label(samples, "atlas_errors_total", "code")
     return {
-        "name": args.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-        "params": {"sessions": args.sessions, "minutes": args.minutes, "turns_per_call": args.turns,
-                   "vanish": args.vanish, "db_outage_s": args.outage, "db_outage_at_s": args.outage_at,
-                   "vendors": asdict(script)},
-        "calls": {"total": len(calls), "vanished": len(gone), "kept": len(kept), "complete": len(ok),
-                  "complete_pct": round(100 * len(ok) / max(len(kept), 1), 2), "failed": failed[:20]},
-        "turns": {"total": len(all_turns), "with_audio": sum(t.first_audio is not None for t in all_turns),
-                  "v2v_ms": _stats([t.v2v_ms for t in all_turns])},
-        "rows": {"sessions_expected": sum(r.session_id is not None for r, _ in calls),
-                 "sessions_found": sum(r.session_id in rows for r, _ in calls if r.session_id),
-                 "sessions_lost": len(lost_sessions), "sessions_not_ended": len(not_ended),
-                 "turns_lost": lost_turns, "turns_extra": extra_turns, "turns_twice": twice,
-                 "outbox_pending_at_end": pending},
-        "injected": vendor_report, "db_outage": outage,
-        "seen": {"errors_by_code": errors,
-                 "provider_retries": _by_label(samples, "atlas_provider_retries_total", "reason"),
-                 "outbox_failures": sum(_by_label(samples, "atlas_outbox_failures_total", "sink").values()),
-                 "sessions_ended_by_reason": _by_label(samples, "atlas_sessions_ended_total", "end_reason")},
+        "name": args.name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "params": {
+            "sessions": args.sessions,
+            "minutes": args.minutes,
+            "turns_per_call": args.turns,
+            "vanish": args.vanish,
+            "db_outage_s": args.outage,
+            "db_outage_at_s": args.outage_at,
+            "vendors": asdict(script),
+        },
+        "calls": {
+            "total": len(calls),
+            "vanished": len(gone),
+            "kept": len(kept),
+            "complete": len(ok),
+            "complete_pct": round(100 * len(ok) / max(len(kept), 1), 2),
+            "failed": failed[:20],
+        },
+        "turns": {
+            "total": len(all_turns),
+            "with_audio": sum(t.first_audio is not None for t in all_turns),
+            "v2v_ms": _stats([t.v2v_ms for t in all_turns]),
+        },
+        "rows": {
+            "sessions_expected": sum(r.session_id is not None for r, _ in calls),
+            "sessions_found": sum(r.session_id in rows for r, _ in calls if r.session_id),
+            "sessions_lost": len(lost_sessions),
+            "sessions_not_ended": len(not_ended),
+            "turns_lost": lost_turns,
+            "turns_extra": extra_turns,
+            "turns_twice": twice,
+            "outbox_pending_at_end": pending,
+        },
+        "injected": vendor_report,
+        "db_outage": outage,
+        "seen": {
+            "errors_by_code": errors,
+            "provider_retries": _by_label(samples, "atlas_provider_retries_total", "reason"),
+            "outbox_failures": sum(_by_label(samples, "atlas_outbox_failures_total", "sink").values()),
+            "sessions_ended_by_reason": _by_label(samples, "atlas_sessions_ended_total", "end_reason"),
+        },
     }
 
 
@@ -206,15 +266,20 @@ def markdown(res: dict) -> str:
     dg, an, el = inj.get("deepgram", {}), inj.get("anthropic", {}), inj.get("elevenlabs", {})
     errors = seen["errors_by_code"]
     lines = [
-        f"# Atlas Voice under faults ({res['date']})", "",
+        f"# Atlas Voice under faults ({res['date']})",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, "
-        f"Pipecat {m['pipecat']} (server, fakes, Postgres and callers share these cores).", "",
+        f"Pipecat {m['pipecat']} (server, fakes, Postgres and callers share these cores).",
+        "",
         f"{p['sessions']} concurrent callers on /ws for {p['minutes']:g} min, calls of {p['turns_per_call']} turns "
         f"back to back. Faults: Deepgram drops {v['stt_drop']:.0%} of streams, Claude 529 on {v['llm_overload']:.0%} "
-        f"and stalls {v['llm_stall']:.0%} ({v['llm_stall_secs']:g} s), ElevenLabs cuts {v['tts_fail']:.0%} of replies, "
-        f"the database is down {p['db_outage_s']:g} s from {p['db_outage_at_s']:g} s, {p['vanish']:.0%} of calls vanish.",
+        f"and stalls {v['llm_stall']:.0%} ({v['llm_stall_secs']:g} s), "
+        f"ElevenLabs cuts {v['tts_fail']:.0%} of replies, "
+        f"the database is down {p['db_outage_s']:g} s from {p['db_outage_at_s']:g} s, "
+        f"{p['vanish']:.0%} of calls vanish.",
         "",
-        "| result | value | target |", "|---|---|---|",
+        "| result | value | target |",
+        "|---|---|---|",
         f"| calls completing every turn with audio | {c['complete']} of {c['kept']} ({c['complete_pct']}%), "
         f"{c['vanished']} vanished calls apart | >= 99% |",
         f"| turns with reply audio | {t['with_audio']} of {t['total']}; v2v p50 {t['v2v_ms']['p50']} ms, "
@@ -222,8 +287,10 @@ def markdown(res: dict) -> str:
         f"| session rows | {rows['sessions_found']} of {rows['sessions_expected']} calls, "
         f"{rows['sessions_not_ended']} not ended | all, once |",
         f"| turn rows | lost {rows['turns_lost']}, extra {rows['turns_extra']}, twice {rows['turns_twice']}; "
-        f"outbox pending at the end {rows['outbox_pending_at_end']:g} | 0 |", "",
-        "| fault injected | times | where it shows |", "|---|---|---|",
+        f"outbox pending at the end {rows['outbox_pending_at_end']:g} | 0 |",
+        "",
+        "| fault injected | times | where it shows |",
+        "|---|---|---|",
         f"| Deepgram stream given a drop point (a call may end before it) | {dg.get('stt_drop', 0)} of "
         f"{dg.get('takes', 0)} streams | "
         f"`STT_RECONNECTING` errors: {errors.get('STT_RECONNECTING', 0):g} |",
@@ -236,13 +303,17 @@ def markdown(res: dict) -> str:
         f"| database down {p['db_outage_s']:g} s | {res['db_outage']} | `atlas_outbox_failures_total` "
         f"{seen['outbox_failures']:g} |",
         f"| calls vanished | {c['vanished']} | sessions ended by reason: "
-        f"{', '.join(f'{k} {v:g}' for k, v in seen['sessions_ended_by_reason'].items())} |", "",
+        f"{', '.join(f'{k} {v:g}' for k, v in seen['sessions_ended_by_reason'].items())} |",
+        "",
         f"All `error` codes sent: {', '.join(f'{k} {v:g}' for k, v in sorted(errors.items())) or 'none'}.",
     ]
     if c["failed"]:
         lines += ["", "Calls that did not complete (first 20):", ""]
-        lines += [f"- `{f['session']}`: errors {f['errors']}, turns (audio, error) {f['turns']}, "
-                  f"session_end {f['session_end']}" for f in c["failed"]]
+        lines += [
+            f"- `{f['session']}`: errors {f['errors']}, turns (audio, error) {f['turns']}, "
+            f"session_end {f['session_end']}"
+            for f in c["failed"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -271,8 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"results: {args.out / args.name}.{{json,md}}; server log: {res['server_log']}")
     rows = res["rows"]
-    good = (res["calls"]["complete_pct"] >= 99 and not rows["sessions_lost"] and not rows["turns_lost"]
-            and not rows["turns_extra"] and not rows["turns_twice"])
+    good = (
+        res["calls"]["complete_pct"] >= 99
+        and not rows["sessions_lost"]
+        and not rows["turns_lost"]
+        and not rows["turns_extra"]
+        and not rows["turns_twice"]
+    )
     return 0 if good else 1
 
 

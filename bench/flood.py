@@ -70,7 +70,7 @@ async def _session(http: aiohttp.ClientSession, url: str, until: float, stats: d
             end = await asyncio.wait_for(ended, 15)
             stats["stt_seconds"] += end["metrics"]["sttDuration"]
             stats["end_reasons"][end["reason"]] = stats["end_reasons"].get(end["reason"], 0) + 1
-        except asyncio.TimeoutError:
+        except TimeoutError:
             stats["no_session_end"] += 1
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
@@ -79,8 +79,18 @@ async def _session(http: aiohttp.ClientSession, url: str, until: float, stats: d
 
 
 async def flood(url: str, seconds: float) -> dict:
-    stats = {"door": "ws", "sessions": 0, "refused": {}, "ended_by_server": 0, "end_reasons": {}, "messages": 0,
-             "audio_offered_s": 0.0, "stt_seconds": 0.0, "errors": {}, "no_session_end": 0}
+    stats = {
+        "door": "ws",
+        "sessions": 0,
+        "refused": {},
+        "ended_by_server": 0,
+        "end_reasons": {},
+        "messages": 0,
+        "audio_offered_s": 0.0,
+        "stt_seconds": 0.0,
+        "errors": {},
+        "no_session_end": 0,
+    }
     t0 = time.monotonic()
     until = t0 + seconds
     connector = aiohttp.TCPConnector(local_addr=(FLOOD_IP, 0), limit=0)
@@ -88,7 +98,7 @@ async def flood(url: str, seconds: float) -> dict:
         while time.monotonic() < until:
             try:
                 await _session(http, url, until, stats)
-            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
                 name = type(e).__name__
                 stats["refused"][name] = stats["refused"].get(name, 0) + 1
                 await asyncio.sleep(0.2)

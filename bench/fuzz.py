@@ -35,7 +35,7 @@ MAX_TEXT = 8192
 
 def _section(text: str, heading: str) -> str:
     start = text.index(heading)
-    rest = text[start + len(heading):]
+    rest = text[start + len(heading) :]
     end = re.search(r"^#{2,3} ", rest, re.M)
     return rest[: end.start()] if end else rest
 
@@ -51,22 +51,33 @@ def documented_close_codes() -> set[int]:
 
 # --- what a client might send ------------------------------------------------------------------
 
-_ids = st.one_of(st.text(max_size=20), st.text(min_size=250, max_size=300), st.integers(), st.none(),
-                 st.lists(st.text(max_size=3), max_size=2))
+_ids = st.one_of(
+    st.text(max_size=20),
+    st.text(min_size=250, max_size=300),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=3), max_size=2),
+)
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-_types = st.one_of(st.sampled_from(["session_start", "mute", "unmute", "interrupt", "session_stop"]),
-                   st.sampled_from(["", "audio", "SESSION_START", "ping", "session_end"]), st.text(max_size=50),
-                   _json_values)
+_types = st.one_of(
+    st.sampled_from(["session_start", "mute", "unmute", "interrupt", "session_stop"]),
+    st.sampled_from(["", "audio", "SESSION_START", "ping", "session_end"]),
+    st.text(max_size=50),
+    _json_values,
+)
 _messages = st.fixed_dictionaries(
     {"type": _types},
     optional={"userId": _ids, "conversationId": _ids, "authToken": _ids, "extra": _json_values},
 )
-_valid_start = st.builds(lambda u, c: {"type": "session_start", "userId": u, "conversationId": c},
-                         st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30))
+_valid_start = st.builds(
+    lambda u, c: {"type": "session_start", "userId": u, "conversationId": c},
+    st.text(min_size=1, max_size=30),
+    st.text(min_size=1, max_size=30),
+)
 
 
 @st.composite
@@ -83,8 +94,15 @@ def _texts(draw) -> str:
         cut = draw(st.integers(0, len(text)))
         return text[:cut] + draw(st.text(max_size=5))
     if kind == 8:  # over the text limit, or nested past Python's recursion limit
-        return draw(st.sampled_from(['{"type": "mute", "pad": "' + "x" * MAX_TEXT + '"}',
-                                     "[" * 3000 + "]" * 3000, '{"a":' * 1300 + "1" + "}" * 1300]))
+        return draw(
+            st.sampled_from(
+                [
+                    '{"type": "mute", "pad": "' + "x" * MAX_TEXT + '"}',
+                    "[" * 3000 + "]" * 3000,
+                    '{"a":' * 1300 + "1" + "}" * 1300,
+                ]
+            )
+        )
     return draw(st.text(max_size=200))
 
 
@@ -107,6 +125,7 @@ def sequences(max_frames: int = 30, max_size: int = MAX_AUDIO + 4000):
 
 # --- in process ----------------------------------------------------------------------------------
 
+
 @dataclass
 class FuzzStats:
     messages: int = 0
@@ -127,12 +146,9 @@ async def _check_sequence(seq: list, documented: set[str], stats: FuzzStats) -> 
         OutputTransportMessageUrgentFrame,
     )
 
-    from transports.protocol import (
-        AtlasProtocolSerializer,
-        ErrorCode,
-        ProtocolError,
-        parse_before_start,
-    )
+    from transports.websocket.protocol import parse_before_start
+    from transports.websocket.serializer import AtlasProtocolSerializer
+    from vocabulary.errors import ErrorCode, ProtocolError
 
     serializer = None
     stopped = False
@@ -155,8 +171,9 @@ async def _check_sequence(seq: list, documented: set[str], stats: FuzzStats) -> 
         if serializer is None:
             try:
                 parse_before_start(data, MAX_AUDIO, MAX_TEXT)
-                serializer = AtlasProtocolSerializer(max_audio_bytes=MAX_AUDIO, max_text_bytes=MAX_TEXT,
-                                                     on_session_stop=on_stop)
+                serializer = AtlasProtocolSerializer(
+                    max_audio_bytes=MAX_AUDIO, max_text_bytes=MAX_TEXT, on_session_stop=on_stop
+                )
                 stats.sessions_started += 1
             except ProtocolError as e:
                 rejected(str(e.code), e.message)
@@ -170,7 +187,7 @@ async def _check_sequence(seq: list, documented: set[str], stats: FuzzStats) -> 
                 assert isinstance(data, bytes)
                 assert out.sample_rate == 16000 and out.num_channels == 1 and len(out.audio) % 2 == 0
                 if muted:
-                    assert not any(out.audio[-len(data):]), "muted audio must pass as silence"
+                    assert not any(out.audio[-len(data) :]), "muted audio must pass as silence"
             elif isinstance(out, InterruptionFrame):
                 assert '"interrupt"' in data
             else:
@@ -195,9 +212,15 @@ def fuzz_in_process(messages: int, seed_value: int = 0, max_frames: int = 30, on
     chunk = 0
     try:
         while stats.messages < messages:
+
             @seed(seed_value + chunk)
-            @settings(max_examples=500, deadline=None, database=None, derandomize=False,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=500,
+                deadline=None,
+                database=None,
+                derandomize=False,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(sequences(max_frames))
             def run(seq):
                 loop.run_until_complete(_check_sequence(seq, documented, stats))
@@ -213,12 +236,14 @@ def fuzz_in_process(messages: int, seed_value: int = 0, max_frames: int = 30, on
 
 # --- on the wire --------------------------------------------------------------------------------
 
+
 async def _wire_sequence(url: str, seq: list, documented: set[str], closes: set[int], stats: FuzzStats) -> None:
     import websockets
 
     errors: list[dict] = []
     ended = None
     async with websockets.connect(url, max_size=None) as ws:
+
         async def read():
             nonlocal ended
             async for raw in ws:
@@ -266,6 +291,7 @@ def fuzz_wire(url: str, count: int, seed_value: int = 0, max_frames: int = 20, o
     health = url.replace("ws://", "http://").replace("wss://", "https://").removesuffix("/ws") + "/healthz"
     loop = asyncio.new_event_loop()
     try:
+
         @seed(seed_value)
         @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(sequences(max_frames, max_size=MAX_AUDIO + 4000))
@@ -284,22 +310,34 @@ def fuzz_wire(url: str, count: int, seed_value: int = 0, max_frames: int = 20, o
 def _report(title: str, stats: FuzzStats, secs: float) -> str:
     codes = ", ".join(f"{k} {v}" for k, v in sorted(stats.codes.items(), key=lambda kv: -kv[1]))
     closes = ", ".join(f"{k} {v}" for k, v in sorted(stats.close_codes.items()))
-    return (f"{title}: {stats.messages} frames in {stats.sequences} sequences, {secs:.0f} s; "
-            f"{stats.sessions_started} sessions started"
-            + (f"; slowest frame {stats.slowest_ms:.1f} ms" if stats.slowest_ms else "") + "\n"
-            f"  rejections: {codes or 'none'}" + (f"\n  close codes: {closes}" if closes else ""))
+    return (
+        f"{title}: {stats.messages} frames in {stats.sequences} sequences, {secs:.0f} s; "
+        f"{stats.sessions_started} sessions started"
+        + (f"; slowest frame {stats.slowest_ms:.1f} ms" if stats.slowest_ms else "")
+        + "\n"
+        f"  rejections: {codes or 'none'}" + (f"\n  close codes: {closes}" if closes else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="atlas-voice fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=100_000, help="frames through the parser in process")
     p.add_argument("--sequences", type=int, default=300, help="sequences over real WebSockets (0: none)")
-    p.add_argument("--url", default=None,
-                   help="a running server's ws://HOST:PORT/ws; default: start one on the offline engines")
-    p.add_argument("--phone-starts", type=int, default=3000,
-                   help="generated phone-door calls through the stream checks and serializer in process")
-    p.add_argument("--phone-calls", type=int, default=150,
-                   help="generated phone calls over the webhook and a real media stream (0: none)")
+    p.add_argument(
+        "--url", default=None, help="a running server's ws://HOST:PORT/ws; default: start one on the offline engines"
+    )
+    p.add_argument(
+        "--phone-starts",
+        type=int,
+        default=3000,
+        help="generated phone-door calls through the stream checks and serializer in process",
+    )
+    p.add_argument(
+        "--phone-calls",
+        type=int,
+        default=150,
+        help="generated phone calls over the webhook and a real media stream (0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -315,14 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             stats = fuzz_wire(args.url, args.sequences, args.seed, on_progress=progress)
         else:
-            sys.path.insert(0, str(REPO))
-            from tests.helpers import running_server
+            from bench.harness import running_server
 
             log = Path("fuzz-server.log").resolve()
             print(f"starting a server on the offline engines (log: {log})", file=sys.stderr)
             with running_server({"ATLAS_LOG_LEVEL": "INFO"}, log) as base:
-                stats = fuzz_wire(base.replace("http://", "ws://") + "/ws", args.sequences, args.seed,
-                                  on_progress=progress)
+                stats = fuzz_wire(
+                    base.replace("http://", "ws://") + "/ws", args.sequences, args.seed, on_progress=progress
+                )
         print(file=sys.stderr)
         print(_report("over WebSockets", stats, time.monotonic() - t0))
     from bench.fuzz_phone import fuzz_phone_in_process, fuzz_phone_wire
@@ -331,20 +369,35 @@ def main(argv: list[str] | None = None) -> int:
     stats = fuzz_phone_in_process(args.phone_starts, args.seed)
     print(_report("phone door in process", stats, time.monotonic() - t0))
     if args.phone_calls:
-        sys.path.insert(0, str(REPO))
-        from tests.fakes.twilio import FakeTwilioREST, new_sid
-        from tests.helpers import running_server
+        from bench.harness import running_server
+        from fakes.twilio import FakeTwilioREST, new_sid
 
         token, account = "fuzz-twilio-auth-token", new_sid("AC")
         log = Path("fuzz-phone-server.log").resolve()
         print(f"starting a server with the phone door on the offline engines (log: {log})", file=sys.stderr)
         t0 = time.monotonic()
-        with FakeTwilioREST(auth_token=token, account_sid=account) as rest, running_server(
-                {"ATLAS_LOG_LEVEL": "INFO", "TWILIO_AUTH_TOKEN": token, "TWILIO_ACCOUNT_SID": account,
-                 "TWILIO_API_BASE_URL": rest.http_url}, log) as base:
-            stats, stored, dead = fuzz_phone_wire(base, token, account, log.with_suffix(".sqlite3"),
-                                                  log.with_suffix(".outbox.sqlite3"), args.phone_calls, args.seed,
-                                                  on_progress=progress)
+        with (
+            FakeTwilioREST(auth_token=token, account_sid=account) as rest,
+            running_server(
+                {
+                    "ATLAS_LOG_LEVEL": "INFO",
+                    "TWILIO_AUTH_TOKEN": token,
+                    "TWILIO_ACCOUNT_SID": account,
+                    "TWILIO_API_BASE_URL": rest.http_url,
+                },
+                log,
+            ) as base,
+        ):
+            stats, stored, dead = fuzz_phone_wire(
+                base,
+                token,
+                account,
+                log.with_suffix(".sqlite3"),
+                log.with_suffix(".outbox.sqlite3"),
+                args.phone_calls,
+                args.seed,
+                on_progress=progress,
+            )
         print(file=sys.stderr)
         print(_report("phone door over the webhook and media streams", stats, time.monotonic() - t0))
         print(f"  session rows: {stored} stored, {dead} dead-lettered, 0 left in the outbox")

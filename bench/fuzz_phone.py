@@ -32,25 +32,40 @@ from bench.fuzz import MAX_TEXT, FuzzStats, documented_close_codes, documented_e
 ACCOUNT = "AC" + "1" * 32
 
 _hostile = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2 ** 80), max_value=2 ** 80) | st.floats()
-    | st.text(max_size=40) | st.text(min_size=400, max_size=700),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.text(min_size=400, max_size=700),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
-_sid = st.one_of(st.from_regex(r"\A(CA|MZ|AC)[0-9a-f]{32}\Z"), st.sampled_from(
-    ["CA../../Conferences/CF" + "0" * 30, "CA" + "0" * 31, "", "CA" + "0" * 32 + "/x"]), _hostile)
+_sid = st.one_of(
+    st.from_regex(r"\A(CA|MZ|AC)[0-9a-f]{32}\Z"),
+    st.sampled_from(["CA../../Conferences/CF" + "0" * 30, "CA" + "0" * 31, "", "CA" + "0" * 32 + "/x"]),
+    _hostile,
+)
 
 
 @st.composite
 def _start_mutation(draw) -> dict:
     """Changes to a valid `start` object: fields replaced by hostile values, removed, or extra ones added."""
     changes = {}
-    for key in draw(st.lists(st.sampled_from(["streamSid", "callSid", "accountSid", "customParameters", "tracks",
-                                              "mediaFormat", "extra"]), max_size=3, unique=True)):
+    for key in draw(
+        st.lists(
+            st.sampled_from(
+                ["streamSid", "callSid", "accountSid", "customParameters", "tracks", "mediaFormat", "extra"]
+            ),
+            max_size=3,
+            unique=True,
+        )
+    ):
         changes[key] = draw(st.one_of(_sid, _hostile, st.just(None)))
     if draw(st.booleans()):
-        params = draw(st.dictionaries(st.sampled_from(["from", "to", "callSid", "atlasToken", "x"]), _hostile,
-                                      max_size=3))
+        params = draw(
+            st.dictionaries(st.sampled_from(["from", "to", "callSid", "atlasToken", "x"]), _hostile, max_size=3)
+        )
         changes["customParameters.*"] = params
     return changes
 
@@ -74,15 +89,28 @@ def phone_message(draw) -> str | bytes:
         media = draw(st.one_of(st.fixed_dictionaries({"payload": _payload()}), _hostile))
         return json.dumps({"event": "media", "streamSid": "MZ" + "0" * 32, "media": media})
     if kind == 4:
-        return json.dumps({"event": "mark", "mark": draw(st.one_of(
-            st.fixed_dictionaries({"name": _hostile}), _hostile))})
+        return json.dumps(
+            {"event": "mark", "mark": draw(st.one_of(st.fixed_dictionaries({"name": _hostile}), _hostile))}
+        )
     if kind == 5:
-        return json.dumps({"event": "dtmf", "dtmf": draw(st.one_of(
-            st.fixed_dictionaries({"digit": st.one_of(st.sampled_from(list("0123456789*#")), _hostile)}),
-            _hostile))})
+        return json.dumps(
+            {
+                "event": "dtmf",
+                "dtmf": draw(
+                    st.one_of(
+                        st.fixed_dictionaries({"digit": st.one_of(st.sampled_from(list("0123456789*#")), _hostile)}),
+                        _hostile,
+                    )
+                ),
+            }
+        )
     if kind == 6:
-        return json.dumps({"event": draw(st.one_of(st.sampled_from(["connected", "start", "closed", ""]),
-                                                   _hostile)), "x": draw(_hostile)})
+        return json.dumps(
+            {
+                "event": draw(st.one_of(st.sampled_from(["connected", "start", "closed", ""]), _hostile)),
+                "x": draw(_hostile),
+            }
+        )
     if kind == 7:
         return json.dumps(draw(_hostile))
     if kind == 8:
@@ -117,6 +145,7 @@ def _json_safe(value):
 
 # --- in process ------------------------------------------------------------------------------------------
 
+
 class _Runtime:
     """What StreamStart reads of a Runtime: the settings and a token issuer."""
 
@@ -125,21 +154,32 @@ class _Runtime:
         self.twilio_tokens = None
 
 
-async def _check_phone_sequence(start_changes: dict, messages: list, documented: set[str], stats: FuzzStats,
-                                runtime, sink_db: sqlite3.Connection) -> None:
+async def _check_phone_sequence(
+    start_changes: dict, messages: list, documented: set[str], stats: FuzzStats, runtime, sink_db: sqlite3.Connection
+) -> None:
     from pipecat.frames.frames import InputAudioRawFrame, InputDTMFFrame
 
     from bots.session import Caller
-    from bots.twilio_bot import TOKEN_PARAMETER, AtlasTwilioSerializer, StreamStart, stream_tokens
     from storage.records import SessionInfo, provider_models
-    from transports.protocol import ErrorCode, ProtocolError
+    from transports.twilio.door import StreamStart, stream_tokens
+    from transports.twilio.serializer import AtlasTwilioSerializer
+    from transports.twilio.tokens import TOKEN_PARAMETER
+    from vocabulary.errors import ErrorCode, ProtocolError
 
     stats.sequences += 1
     call_sid = "CA" + format(stats.sequences, "032x")
     token = stream_tokens(runtime).issue(call_sid, "+15550001111")
-    start = _apply({"streamSid": "MZ" + "2" * 32, "callSid": call_sid, "accountSid": ACCOUNT, "tracks": ["inbound"],
-                    "customParameters": {"from": "+15550001111", TOKEN_PARAMETER: token},
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}, start_changes)
+    start = _apply(
+        {
+            "streamSid": "MZ" + "2" * 32,
+            "callSid": call_sid,
+            "accountSid": ACCOUNT,
+            "tracks": ["inbound"],
+            "customParameters": {"from": "+15550001111", TOKEN_PARAMETER: token},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+        start_changes,
+    )
     try:
         accepted = StreamStart(start, runtime)
     except ProtocolError as e:
@@ -148,21 +188,34 @@ async def _check_phone_sequence(start_changes: dict, messages: list, documented:
         return
     stats.sessions_started += 1
     # The session row an accepted start leads to can be stored, whatever the start carried.
-    caller = Caller(client_user_id=accepted.caller, conversation_id=accepted.call_sid, user_agent="twilio",
-                    ip_address="127.0.0.1")
-    info = SessionInfo(id=f"00000000-0000-4000-8000-{stats.sequences:012d}", transport="twilio",
-                       started_at=time.time(), user_id=caller.user_id, client_user_id=caller.client_user_id,
-                       conversation_id=caller.conversation_id, models=provider_models(runtime.settings),
-                       user_agent=caller.user_agent, ip_address=caller.ip_address)
+    caller = Caller(
+        client_user_id=accepted.caller, conversation_id=accepted.call_sid, user_agent="twilio", ip_address="127.0.0.1"
+    )
+    info = SessionInfo(
+        id=f"00000000-0000-4000-8000-{stats.sequences:012d}",
+        transport="twilio",
+        started_at=time.time(),
+        user_id=caller.user_id,
+        client_user_id=caller.client_user_id,
+        conversation_id=caller.conversation_id,
+        models=provider_models(runtime.settings),
+        user_agent=caller.user_agent,
+        ip_address=caller.ip_address,
+    )
     row = info.start_row()
     json.dumps(row, allow_nan=False)
     with sink_db:
-        sink_db.execute(f"INSERT INTO voice_sessions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                        tuple(row.values()))
+        sink_db.execute(
+            f"INSERT INTO voice_sessions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+        )
 
     errors: list[str] = []
-    serializer = AtlasTwilioSerializer(accepted.stream_sid, params=AtlasTwilioSerializer.InputParams(
-        auto_hang_up=False), on_error=errors.append, max_text_bytes=MAX_TEXT)
+    serializer = AtlasTwilioSerializer(
+        accepted.stream_sid,
+        params=AtlasTwilioSerializer.InputParams(auto_hang_up=False),
+        on_error=errors.append,
+        max_text_bytes=MAX_TEXT,
+    )
     for data in messages:
         stats.messages += 1
         t0 = time.perf_counter()
@@ -190,6 +243,7 @@ def fuzz_phone_in_process(sequences: int, seed_value: int = 0) -> FuzzStats:
     db.executescript(SCHEMA.read_text())
     loop = asyncio.new_event_loop()
     try:
+
         @seed(seed_value)
         @settings(max_examples=sequences, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(_start_mutation(), st.lists(phone_message(), max_size=25))
@@ -205,18 +259,36 @@ def fuzz_phone_in_process(sequences: int, seed_value: int = 0) -> FuzzStats:
 
 # --- on the wire -----------------------------------------------------------------------------------------
 
-async def _phone_wire_sequence(base: str, auth_token: str, account_sid: str, changes: dict, messages: list,
-                               closes: set[int], stats: FuzzStats, started: dict[str, int]) -> None:
+
+async def _phone_wire_sequence(
+    base: str,
+    auth_token: str,
+    account_sid: str,
+    changes: dict,
+    messages: list,
+    closes: set[int],
+    stats: FuzzStats,
+    started: dict[str, int],
+) -> None:
     import websockets
 
-    from tests.fakes.twilio import TwilioCaller, twilio_signature
+    from fakes.twilio import TwilioCaller, twilio_signature
 
     caller = await TwilioCaller.dial(base, auth_token, account_sid=account_sid, from_="+15550001234")
-    start = _apply({"accountSid": account_sid, "streamSid": caller.stream_sid, "callSid": caller.call_sid,
-                    "tracks": ["inbound"], "customParameters": caller.custom_parameters,
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}, changes)
+    start = _apply(
+        {
+            "accountSid": account_sid,
+            "streamSid": caller.stream_sid,
+            "callSid": caller.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": caller.custom_parameters,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+        changes,
+    )
     headers = {"X-Twilio-Signature": twilio_signature(auth_token, caller.signed_url)}
     async with websockets.connect(caller.url, additional_headers=headers, max_size=None) as ws:
+
         async def read():
             try:
                 async for _ in ws:
@@ -227,8 +299,12 @@ async def _phone_wire_sequence(base: str, auth_token: str, account_sid: str, cha
         reader = asyncio.create_task(read())
         try:
             await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-            await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "start": start,
-                                      "streamSid": caller.stream_sid}, default=str))
+            await ws.send(
+                json.dumps(
+                    {"event": "start", "sequenceNumber": "1", "start": start, "streamSid": caller.stream_sid},
+                    default=str,
+                )
+            )
             for data in messages:
                 await ws.send(data)
                 stats.messages += 1
@@ -249,8 +325,16 @@ async def _phone_wire_sequence(base: str, auth_token: str, account_sid: str, cha
         stats.sessions_started += 1
 
 
-def fuzz_phone_wire(base: str, auth_token: str, account_sid: str, store: Path, outbox: Path, count: int,
-                    seed_value: int = 0, on_progress=None) -> tuple[FuzzStats, int, int]:
+def fuzz_phone_wire(
+    base: str,
+    auth_token: str,
+    account_sid: str,
+    store: Path,
+    outbox: Path,
+    count: int,
+    seed_value: int = 0,
+    on_progress=None,
+) -> tuple[FuzzStats, int, int]:
     """`count` generated calls against the server at `base` (http://HOST:PORT, its phone door configured
     with `auth_token` and `account_sid`, recording into the SQLite file `store` through `outbox`).
     Returns the stats, the session rows stored and the rows dead-lettered."""
@@ -261,12 +345,14 @@ def fuzz_phone_wire(base: str, auth_token: str, account_sid: str, store: Path, o
     started: dict[str, int] = {}
     loop = asyncio.new_event_loop()
     try:
+
         @seed(seed_value)
         @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(_start_mutation(), st.lists(phone_message(), max_size=15))
         def run(changes, messages):
-            loop.run_until_complete(_phone_wire_sequence(base, auth_token, account_sid, changes, messages, closes,
-                                                         stats, started))
+            loop.run_until_complete(
+                _phone_wire_sequence(base, auth_token, account_sid, changes, messages, closes, stats, started)
+            )
             if on_progress and stats.sequences % 10 == 0:
                 on_progress(stats)
 
@@ -281,8 +367,10 @@ def fuzz_phone_wire(base: str, auth_token: str, account_sid: str, store: Path, o
             stored = {r[0] for r in db.execute("SELECT conversation_id FROM voice_sessions WHERE ended_at IS NOT NULL")}
         with sqlite3.connect(outbox) as db:
             pending = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-            dead = [json.loads(r[0]).get("conversation_id") for r in db.execute(
-                "SELECT row FROM dead_letters WHERE keys != '' AND tbl = 'voice_sessions'")]
+            dead = [
+                json.loads(r[0]).get("conversation_id")
+                for r in db.execute("SELECT row FROM dead_letters WHERE keys != '' AND tbl = 'voice_sessions'")
+            ]
         missing = set(started) - stored - set(dead)
         if (not missing and pending == 0) or time.monotonic() > deadline:
             break

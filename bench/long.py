@@ -48,8 +48,11 @@ async def run(args) -> dict:
             task = asyncio.create_task(caller.run(until))
             while not task.done():
                 rss.append((time.monotonic() - start, server.sampler.sample()[1]))
-                print(f"\r  {rss[-1][0] / 60:5.1f} min  {len(caller.record.turns)} turns  RSS {rss[-1][1]:.1f} MiB",
-                      end="", flush=True)
+                print(
+                    f"\r  {rss[-1][0] / 60:5.1f} min  {len(caller.record.turns)} turns  RSS {rss[-1][1]:.1f} MiB",
+                    end="",
+                    flush=True,
+                )
                 await asyncio.wait([task], timeout=1.0)
             print(flush=True)
             record = task.result()
@@ -65,14 +68,21 @@ async def run(args) -> dict:
     rss_last = statistics.median(v for at, v in rss if at > total - window)
     sizes = report.get("anthropic_request_sizes", [])
     return {
-        "name": args.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-        "minutes": args.minutes, "window_minutes": args.window, "vendors": asdict(script),
-        "session_end": record.session_end is not None, "client_errors": record.errors,
-        "turns": len(record.turns), "turns_without_reply": sum(t.first_audio is None for t in record.turns),
+        "name": args.name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "minutes": args.minutes,
+        "window_minutes": args.window,
+        "vendors": asdict(script),
+        "session_end": record.session_end is not None,
+        "client_errors": record.errors,
+        "turns": len(record.turns),
+        "turns_without_reply": sum(t.first_audio is None for t in record.turns),
         "v2v_ms": _stats([t.v2v_ms for t in record.turns]),
         "v2v_p50_first_ms": round(statistics.median(first), 1) if first else None,
         "v2v_p50_last_ms": round(statistics.median(last), 1) if last else None,
-        "rss_first_mib": round(rss_first, 1), "rss_last_mib": round(rss_last, 1),
+        "rss_first_mib": round(rss_first, 1),
+        "rss_last_mib": round(rss_last, 1),
         "rss_growth_pct": round(100 * (rss_last - rss_first) / rss_first, 2),
         "llm_requests": len(sizes),
         "llm_messages_max": max((m for m, _ in sizes), default=0),
@@ -88,20 +98,29 @@ async def run(args) -> dict:
 def markdown(r: dict) -> str:
     m = r["machine"]
     w = r["window_minutes"]
-    return "\n".join([
-        f"# Atlas Voice: one {r['minutes']:g}-minute call ({r['date']})", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, "
-        f"Pipecat {m['pipecat']}. Scripted vendors (bench/vendors.py defaults), one caller on /ws talking "
-        f"turn after turn without hanging up.", "",
-        "| figure | first {0:g} min | last {0:g} min | whole call |".format(w), "|---|---|---|---|",
-        f"| server RSS (median) | {r['rss_first_mib']} MiB | {r['rss_last_mib']} MiB | growth {r['rss_growth_pct']}% |",
-        f"| voice-to-voice p50 at the client | {r['v2v_p50_first_ms']} ms | {r['v2v_p50_last_ms']} ms | "
-        f"p50 {r['v2v_ms']['p50']} / p95 {r['v2v_ms']['p95']} ms over {r['turns']} turns |",
-        f"| Claude request size | {r['llm_bytes_first']} bytes (first) | {r['llm_bytes_last']} bytes (last) | "
-        f"at most {r['llm_bytes_max']} bytes, {r['llm_messages_max']} messages, over {r['llm_requests']} requests |",
-        "",
-        f"Turns without a reply: {r['turns_without_reply']}; client errors: {r['client_errors'] or 'none'}; "
-        f"session_end received: {r['session_end']}.", ""])
+    return "\n".join(
+        [
+            f"# Atlas Voice: one {r['minutes']:g}-minute call ({r['date']})",
+            "",
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, "
+            f"Pipecat {m['pipecat']}. Scripted vendors (bench/vendors.py defaults), one caller on /ws talking "
+            f"turn after turn without hanging up.",
+            "",
+            f"| figure | first {w:g} min | last {w:g} min | whole call |",
+            "|---|---|---|---|",
+            f"| server RSS (median) | {r['rss_first_mib']} MiB | {r['rss_last_mib']} MiB "
+            f"| growth {r['rss_growth_pct']}% |",
+            f"| voice-to-voice p50 at the client | {r['v2v_p50_first_ms']} ms | {r['v2v_p50_last_ms']} ms | "
+            f"p50 {r['v2v_ms']['p50']} / p95 {r['v2v_ms']['p95']} ms over {r['turns']} turns |",
+            f"| Claude request size | {r['llm_bytes_first']} bytes (first) | {r['llm_bytes_last']} bytes (last) | "
+            f"at most {r['llm_bytes_max']} bytes, {r['llm_messages_max']} messages, "
+            f"over {r['llm_requests']} requests |",
+            "",
+            f"Turns without a reply: {r['turns_without_reply']}; client errors: {r['client_errors'] or 'none'}; "
+            f"session_end received: {r['session_end']}.",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,20 +16,24 @@ def _turn_end(results: dict) -> str:
     t = results["turn_end"]
     if t["smart_turn"]:
         return f"VAD stop {t['vad_stop']} s, smart-turn, then the STT final"
-    return (f"VAD stop {t['vad_stop']} s, then the later of the speech timeout ({t['speech_timeout']} s) "
-            "and the STT final")
+    return (
+        f"VAD stop {t['vad_stop']} s, then the later of the speech timeout ({t['speech_timeout']} s) and the STT final"
+    )
 
 
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["script"]
     lines = [
-        f"# Atlas Voice benchmark ({results['started']})", "",
+        f"# Atlas Voice benchmark ({results['started']})",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}, Pipecat {m['pipecat']} ({m['note']}).", "",
+        f"Python {m['python']}, Pipecat {m['pipecat']} ({m['note']}).",
+        "",
         f"Scripted vendors: Deepgram final {s['stt_delay']} s after finalize, Claude first token {s['llm_delay']} s "
         f"then {s['llm_tps']:g} tokens/s, ElevenLabs first audio {s['tts_delay']} s, jitter {s['jitter']:g}. "
         f"Turn end: {_turn_end(results)}. Overhead = voice-to-voice - "
-        f"(turn-end wait + first token + first audio).", "",
+        f"(turn-end wait + first token + first audio).",
+        "",
         "| scenario | turns | v2v p50 | v2v p95 | v2v p99 | overhead p50 | overhead p95 | overhead p99 "
         "| CPU %/session | RSS MiB/session | replies with gaps | gap ms max | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -40,50 +44,78 @@ def markdown(results: dict) -> str:
             f"| {r['scenario']} | {r['turns']} | {_f(v['p50'])} | {_f(v['p95'])} | {_f(v['p99'])} "
             f"| {_f(o.get('p50'))} | {_f(o.get('p95'))} | {_f(o.get('p99'))} | {_f(r['cpu_pct_per_session'], 2)} "
             f"| {_f(r['rss_per_session_mib'], 1)} | {r['replies_with_gaps']} | {_f(r['gap_ms_max'], 0)} "
-            f"| {r['error_rate']:.2%} |")
-    lines += ["", "Per stage as Atlas recorded it (ms, p50 / p95 / p99):", "",
-              "| scenario | STT | LLM first token | TTS first audio | v2v leaving the server |", "|---|---|---|---|---|"]
+            f"| {r['error_rate']:.2%} |"
+        )
+    lines += [
+        "",
+        "Per stage as Atlas recorded it (ms, p50 / p95 / p99):",
+        "",
+        "| scenario | STT | LLM first token | TTS first audio | v2v leaving the server |",
+        "|---|---|---|---|---|",
+    ]
     for r in results["scenarios"]:
         st = r.get("stages_ms") or {}
         if not st:
             continue
-        cells = [" / ".join(_f(st.get(k, {}).get(q)) for q in ("p50", "p95", "p99"))
-                 for k in ("stt", "llm_ttfb", "tts_ttfa", "server_v2v")]
+        cells = [
+            " / ".join(_f(st.get(k, {}).get(q)) for q in ("p50", "p95", "p99"))
+            for k in ("stt", "llm_ttfb", "tts_ttfa", "server_v2v")
+        ]
         lines.append(f"| {r['scenario']} | " + " | ".join(cells) + " |")
     if results.get("atlas_vs_bare"):
-        lines += ["", "Atlas / bare Pipecat on the Twilio door (below 1 = Atlas smaller):", "",
-                  "| sessions | overhead p50 | overhead p95 | CPU per session | RSS per session | error rates |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Atlas / bare Pipecat on the Twilio door (below 1 = Atlas smaller):",
+            "",
+            "| sessions | overhead p50 | overhead p95 | CPU per session | RSS per session | error rates |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in results["atlas_vs_bare"]:
-            lines.append(f"| {c['sessions']} | {_f(c['overhead_p50_ratio'], 2)} | {_f(c['overhead_p95_ratio'], 2)} "
-                         f"| {_f(c['cpu_per_session_ratio'], 2)} | {_f(c['rss_per_session_ratio'], 2)} "
-                         f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} |")
+            lines.append(
+                f"| {c['sessions']} | {_f(c['overhead_p50_ratio'], 2)} | {_f(c['overhead_p95_ratio'], 2)} "
+                f"| {_f(c['cpu_per_session_ratio'], 2)} | {_f(c['rss_per_session_ratio'], 2)} "
+                f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} |"
+            )
     if results.get("flood_vs_plain"):
-        lines += ["", "Honest callers with a client flooding /ws with audio as fast as it can beside them, "
-                  "reconnecting whenever it is cut off (bench/flood.py), against the same run without it:", "",
-                  "| scenario | v2v p50 plain / flood | v2v p95 plain / flood | p95 ratio | errors plain / flood "
-                  "| the flooder |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Honest callers with a client flooding /ws with audio as fast as it can beside them, "
+            "reconnecting whenever it is cut off (bench/flood.py), against the same run without it:",
+            "",
+            "| scenario | v2v p50 plain / flood | v2v p95 plain / flood | p95 ratio | errors plain / flood "
+            "| the flooder |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in results["flood_vs_plain"]:
             f = c["flood"] or {}
 
             def counts(d):
                 return ", ".join(f"{k} {v}" for k, v in (d or {}).items()) or "none"
 
-            lines.append(f"| {c['scenario']} | {_f(c['p50_ms'][0])} / {_f(c['p50_ms'][1])} "
-                         f"| {_f(c['p95_ms'][0])} / {_f(c['p95_ms'][1])} | {_f(c['p95_ratio'], 3)} "
-                         f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} | {f.get('messages')} messages "
-                         f"({f.get('audio_offered_s')} s of audio) in {f.get('seconds')} s over {f.get('sessions')} "
-                         f"sessions, {_f(f.get('stt_seconds'), 1)} s of it to the STT; sessions ended: "
-                         f"{counts(f.get('end_reasons'))}; refused: {counts(f.get('refused'))}; told: "
-                         f"{counts(f.get('errors'))} |")
+            lines.append(
+                f"| {c['scenario']} | {_f(c['p50_ms'][0])} / {_f(c['p50_ms'][1])} "
+                f"| {_f(c['p95_ms'][0])} / {_f(c['p95_ms'][1])} | {_f(c['p95_ratio'], 3)} "
+                f"| {c['error_rate'][0]:.2%} / {c['error_rate'][1]:.2%} | {f.get('messages')} messages "
+                f"({f.get('audio_offered_s')} s of audio) in {f.get('seconds')} s over {f.get('sessions')} "
+                f"sessions, {_f(f.get('stt_seconds'), 1)} s of it to the STT; sessions ended: "
+                f"{counts(f.get('end_reasons'))}; refused: {counts(f.get('refused'))}; told: "
+                f"{counts(f.get('errors'))} |"
+            )
     soaks = [r for r in results["scenarios"] if r.get("rss_growth")]
     if soaks:
-        lines += ["", "Memory over long runs (median RSS of the first and the last minute of the steady part):", "",
-                  "| scenario | minutes | first minute MiB | last minute MiB | growth |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Memory over long runs (median RSS of the first and the last minute of the steady part):",
+            "",
+            "| scenario | minutes | first minute MiB | last minute MiB | growth |",
+            "|---|---|---|---|---|",
+        ]
         for r in soaks:
             g = r["rss_growth"]
-            lines.append(f"| {r['scenario']} | {g['minutes']} | {g['first_minute_mib']} | {g['last_minute_mib']} "
-                         f"| {g['growth_pct']:+.2f}% |")
+            lines.append(
+                f"| {r['scenario']} | {g['minutes']} | {g['first_minute_mib']} | {g['last_minute_mib']} "
+                f"| {g['growth_pct']:+.2f}% |"
+            )
     errors = {r["scenario"]: r["errors"] for r in results["scenarios"] if r["errors"]}
     if errors:
         lines += ["", "Errors by code: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]
@@ -115,10 +147,20 @@ def chart(results: dict, path: Path) -> None:
     ax.set_xlabel("server overhead (ms)")
     ax.legend(fontsize=8)
     ax = axes[2]
-    ax.barh([i - 0.2 for i in y], [r["cpu_pct_per_session"] or 0 for r in rows], height=0.4, color="#6a9f58",
-            label="CPU % of a core per session")
-    ax.barh([i + 0.2 for i in y], [r["rss_per_session_mib"] or 0 for r in rows], height=0.4, color="#c9a227",
-            label="RSS MiB per session")
+    ax.barh(
+        [i - 0.2 for i in y],
+        [r["cpu_pct_per_session"] or 0 for r in rows],
+        height=0.4,
+        color="#6a9f58",
+        label="CPU % of a core per session",
+    )
+    ax.barh(
+        [i + 0.2 for i in y],
+        [r["rss_per_session_mib"] or 0 for r in rows],
+        height=0.4,
+        color="#c9a227",
+        label="RSS MiB per session",
+    )
     ax.set_yticks(list(y), [])
     ax.invert_yaxis()
     ax.legend(fontsize=8)

@@ -82,20 +82,38 @@ def _pct(values, q) -> float | None:
 
 def _stats(values) -> dict:
     values = [v for v in values if v is not None]
-    return {"n": len(values), "p50": _pct(values, 50), "p95": _pct(values, 95), "p99": _pct(values, 99),
-            "mean": round(float(np.mean(values)), 1) if values else None}
+    return {
+        "n": len(values),
+        "p50": _pct(values, 50),
+        "p95": _pct(values, 95),
+        "p99": _pct(values, 99),
+        "mean": round(float(np.mean(values)), 1) if values else None,
+    }
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     from importlib.metadata import version
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2 ** 20, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "pipecat": version("pipecat-ai"), "note": "server, vendor fakes and callers share these cores"}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pipecat": version("pipecat-ai"),
+        "note": "server, vendor fakes and callers share these cores",
+    }
 
 
 class ProcSampler:
@@ -120,7 +138,7 @@ class ProcSampler:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 cpu += (int(fields[11]) + int(fields[12])) / TICKS
-                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2 ** 20
+                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
             except (OSError, IndexError, ValueError):
                 pass
         return cpu, rss
@@ -130,8 +148,13 @@ class Vendors:
     """The fake vendors' process (bench/vendors.py)."""
 
     def __init__(self, script: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.vendors", json.dumps(script)], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.vendors", json.dumps(script)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("the vendor fakes did not start")
@@ -159,22 +182,33 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.sqlite = workdir / f"{scenario.name}.sqlite"
         self.log = workdir / f"{scenario.name}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "ATLAS_LOG_LEVEL": "WARNING", "ATLAS_PORT": str(self.port),
-               "ATLAS_MAX_SESSIONS": str(scenario.sessions + 10), "ATLAS_SQLITE_PATH": str(self.sqlite),
-               "ATLAS_OUTBOX_PATH": str(workdir / f"{scenario.name}.outbox"),
-               "ATLAS_ALERT_ACTIVE_SESSIONS": "100000", "SUPABASE_URL": "",
-               # every simulated caller comes from 127.0.0.1: the per-IP abuse limits would refuse them
-               "ATLAS_MAX_SESSIONS_PER_IP": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
-               "ATLAS_MAX_SESSIONS_PER_USER": "0", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "0",
-               "ATLAS_MAX_PENDING_PER_IP": "0",
-               "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT,
-               # hang-ups (only when the bot ends a call) go nowhere: there is no Twilio here
-               "TWILIO_API_BASE_URL": "http://127.0.0.1:9",
-               **env, **scenario.env}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "ATLAS_LOG_LEVEL": "WARNING",
+            "ATLAS_PORT": str(self.port),
+            "ATLAS_MAX_SESSIONS": str(scenario.sessions + 10),
+            "ATLAS_SQLITE_PATH": str(self.sqlite),
+            "ATLAS_OUTBOX_PATH": str(workdir / f"{scenario.name}.outbox"),
+            "ATLAS_ALERT_ACTIVE_SESSIONS": "100000",
+            "SUPABASE_URL": "",
+            # every simulated caller comes from 127.0.0.1: the per-IP abuse limits would refuse them
+            "ATLAS_MAX_SESSIONS_PER_IP": "0",
+            "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
+            "ATLAS_MAX_SESSIONS_PER_USER": "0",
+            "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "0",
+            "ATLAS_MAX_PENDING_PER_IP": "0",
+            "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+            "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT,
+            # hang-ups (only when the bot ends a call) go nowhere: there is no Twilio here
+            "TWILIO_API_BASE_URL": "http://127.0.0.1:9",
+            **env,
+            **scenario.env,
+        }
         if scenario.server == "bare":
             cmd = [sys.executable, "-m", "bench.bare_pipecat", "--port", str(self.port)]
         else:
-            cmd = [sys.executable, "-m", "bots.cli", "serve", "--port", str(self.port)]
+            cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)]
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._logf, stderr=subprocess.STDOUT)
         self.sampler = ProcSampler(self.proc.pid)
@@ -213,14 +247,24 @@ def atlas_stages(path: Path, since: str) -> dict:
     if not path.exists():
         return {}
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT stt_latency_ms, llm_ttfb_ms, tts_ttfa_ms, voice_to_voice_ms FROM voice_turns "
-                          "WHERE created_at >= ?", (since,)).fetchall()
-    cols = list(zip(*rows)) if rows else [[], [], [], []]
-    return {name: _stats(col) for name, col in zip(("stt", "llm_ttfb", "tts_ttfa", "server_v2v"), cols)}
+        rows = db.execute(
+            "SELECT stt_latency_ms, llm_ttfb_ms, tts_ttfa_ms, voice_to_voice_ms FROM voice_turns WHERE created_at >= ?",
+            (since,),
+        ).fetchall()
+    cols = list(zip(*rows, strict=False)) if rows else [[], [], [], []]
+    return {name: _stats(col) for name, col in zip(("stt", "llm_ttfb", "tts_ttfa", "server_v2v"), cols, strict=False)}
 
 
-async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: Path, script: dict | None,
-                       turn_wait: dict, progress=None, profile: bool = False) -> dict:
+async def run_scenario(
+    sc: Scenario,
+    env: dict[str, str],
+    utterances,
+    workdir: Path,
+    script: dict | None,
+    turn_wait: dict,
+    progress=None,
+    profile: bool = False,
+) -> dict:
     from bench.callers import Caller, frames_for
 
     server = Server(sc, env, workdir)
@@ -234,9 +278,12 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
         async with aiohttp.ClientSession(connector=connector) as http:
             # warm-up: one call of two turns (first requests, caches, lazy imports), not counted
             warm = await Caller(-1, sc.door, url, frames, http, reply_timeout=60, twilio=twilio).run(
-                time.monotonic() + 120, max_turns=2)
+                time.monotonic() + 120, max_turns=2
+            )
             if not warm.turns or warm.turns[0].first_audio is None:
-                raise RuntimeError(f"the warm-up call got no reply ({warm.errors}, {warm.turns}, {warm.session_end}); see {server.log}")
+                raise RuntimeError(
+                    f"the warm-up call got no reply ({warm.errors}, {warm.turns}, {warm.session_end}); see {server.log}"
+                )
             await asyncio.sleep(2)
             idle_cpu, idle_rss = server.sampler.sample()
             since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -246,16 +293,19 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
             callers = [Caller(i, sc.door, url, frames, http, twilio=twilio) for i in range(sc.sessions)]
             flooder = None
             if sc.flood:
-                flooder = subprocess.Popen([sys.executable, "-m", "bench.flood", server.ws_url("ws"),
-                                            str(until - start)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                flooder = subprocess.Popen(
+                    [sys.executable, "-m", "bench.flood", server.ws_url("ws"), str(until - start)],
+                    cwd=REPO,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
             tasks = []
-            for i, caller in enumerate(callers):
+            for caller in callers:
                 tasks.append(asyncio.create_task(caller.run(until, offset=random.uniform(0, 3))))
                 if sc.sessions > 1:
                     await asyncio.sleep(ramp / sc.sessions)
             steady_from = time.monotonic()
-            profiler = start_profile(server, workdir / f"{sc.name}.pyspy.txt", until - steady_from) \
-                if profile else None
+            profiler = start_profile(server, workdir / f"{sc.name}.pyspy.txt", until - steady_from) if profile else None
             samples = []  # (t, cpu seconds, rss MiB)
             while not all(t.done() for t in tasks):
                 cpu, rss = server.sampler.sample()
@@ -270,8 +320,17 @@ async def run_scenario(sc: Scenario, env: dict[str, str], utterances, workdir: P
                 flood_stats = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": "no report"}
     finally:
         server.stop()
-    result = summarize(sc, records, samples, steady_from, until, idle_rss, script, turn_wait,
-                       atlas_stages(server.sqlite, since) if sc.server != "bare" else {})
+    result = summarize(
+        sc,
+        records,
+        samples,
+        steady_from,
+        until,
+        idle_rss,
+        script,
+        turn_wait,
+        atlas_stages(server.sqlite, since) if sc.server != "bare" else {},
+    )
     if profiler is not None:
         profiler.wait(60)
         result["profile"] = profile_summary(workdir / f"{sc.name}.pyspy.txt")
@@ -288,9 +347,25 @@ def start_profile(server: Server, out: Path, seconds: float) -> subprocess.Popen
     if not Path(spy).exists():
         print("  (py-spy is not installed: pip install py-spy; no profile)")
         return None
-    return subprocess.Popen([spy, "record", "-p", str(server.proc.pid), "-d", str(max(1, int(seconds))), "-r", "100",
-                             "-f", "raw", "-o", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "-p",
+            str(server.proc.pid),
+            "-d",
+            str(max(1, int(seconds))),
+            "-r",
+            "100",
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def profile_summary(path: Path, top: int = 25) -> dict:
@@ -312,8 +387,13 @@ def profile_summary(path: Path, top: int = 25) -> dict:
         seen = set()
         for f in frames:
             where = f.split("(", 1)[-1].rstrip(")")
-            pkg = where.split("site-packages/", 1)[-1].split("/", 1)[0] if "site-packages/" in where else \
-                where.split("/work/", 1)[-1].split("/")[1] if "/work/" in where else where.split(":")[0]
+            pkg = (
+                where.split("site-packages/", 1)[-1].split("/", 1)[0]
+                if "site-packages/" in where
+                else where.split("/work/", 1)[-1].split("/")[1]
+                if "/work/" in where
+                else where.split(":")[0]
+            )
             if pkg not in seen:
                 seen.add(pkg)
                 package[pkg] = package.get(pkg, 0) + n
@@ -324,8 +404,17 @@ def profile_summary(path: Path, top: int = 25) -> dict:
     return {"samples": total, "self_pct": pct(own), "package_inclusive_pct": pct(package)}
 
 
-def summarize(sc: Scenario, records, samples, steady_from: float, until: float, idle_rss: float,
-              script: dict | None, turn_wait: dict, stages: dict) -> dict:
+def summarize(
+    sc: Scenario,
+    records,
+    samples,
+    steady_from: float,
+    until: float,
+    idle_rss: float,
+    script: dict | None,
+    turn_wait: dict,
+    stages: dict,
+) -> dict:
     from bench.vendors import VendorScript
 
     turns = [t for r in records for t in r.turns if t.speech_end >= steady_from]
@@ -350,19 +439,26 @@ def summarize(sc: Scenario, records, samples, steady_from: float, until: float, 
     failed_calls = sum(1 for r in records if not r.turns)
     replied = [t for t in turns if t.first_audio is not None]
     return {
-        "scenario": sc.name, "server": sc.server, "door": sc.door, "sessions": sc.sessions,
-        "duration_s": sc.duration, "env": sc.env,
-        "turns": len(turns), "turns_all": sum(len(r.turns) for r in records),
+        "scenario": sc.name,
+        "server": sc.server,
+        "door": sc.door,
+        "sessions": sc.sessions,
+        "duration_s": sc.duration,
+        "env": sc.env,
+        "turns": len(turns),
+        "turns_all": sum(len(r.turns) for r in records),
         "voice_to_voice_ms": _stats(v2v),
         "injected_ms": injected,
         "overhead_ms": _stats(overhead) if overhead else None,
         "stages_ms": stages,
         "cpu_pct_of_core": round(cpu_pct, 1) if cpu_pct is not None else None,
         "cpu_pct_per_session": round(cpu_pct / sc.sessions, 2) if cpu_pct is not None else None,
-        "rss_idle_mib": round(idle_rss, 1), "rss_peak_mib": round(peak_rss, 1),
+        "rss_idle_mib": round(idle_rss, 1),
+        "rss_peak_mib": round(peak_rss, 1),
         "rss_per_session_mib": round((peak_rss - idle_rss) / sc.sessions, 2),
         "replies_with_gaps": sum(1 for t in replied if t.gaps),
-        "gaps": sum(t.gaps for t in replied), "gap_ms_total": round(sum(t.gap_secs for t in replied) * 1000, 1),
+        "gaps": sum(t.gaps for t in replied),
+        "gap_ms_total": round(sum(t.gap_secs for t in replied) * 1000, 1),
         "gap_ms_max": round(max((t.gap_secs for t in replied), default=0) * 1000, 1),
         "reply_secs_mean": round(float(np.mean([t.reply_secs for t in replied])), 2) if replied else None,
         "errors": errors,
@@ -381,8 +477,12 @@ def rss_growth(steady: list[tuple[float, float, float]], window: float = 60.0) -
     t0, t1 = steady[0][0], steady[-1][0]
     first = float(np.median([r for t, _, r in steady if t <= t0 + window]))
     last = float(np.median([r for t, _, r in steady if t >= t1 - window]))
-    return {"first_minute_mib": round(first, 1), "last_minute_mib": round(last, 1),
-            "growth_pct": round((last - first) / first * 100, 2), "minutes": round((t1 - t0) / 60, 1)}
+    return {
+        "first_minute_mib": round(first, 1),
+        "last_minute_mib": round(last, 1),
+        "growth_pct": round((last - first) / first * 100, 2),
+        "minutes": round((t1 - t0) / 60, 1),
+    }
 
 
 def build_scenarios(args) -> list[Scenario]:
@@ -393,13 +493,25 @@ def build_scenarios(args) -> list[Scenario]:
             if args.flood_compare:
                 # The flooder comes from its own address, so the per-IP limits (off for the callers, who all
                 # share 127.0.0.1) apply to it at their defaults.
-                limits = {"ATLAS_MAX_SESSIONS_PER_IP": "20", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "60",
-                          "ATLAS_MAX_PENDING_PER_IP": "10"}
-                out.append(Scenario("atlas", door, n, args.duration, env=limits, label=f"atlas-{door}-{n}-flood",
-                                    flood=True))
+                limits = {
+                    "ATLAS_MAX_SESSIONS_PER_IP": "20",
+                    "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "60",
+                    "ATLAS_MAX_PENDING_PER_IP": "10",
+                }
+                out.append(
+                    Scenario("atlas", door, n, args.duration, env=limits, label=f"atlas-{door}-{n}-flood", flood=True)
+                )
             if args.first_clause_compare:
-                out.append(Scenario("atlas", door, n, args.duration, env={"ATLAS_FIRST_CLAUSE_WORDS": "0"},
-                                    label=f"atlas-{door}-{n}-no-first-clause"))
+                out.append(
+                    Scenario(
+                        "atlas",
+                        door,
+                        n,
+                        args.duration,
+                        env={"ATLAS_FIRST_CLAUSE_WORDS": "0"},
+                        label=f"atlas-{door}-{n}-no-first-clause",
+                    )
+                )
         if args.bare:
             out.append(Scenario("bare", "twilio", n, args.duration))
     if args.offline:
@@ -416,15 +528,28 @@ async def run(args) -> dict:
     from bench.vendors import VendorScript, vendor_env
     from config.settings import Settings
 
-    script = VendorScript(stt_delay=args.stt_delay, llm_delay=args.llm_delay, llm_tps=args.llm_tps,
-                          tts_delay=args.tts_delay, jitter=args.jitter)
+    script = VendorScript(
+        stt_delay=args.stt_delay,
+        llm_delay=args.llm_delay,
+        llm_tps=args.llm_tps,
+        tts_delay=args.tts_delay,
+        jitter=args.jitter,
+    )
     settings = Settings()
-    turn_wait = {"vad_stop": settings.vad_stop_secs, "smart_turn": settings.smart_turn,
-                 "speech_timeout": settings.user_speech_timeout_secs}
+    turn_wait = {
+        "vad_stop": settings.vad_stop_secs,
+        "smart_turn": settings.smart_turn,
+        "speech_timeout": settings.user_speech_timeout_secs,
+    }
     scenarios = build_scenarios(args)
     utterances = await asyncio.to_thread(make_utterances, QUESTIONS)
-    results = {"machine": machine(), "script": asdict(script), "turn_end": turn_wait,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "scenarios": []}
+    results = {
+        "machine": machine(),
+        "script": asdict(script),
+        "turn_end": turn_wait,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "scenarios": [],
+    }
     vendors = Vendors(asdict(script)) if any(sc.server != "offline" for sc in scenarios) else None
     try:
         with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
@@ -443,8 +568,9 @@ async def run(args) -> dict:
                     res = await run_scenario(sc, env, utterances, workdir, None, turn_wait, progress, args.profile)
                 else:
                     env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology"}
-                    res = await run_scenario(sc, env, utterances, workdir, asdict(script), turn_wait, progress,
-                                             args.profile)
+                    res = await run_scenario(
+                        sc, env, utterances, workdir, asdict(script), turn_wait, progress, args.profile
+                    )
                 bar.close()
                 results["scenarios"].append(res)
                 print(_one_line(res), flush=True)
@@ -466,10 +592,17 @@ def _flood_ratios(results: dict) -> None:
         if base is None:
             continue
         v, b = r["voice_to_voice_ms"], base["voice_to_voice_ms"]
-        out.append({"scenario": r["scenario"], "sessions": r["sessions"],
-                    "p50_ms": [b["p50"], v["p50"]], "p95_ms": [b["p95"], v["p95"]],
-                    "p95_ratio": round(v["p95"] / b["p95"], 3) if v["p95"] and b["p95"] else None,
-                    "error_rate": [base["error_rate"], r["error_rate"]], "flood": r["flood"]})
+        out.append(
+            {
+                "scenario": r["scenario"],
+                "sessions": r["sessions"],
+                "p50_ms": [b["p50"], v["p50"]],
+                "p95_ms": [b["p95"], v["p95"]],
+                "p95_ratio": round(v["p95"] / b["p95"], 3) if v["p95"] and b["p95"] else None,
+                "error_rate": [base["error_rate"], r["error_rate"]],
+                "flood": r["flood"],
+            }
+        )
     if out:
         results["flood_vs_plain"] = out
 
@@ -487,20 +620,26 @@ def _ratios(results: dict) -> None:
             return round(a / b, 2) if a is not None and b not in (None, 0) else None
 
         ov, bov = r["overhead_ms"] or {}, bare["overhead_ms"] or {}
-        out.append({"sessions": n,
-                    "overhead_p50_ratio": ratio(ov.get("p50"), bov.get("p50")),
-                    "overhead_p95_ratio": ratio(ov.get("p95"), bov.get("p95")),
-                    "cpu_per_session_ratio": ratio(r["cpu_pct_per_session"], bare["cpu_pct_per_session"]),
-                    "rss_per_session_ratio": ratio(r["rss_per_session_mib"], bare["rss_per_session_mib"]),
-                    "error_rate": [r["error_rate"], bare["error_rate"]]})
+        out.append(
+            {
+                "sessions": n,
+                "overhead_p50_ratio": ratio(ov.get("p50"), bov.get("p50")),
+                "overhead_p95_ratio": ratio(ov.get("p95"), bov.get("p95")),
+                "cpu_per_session_ratio": ratio(r["cpu_pct_per_session"], bare["cpu_pct_per_session"]),
+                "rss_per_session_ratio": ratio(r["rss_per_session_mib"], bare["rss_per_session_mib"]),
+                "error_rate": [r["error_rate"], bare["error_rate"]],
+            }
+        )
     results["atlas_vs_bare"] = out
 
 
 def _one_line(r: dict) -> str:
     v, o = r["voice_to_voice_ms"], r["overhead_ms"] or {}
-    return (f"  {r['scenario']}: {r['turns']} turns, v2v p50 {v['p50']} p95 {v['p95']} ms, overhead p95 "
-            f"{o.get('p95')} ms, cpu {r['cpu_pct_per_session']}%/session, rss {r['rss_per_session_mib']} MiB/session, "
-            f"gaps {r['gaps']}, errors {r['error_rate']:.2%}")
+    return (
+        f"  {r['scenario']}: {r['turns']} turns, v2v p50 {v['p50']} p95 {v['p95']} ms, overhead p95 "
+        f"{o.get('p95')} ms, cpu {r['cpu_pct_per_session']}%/session, rss {r['rss_per_session_mib']} MiB/session, "
+        f"gaps {r['gaps']}, errors {r['error_rate']:.2%}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,32 +648,57 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import write_reports
 
     parser = argparse.ArgumentParser(prog="atlas-voice bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 25, 100],
-                        help="comma-separated concurrent session counts (default 1,25,100)")
-    parser.add_argument("--doors", type=lambda s: s.split(","), default=["ws", "twilio"],
-                        help="ws, twilio or both (default ws,twilio)")
+    parser.add_argument(
+        "--sessions",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 25, 100],
+        help="comma-separated concurrent session counts (default 1,25,100)",
+    )
+    parser.add_argument(
+        "--doors", type=lambda s: s.split(","), default=["ws", "twilio"], help="ws, twilio or both (default ws,twilio)"
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds each scenario runs (default 60)")
-    parser.add_argument("--no-bare", dest="bare", action="store_false",
-                        help="skip the bare Pipecat comparison (on the Twilio door)")
-    parser.add_argument("--no-offline", dest="offline", action="store_false",
-                        help="skip the offline default (local engines, 1 session)")
-    parser.add_argument("--first-clause-compare", action="store_true",
-                        help="also run each Atlas scenario with the first-clause TTS start off")
-    parser.add_argument("--flood-compare", action="store_true",
-                        help="also run each Atlas scenario with a client flooding /ws with audio as fast as it can, "
-                             "reconnecting whenever it is cut off (bench/flood.py), and compare the honest callers' "
-                             "latency")
-    parser.add_argument("--soak", type=float, default=0, metavar="MINUTES",
-                        help="also run a soak: --soak-sessions callers on /ws for MINUTES (memory growth reported)")
+    parser.add_argument(
+        "--no-bare", dest="bare", action="store_false", help="skip the bare Pipecat comparison (on the Twilio door)"
+    )
+    parser.add_argument(
+        "--no-offline", dest="offline", action="store_false", help="skip the offline default (local engines, 1 session)"
+    )
+    parser.add_argument(
+        "--first-clause-compare",
+        action="store_true",
+        help="also run each Atlas scenario with the first-clause TTS start off",
+    )
+    parser.add_argument(
+        "--flood-compare",
+        action="store_true",
+        help="also run each Atlas scenario with a client flooding /ws with audio as fast as it can, "
+        "reconnecting whenever it is cut off (bench/flood.py), and compare the honest callers' "
+        "latency",
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        metavar="MINUTES",
+        help="also run a soak: --soak-sessions callers on /ws for MINUTES (memory growth reported)",
+    )
     parser.add_argument("--soak-sessions", type=int, default=20, help="sessions in the soak (default 20)")
     parser.add_argument("--stt-delay", type=float, default=0.3, help="Deepgram final after finalize (0.3 s)")
     parser.add_argument("--llm-delay", type=float, default=0.6, help="Claude first token (0.6 s)")
     parser.add_argument("--llm-tps", type=float, default=80.0, help="Claude tokens per second (80)")
     parser.add_argument("--tts-delay", type=float, default=0.2, help="ElevenLabs first audio (0.2 s)")
-    parser.add_argument("--jitter", type=float, default=0.0,
-                        help="log-normal spread of every vendor delay (coefficient of variation; default 0: exact)")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample each server with py-spy in steady state; top functions go into the JSON")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="log-normal spread of every vendor delay (coefficient of variation; default 0: exact)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each server with py-spy in steady state; top functions go into the JSON",
+    )
     parser.add_argument("--name", default=None, help="results file name (default bench-<UTC time>)")
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     parser.add_argument("--keep-logs", default=None, help="keep server logs and databases in this folder")

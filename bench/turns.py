@@ -16,9 +16,9 @@ again with the pause swept over 300-1200 ms, to find the longest pause each sett
 
 Audio paths, all reaching the analyzers at 16 kHz:
 - `browser`: the 16 kHz audio as is, in 20 ms frames (the web client sends 16 kHz).
-- `phone`: downsampled to 8 kHz and G.711 mu-law encoded (tests/fakes/twilio.py), then sent as
+- `phone`: downsampled to 8 kHz and G.711 mu-law encoded (fakes/twilio.py), then sent as
   Twilio media messages (20 ms) through the app's own `AtlasTwilioSerializer.deserialize`
-  (bots/twilio_bot.py: decode, then its SoX "QQ" stream resampler to 16 kHz).
+  (transports/twilio/serializer.py: decode, then its SoX "QQ" stream resampler to 16 kHz).
 - `phone-vhq` (full sweep only): the same through Pipecat's stock `TwilioFrameSerializer`, whose
   SoX "VHQ" stream resampler holds ~95 ms back and hands audio on in bursts of ~95 ms.
 Each frame is processed at the time it arrives (the end of the packet that released it). Results
@@ -94,7 +94,7 @@ PATH_TITLES = {
     "browser": "browser: 16 kHz as sent by the web client",
     "phone": "phone: 8 kHz mu-law through the app's Twilio serializer (SoX QQ stream resampler to 16 kHz)",
     "phone-vhq": "phone-vhq: 8 kHz mu-law through Pipecat's stock TwilioFrameSerializer (SoX VHQ stream "
-                 "resampler, ~95 ms bursts)",
+    "resampler, ~95 ms bursts)",
 }
 SOURCES = ("piper", "piper-separate", "librivox")
 
@@ -156,8 +156,12 @@ class Config:
 
 def configs(quick: bool = False) -> list[Config]:
     if quick:
-        return [Config(0.2, False), Config(0.2, False, speech_timeout_secs=0.6), Config(0.8, False),
-                Config(0.2, True, 1.5)]
+        return [
+            Config(0.2, False),
+            Config(0.2, False, speech_timeout_secs=0.6),
+            Config(0.8, False),
+            Config(0.2, True, 1.5),
+        ]
     out = []
     for s in VAD_STOPS:
         out.append(Config(s, False))
@@ -168,6 +172,7 @@ def configs(quick: bool = False) -> list[Config]:
 
 
 # ---- speech -------------------------------------------------------------------------------------
+
 
 def _frame_rms(audio: np.ndarray, n: int = SR // 100) -> np.ndarray:
     frames = len(audio) // n
@@ -190,22 +195,22 @@ def _finish(name, source, text, pauses, speech: np.ndarray, noise_rms: float, no
     seed = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)
     noise = _noise(len(clean), noise_rms, seed)
     if noisy:  # a recording brings its own noise
-        noise[lead: lead + len(speech)] = 0.0
+        noise[lead : lead + len(speech)] = 0.0
     audio = np.clip(clean + noise, -32768, 32767).astype(np.int16)
     mask = _loud(clean.astype(np.int16))
     end = (np.nonzero(mask)[0][-1] + 1) / 100
     return Utterance(name, source, text, pauses, audio, float(end), mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _piper(text: str) -> np.ndarray:
     """Piper's speech for `text` at 16 kHz, without its own leading and trailing silence. As
-    tests/fakes/base.py's piper_pcm, but with the model's sampling noise off so every run hears the
+    fakes/base.py's piper_pcm, but with the model's sampling noise off so every run hears the
     same speech."""
     import soxr
     from piper.config import SynthesisConfig
 
-    from tests.fakes.base import _engine_lock, _piper_voice
+    from fakes.base import _engine_lock, _piper_voice
 
     voice = _piper_voice()
     with _engine_lock:
@@ -213,7 +218,7 @@ def _piper(text: str) -> np.ndarray:
         audio = np.concatenate([c.audio_float_array for c in chunks])
     pcm = np.clip(soxr.resample(audio, voice.config.sample_rate, SR) * 32767.0, -32768, 32767).astype(np.int16)
     loud = np.nonzero(_loud(pcm, 40.0))[0]
-    return pcm[loud[0] * SR // 100: (loud[-1] + 1) * SR // 100]
+    return pcm[loud[0] * SR // 100 : (loud[-1] + 1) * SR // 100]
 
 
 def _comma_gap(speech: np.ndarray, near: float) -> tuple[int, int]:
@@ -247,14 +252,19 @@ def piper_utterance(name: str, parts: list, joined: bool = True) -> Utterance:
             at = b
         speech = np.concatenate([*pieces, full[at:]])
     else:
-        speech = np.concatenate([x for t, p in zip(texts, pauses + [0])
-                                 for x in (_piper(t), np.zeros(p * SR // 1000, np.int16))])
+        speech = np.concatenate(
+            [
+                x
+                for t, p in zip(texts, pauses + [0], strict=False)
+                for x in (_piper(t), np.zeros(p * SR // 1000, np.int16))
+            ]
+        )
     source = "piper" if joined else "piper-separate"
     return _finish(name if joined else name + "/sep", source, " ".join(texts), pauses, speech, 40.0, noisy=False)
 
 
 def librivox_utterances() -> list[Utterance]:
-    from bots.talk import load_wav
+    from app.talk import load_wav
 
     texts = {}
     for line in (LIBRIVOX / "transcription").read_text().splitlines():
@@ -271,31 +281,36 @@ def librivox_utterances() -> list[Utterance]:
 
 def utterances(quick: bool = False) -> list[Utterance]:
     out = [piper_utterance(n, p) for n, p in SCRIPTS if not quick or n in QUICK]
-    out += [piper_utterance(n, p, joined=False) for n, p in SCRIPTS
-            if any(isinstance(x, int) for x in p) and (not quick or n + "/sep" in QUICK)]
+    out += [
+        piper_utterance(n, p, joined=False)
+        for n, p in SCRIPTS
+        if any(isinstance(x, int) for x in p) and (not quick or n + "/sep" in QUICK)
+    ]
     return out + [u for u in librivox_utterances() if not quick or u.name in QUICK]
 
 
 def pause_utterances(quick: bool = False) -> list[Utterance]:
     """PAUSE_SCRIPTS with the pause set to each of PAUSE_GRID_MS, named like "book_table@450"."""
     scripts = dict(SCRIPTS)
-    return [piper_utterance(f"{name}@{pause}", [scripts[name][0], pause, scripts[name][2]])
-            for name in (PAUSE_SCRIPTS[:1] if quick else PAUSE_SCRIPTS)
-            for pause in ((400, 700, 1000) if quick else PAUSE_GRID_MS)]
+    return [
+        piper_utterance(f"{name}@{pause}", [scripts[name][0], pause, scripts[name][2]])
+        for name in (PAUSE_SCRIPTS[:1] if quick else PAUSE_SCRIPTS)
+        for pause in ((400, 700, 1000) if quick else PAUSE_GRID_MS)
+    ]
 
 
 async def path_frames(audio: np.ndarray, path: str) -> list[tuple[bytes, float]]:
     """The 16 kHz InputAudioRawFrame payloads the pipeline gets for `audio` on `path`, each with the
     time it arrives (the end of the 20 ms packet that released it)."""
     if path == "browser":
-        return [(audio[i: i + FRAME].tobytes(), (i + FRAME) / SR) for i in range(0, len(audio) - FRAME + 1, FRAME)]
+        return [(audio[i : i + FRAME].tobytes(), (i + FRAME) / SR) for i in range(0, len(audio) - FRAME + 1, FRAME)]
     import base64
 
     import soxr
     from pipecat.serializers.twilio import TwilioFrameSerializer
 
-    from bots.twilio_bot import AtlasTwilioSerializer
-    from tests.fakes.twilio import mulaw_encode
+    from fakes.twilio import mulaw_encode
+    from transports.twilio.serializer import AtlasTwilioSerializer
 
     pcm8 = soxr.resample(audio.astype(np.float32) / 32768.0, SR, 8000, quality="HQ")
     ulaw = mulaw_encode(np.clip(pcm8 * 32768.0, -32768, 32767).astype(np.int16))
@@ -307,7 +322,7 @@ async def path_frames(audio: np.ndarray, path: str) -> list[tuple[bytes, float]]
     serializer._input_resampler._clear_after_secs = None
     frames = []
     for i in range(0, len(ulaw) - 159, 160):
-        payload = base64.b64encode(ulaw[i: i + 160]).decode()
+        payload = base64.b64encode(ulaw[i : i + 160]).decode()
         frame = await serializer.deserialize(json.dumps({"event": "media", "media": {"payload": payload}}))
         if frame is not None:  # None while the resampler holds the audio back
             frames.append((frame.audio, (i + 160) / 8000))
@@ -315,6 +330,7 @@ async def path_frames(audio: np.ndarray, path: str) -> list[tuple[bytes, float]]
 
 
 # ---- analyzers ----------------------------------------------------------------------------------
+
 
 class SimClock:
     """Stands in for the `time` module inside base_smart_turn: monotonic() is simulated time."""
@@ -386,8 +402,9 @@ def vad_events(models: Models, frames: list[tuple[bytes, float]], stop_secs: flo
     return events
 
 
-async def simulate(models: Models, frames: list[tuple[bytes, float]], events: list[str | None], cfg: Config,
-                   clock: SimClock) -> dict:
+async def simulate(
+    models: Models, frames: list[tuple[bytes, float]], events: list[str | None], cfg: Config, clock: SimClock
+) -> dict:
     """Turn ends (time, cause) and smart-turn calls for one utterance, mirroring LLMUserAggregator:
     frame N goes to the VAD, then to the stop strategy with the VAD flag from before frame N, then the
     VAD event it caused (queued by the aggregator) reaches the strategy."""
@@ -407,11 +424,18 @@ async def simulate(models: Models, frames: list[tuple[bytes, float]], events: li
         state, metrics = await analyzer.analyze_end_of_turn()
         done = state == EndOfTurnState.COMPLETE
         if metrics is not None:
-            calls.append({"t": round(at, 3), "cause": cause, "complete": done,
-                          "probability": round(metrics.probability, 3), "ms": round(analyzer.last_ms, 1)})
+            calls.append(
+                {
+                    "t": round(at, 3),
+                    "cause": cause,
+                    "complete": done,
+                    "probability": round(metrics.probability, 3),
+                    "ms": round(analyzer.last_ms, 1),
+                }
+            )
         return done, analyzer.last_ms / 1000
 
-    for (frame, t), event in zip(frames, events):
+    for (frame, t), event in zip(frames, events, strict=False):
         if deadline is not None and deadline <= t:  # speech-timeout timer expired before this frame
             ends.append((deadline, "speech_timeout"))
             deadline = None
@@ -440,8 +464,9 @@ async def simulate(models: Models, frames: list[tuple[bytes, float]], events: li
 
 def score(u: Utterance, sim: dict) -> dict:
     """False cut-offs, the turn-end delay and whether smart-turn judged the end of speech incomplete."""
+
     def speech_after(te: float) -> float:
-        return float(u.speech[int(np.ceil(te * 100)):].sum()) / 100
+        return float(u.speech[int(np.ceil(te * 100)) :].sum()) / 100
 
     cuts = [e for e, _ in sim["ends"] if speech_after(e) >= CUT_MIN_SPEECH_SECS]
     final = next(((e, c) for e, c in sim["ends"] if e not in cuts), None)
@@ -458,6 +483,7 @@ def score(u: Utterance, sim: dict) -> dict:
 
 # ---- sweep and report ---------------------------------------------------------------------------
 
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q))) if values else None
 
@@ -467,12 +493,19 @@ def summarize(path: str, cfg: Config, runs: list[dict], sources: dict[str, str])
     judged = [r["incomplete_at_end"] for r in runs if r["incomplete_at_end"] is not None]
     cut = sorted({r["utterance"] for r in runs if r["false_cutoffs"]})
     return {
-        "path": path, **asdict(cfg), "user_speech_timeout_secs": cfg.user_speech_timeout, "utterances": len(runs),
-        "false_cutoff_utterances": len(cut), "false_cutoff_rate": round(len(cut) / len(runs), 3),
+        "path": path,
+        **asdict(cfg),
+        "user_speech_timeout_secs": cfg.user_speech_timeout,
+        "utterances": len(runs),
+        "false_cutoff_utterances": len(cut),
+        "false_cutoff_rate": round(len(cut) / len(runs), 3),
         "false_cutoffs_by_source": {src: sum(sources[c] == src for c in cut) for src in SOURCES},
-        "cut_off": cut, "delay_p50_ms": _pct(delays, 50), "delay_p95_ms": _pct(delays, 95),
+        "cut_off": cut,
+        "delay_p50_ms": _pct(delays, 50),
+        "delay_p95_ms": _pct(delays, 95),
         "delay_mean_ms": round(float(np.mean(delays))) if delays else None,
-        "delay_max_ms": max(delays) if delays else None, "no_turn_end": len(runs) - len(delays),
+        "delay_max_ms": max(delays) if delays else None,
+        "no_turn_end": len(runs) - len(delays),
         "smart_turn_incomplete_share": round(sum(judged) / len(judged), 3) if judged else None,
     }
 
@@ -482,22 +515,50 @@ def recommend(summary: list[dict]) -> dict:
     survives pauses of MIN_TOLERATED_PAUSE_MS."""
     out = {}
     for path in PATHS:
-        safe = [s for s in summary if s["path"] == path and s["false_cutoff_utterances"] == 0
-                and s["no_turn_end"] == 0 and (s["longest_pause_survived_ms"] or 0) >= MIN_TOLERATED_PAUSE_MS]
+        safe = [
+            s
+            for s in summary
+            if s["path"] == path
+            and s["false_cutoff_utterances"] == 0
+            and s["no_turn_end"] == 0
+            and (s["longest_pause_survived_ms"] or 0) >= MIN_TOLERATED_PAUSE_MS
+        ]
         if safe:
             best = min(safe, key=lambda s: (s["delay_mean_ms"], s["delay_p95_ms"]))
-            out[path] = {k: best[k] for k in ("vad_stop_secs", "smart_turn", "smart_turn_stop_secs",
-                                              "speech_timeout_secs", "user_speech_timeout_secs", "delay_p50_ms", "delay_p95_ms", "delay_mean_ms",
-                                              "longest_pause_survived_ms")}
+            out[path] = {
+                k: best[k]
+                for k in (
+                    "vad_stop_secs",
+                    "smart_turn",
+                    "smart_turn_stop_secs",
+                    "speech_timeout_secs",
+                    "user_speech_timeout_secs",
+                    "delay_p50_ms",
+                    "delay_p95_ms",
+                    "delay_mean_ms",
+                    "longest_pause_survived_ms",
+                )
+            }
     return out
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     versions = {p: metadata.version(p) for p in ("pipecat-ai", "onnxruntime")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **versions,
+    }
 
 
 def _pause(ms: int | None, grid: list[int]) -> str:
@@ -512,9 +573,11 @@ def markdown(report: dict) -> str:
     m, t, c = report["machine"], report["timing"], report["counts"]
     grid = report["pause_grid"]["pauses_ms"]
     lines = [
-        "# Turn-end benchmark (bench/turns.py)", "",
+        "# Turn-end benchmark (bench/turns.py)",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Pipecat {m['pipecat-ai']}, "
-        f"onnxruntime {m['onnxruntime']}. Sweep took {report['runtime_secs']} s.", "",
+        f"onnxruntime {m['onnxruntime']}. Sweep took {report['runtime_secs']} s.",
+        "",
         f"{len(report['utterances'])} utterances per path: {c['piper']} Piper sentences spoken at once with their "
         f"comma gaps stretched to 350-600 ms ({c['no_pause']} of them with no pause), "
         f"{c['piper-separate']} the same with each "
@@ -522,47 +585,66 @@ def markdown(report: dict) -> str:
         f"recorded. Cut-offs are counted as all (piper / sep / librivox). VAD start_secs {VAD_START_SECS}, "
         f"min_volume {VAD_MIN_VOLUME}. Delay = first turn end after the true end of speech; a false cut-off "
         f"is a turn end with >= {int(CUT_MIN_SPEECH_SECS * 1000)} ms of speech still to come. See the module "
-        "docstring for the method.", "",
+        "docstring for the method.",
+        "",
         f"Model time: smart-turn inference p50 {t['smart_turn_ms']['p50']} ms, p95 {t['smart_turn_ms']['p95']} ms "
         f"({t['smart_turn_ms']['n']} distinct calls); Silero p50 {t['silero_ms_per_32ms']['p50']} ms, "
-        f"p95 {t['silero_ms_per_32ms']['p95']} ms per 32 ms window.", "",
+        f"p95 {t['silero_ms_per_32ms']['p95']} ms per 32 ms window.",
+        "",
         f"Longest pause survived: {', '.join(report['pause_grid']['scripts'])} with the pause swept over "
-        f"{grid[0]}-{grid[-1]} ms: the longest pause up to which none of them is cut off.", "",
+        f"{grid[0]}-{grid[-1]} ms: the longest pause up to which none of them is cut off.",
+        "",
     ]
     for path in PATHS:
         rows = [s for s in report["summary"] if s["path"] == path]
         if not rows:
             continue
-        lines += [f"## {PATH_TITLES[path]}", "",
-                  "| VAD stop | smart-turn | speech timeout | cut-offs | delay p50 | delay p95 | mean | max "
-                  "| ST incomplete at end | longest pause survived | cut off |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {PATH_TITLES[path]}",
+            "",
+            "| VAD stop | smart-turn | speech timeout | cut-offs | delay p50 | delay p95 | mean | max "
+            "| ST incomplete at end | longest pause survived | cut off |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in rows:
             st = f"on, {s['smart_turn_stop_secs']}s" if s["smart_turn"] else "off"
             inc = "-" if s["smart_turn_incomplete_share"] is None else f"{s['smart_turn_incomplete_share']:.0%}"
             by = "/".join(str(s["false_cutoffs_by_source"][src]) for src in SOURCES)
-            lines.append(f"| {s['vad_stop_secs']}s | {st} | {_fmt(s['user_speech_timeout_secs'], 's')} | "
-                         f"{s['false_cutoff_utterances']}/{s['utterances']} ({by}) | "
-                         f"{_fmt(s['delay_p50_ms'], ' ms')} | {_fmt(s['delay_p95_ms'], ' ms')} | "
-                         f"{_fmt(s['delay_mean_ms'], ' ms')} | "
-                         f"{_fmt(s['delay_max_ms'], ' ms')} | {inc} | {_pause(s['longest_pause_survived_ms'], grid)} | "
-                         f"{', '.join(s['cut_off'])} |")
+            lines.append(
+                f"| {s['vad_stop_secs']}s | {st} | {_fmt(s['user_speech_timeout_secs'], 's')} | "
+                f"{s['false_cutoff_utterances']}/{s['utterances']} ({by}) | "
+                f"{_fmt(s['delay_p50_ms'], ' ms')} | {_fmt(s['delay_p95_ms'], ' ms')} | "
+                f"{_fmt(s['delay_mean_ms'], ' ms')} | "
+                f"{_fmt(s['delay_max_ms'], ' ms')} | {inc} | {_pause(s['longest_pause_survived_ms'], grid)} | "
+                f"{', '.join(s['cut_off'])} |"
+            )
         lines.append("")
-    lines += ["## Lowest mean delay with no false cut-off", "",
-              f"Mechanical pick: no false cut-off, survives {MIN_TOLERATED_PAUSE_MS} ms pauses, lowest mean delay. "
-              "The delays leave STT out: with smart-turn the turn also waits for the transcript, which a "
-              "segmented STT (Whisper) only starts at the VAD stop; without it, the STT runs during the "
-              "speech-timeout wait.", ""]
+    lines += [
+        "## Lowest mean delay with no false cut-off",
+        "",
+        f"Mechanical pick: no false cut-off, survives {MIN_TOLERATED_PAUSE_MS} ms pauses, lowest mean delay. "
+        "The delays leave STT out: with smart-turn the turn also waits for the transcript, which a "
+        "segmented STT (Whisper) only starts at the VAD stop; without it, the STT runs during the "
+        "speech-timeout wait.",
+        "",
+    ]
     for path, r in report["recommendation"].items():
-        st = (f"smart-turn on, stop {r['smart_turn_stop_secs']}s" if r["smart_turn"]
-              else f"smart-turn off, speech timeout {r['user_speech_timeout_secs']}s")
-        lines.append(f"- {path}: VAD stop {r['vad_stop_secs']}s, {st}: p50 {r['delay_p50_ms']} ms, "
-                     f"p95 {r['delay_p95_ms']} ms, mean {r['delay_mean_ms']} ms, "
-                     f"survives pauses up to {r['longest_pause_survived_ms']} ms")
+        st = (
+            f"smart-turn on, stop {r['smart_turn_stop_secs']}s"
+            if r["smart_turn"]
+            else f"smart-turn off, speech timeout {r['user_speech_timeout_secs']}s"
+        )
+        lines.append(
+            f"- {path}: VAD stop {r['vad_stop_secs']}s, {st}: p50 {r['delay_p50_ms']} ms, "
+            f"p95 {r['delay_p95_ms']} ms, mean {r['delay_mean_ms']} ms, "
+            f"survives pauses up to {r['longest_pause_survived_ms']} ms"
+        )
     lines += ["", "## Utterances", "", "| name | source | pauses (ms) | true end (s) | text |", "|---|---|---|---|---|"]
     for u in report["utterances"]:
-        lines.append(f"| {u['name']} | {u['source']} | {', '.join(map(str, u['pauses_ms'])) or '-'} | "
-                     f"{u['speech_end']} | {u['text']} |")
+        lines.append(
+            f"| {u['name']} | {u['source']} | {', '.join(map(str, u['pauses_ms'])) or '-'} | "
+            f"{u['speech_end']} | {u['text']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -580,16 +662,27 @@ async def run_all(models: Models, utts: list[Utterance], cfgs: list[Config], pat
                     events = vad_events(models, frames, stop)
                     for cfg in (c for c in cfgs if c.vad_stop_secs == stop):
                         sim = await simulate(models, frames, events, cfg, clock)
-                        runs.append({"path": path, "utterance": u.name, **asdict(cfg), **score(u, sim),
-                                     "turn_ends": sim["ends"]})
+                        runs.append(
+                            {
+                                "path": path,
+                                "utterance": u.name,
+                                **asdict(cfg),
+                                **score(u, sim),
+                                "turn_ends": sim["ends"],
+                            }
+                        )
     finally:
         base_smart_turn.time = real_time
     return runs
 
 
 def _of(runs: list[dict], path: str, cfg: Config) -> list[dict]:
-    return [r for r in runs if r["path"] == path
-            and Config(r["vad_stop_secs"], r["smart_turn"], r["smart_turn_stop_secs"], r["speech_timeout_secs"]) == cfg]
+    return [
+        r
+        for r in runs
+        if r["path"] == path
+        and Config(r["vad_stop_secs"], r["smart_turn"], r["smart_turn_stop_secs"], r["speech_timeout_secs"]) == cfg
+    ]
 
 
 def longest_pause(runs: list[dict], pauses: dict[str, int]) -> int | None:
@@ -600,8 +693,13 @@ def longest_pause(runs: list[dict], pauses: dict[str, int]) -> int | None:
     return max(ok) if ok else None
 
 
-async def sweep(utts: list[Utterance], cfgs: list[Config], paths=PATHS, models: Models | None = None,
-                pause_utts: list[Utterance] = ()) -> dict:
+async def sweep(
+    utts: list[Utterance],
+    cfgs: list[Config],
+    paths=PATHS,
+    models: Models | None = None,
+    pause_utts: list[Utterance] = (),
+) -> dict:
     models = models or Models()
     runs = await run_all(models, utts, cfgs, paths)
     pause_runs = await run_all(models, list(pause_utts), cfgs, paths)
@@ -613,13 +711,32 @@ async def sweep(utts: list[Utterance], cfgs: list[Config], paths=PATHS, models: 
             s = summarize(p, c, _of(runs, p, c), sources)
             s["longest_pause_survived_ms"] = longest_pause(_of(pause_runs, p, c), pauses) if pauses else None
             summary.append(s)
-    pct = lambda xs: {"p50": round(float(np.percentile(xs, 50)), 2), "p95": round(float(np.percentile(xs, 95)), 2),
-                      "mean": round(float(np.mean(xs)), 2), "n": len(xs)} if xs else None  # noqa: E731
-    keep = ("path", "utterance", "vad_stop_secs", "smart_turn", "smart_turn_stop_secs", "speech_timeout_secs",
-            "false_cutoffs", "delay_ms")
+
+    def pct(xs):
+        if not xs:
+            return None
+        return {
+            "p50": round(float(np.percentile(xs, 50)), 2),
+            "p95": round(float(np.percentile(xs, 95)), 2),
+            "mean": round(float(np.mean(xs)), 2),
+            "n": len(xs),
+        }
+
+    keep = (
+        "path",
+        "utterance",
+        "vad_stop_secs",
+        "smart_turn",
+        "smart_turn_stop_secs",
+        "speech_timeout_secs",
+        "false_cutoffs",
+        "delay_ms",
+    )
     return {
         "timing": {"smart_turn_ms": pct(models.smart_turn_ms), "silero_ms_per_32ms": pct(models.silero_ms)},
-        "summary": summary, "recommendation": recommend(summary), "runs": runs,
+        "summary": summary,
+        "recommendation": recommend(summary),
+        "runs": runs,
         "pause_runs": [{k: r[k] for k in keep} for r in pause_runs],
     }
 
@@ -635,15 +752,34 @@ def main(argv: list[str] | None = None) -> int:
     paths = PATHS[:2] if args.quick else PATHS
     report = asyncio.run(sweep(utts, configs(args.quick), paths, pause_utts=pause_utts))
     report = {
-        "machine": machine(), "runtime_secs": round(time.perf_counter() - t0, 1), "quick": args.quick,
-        "pause_grid": {"scripts": list(PAUSE_SCRIPTS[:1] if args.quick else PAUSE_SCRIPTS),
-                       "pauses_ms": sorted({u.pauses_ms[0] for u in pause_utts})},
-        "settings": {"vad_start_secs": VAD_START_SECS, "vad_min_volume": VAD_MIN_VOLUME,
-                     "cutoff_min_speech_secs": CUT_MIN_SPEECH_SECS, "lead_secs": LEAD_SECS, "tail_secs": TAIL_SECS},
-        "counts": {**{s: sum(u.source == s for u in utts) for s in SOURCES},
-                   "no_pause": sum(u.source == "piper" and not u.pauses_ms for u in utts)},
-        "utterances": [{"name": u.name, "source": u.source, "text": u.text, "pauses_ms": u.pauses_ms,
-                        "speech_end": round(u.speech_end, 2)} for u in utts],
+        "machine": machine(),
+        "runtime_secs": round(time.perf_counter() - t0, 1),
+        "quick": args.quick,
+        "pause_grid": {
+            "scripts": list(PAUSE_SCRIPTS[:1] if args.quick else PAUSE_SCRIPTS),
+            "pauses_ms": sorted({u.pauses_ms[0] for u in pause_utts}),
+        },
+        "settings": {
+            "vad_start_secs": VAD_START_SECS,
+            "vad_min_volume": VAD_MIN_VOLUME,
+            "cutoff_min_speech_secs": CUT_MIN_SPEECH_SECS,
+            "lead_secs": LEAD_SECS,
+            "tail_secs": TAIL_SECS,
+        },
+        "counts": {
+            **{s: sum(u.source == s for u in utts) for s in SOURCES},
+            "no_pause": sum(u.source == "piper" and not u.pauses_ms for u in utts),
+        },
+        "utterances": [
+            {
+                "name": u.name,
+                "source": u.source,
+                "text": u.text,
+                "pauses_ms": u.pauses_ms,
+                "speech_end": round(u.speech_end, 2),
+            }
+            for u in utts
+        ],
         **report,
     }
     out = Path(args.out)

@@ -31,13 +31,15 @@ import random
 import sys
 from dataclasses import asdict, dataclass
 
-from tests.fakes.base import FaultQueue
+from fakes.base import FaultQueue
 
 VOICE_ID = "21m00Tcm4TlvDq8EAJjs"
 TRANSCRIPT = "What is the quickest way to the old harbour from the station?"
 # The reply: a first clause after 4+ words, then whole sentences (~30 tokens, ~6 s of speech).
-REPLY = ("The quickest way to the old harbour, if you ask me, is the number nine tram. "
-         "It runs every ten minutes until midnight.")
+REPLY = (
+    "The quickest way to the old harbour, if you ask me, is the number nine tram. "
+    "It runs every ten minutes until midnight."
+)
 
 
 @dataclass
@@ -60,7 +62,7 @@ class VendorScript:
     def sample(self, median: float) -> float:
         if self.jitter <= 0 or median <= 0:
             return median
-        sigma = math.sqrt(math.log(1 + self.jitter ** 2))
+        sigma = math.sqrt(math.log(1 + self.jitter**2))
         return median * math.exp(random.gauss(0.0, sigma))
 
     def injected(self, turn_end: dict) -> float:
@@ -97,7 +99,7 @@ class RandomFaults(FaultQueue):
 
 
 def _random_faults(fakes: dict, script: VendorScript) -> dict[str, RandomFaults]:
-    from tests.fakes.anthropic import _Fault
+    from fakes.anthropic import _Fault
 
     def stt():
         return ("stt_drop", random.uniform(1.0, 20.0)) if random.random() < script.stt_drop else ("", None)
@@ -129,9 +131,9 @@ def _sampled(attr: str):
 
 def start_vendors(script: VendorScript) -> dict:
     """Start the three fakes in this process; return them by name."""
-    from tests.fakes.anthropic import FakeAnthropic
-    from tests.fakes.deepgram import FakeDeepgram
-    from tests.fakes.elevenlabs import FakeElevenLabs
+    from fakes.anthropic import FakeAnthropic
+    from fakes.deepgram import FakeDeepgram
+    from fakes.elevenlabs import FakeElevenLabs
 
     class Deepgram(FakeDeepgram):
         final_delay = _sampled("stt_delay")
@@ -157,10 +159,14 @@ def start_vendors(script: VendorScript) -> dict:
 def vendor_env(urls: dict) -> dict[str, str]:
     """The environment that points Atlas (or the bare Pipecat bot) at the fakes."""
     return {
-        "DEEPGRAM_API_KEY": "test-deepgram-key", "DEEPGRAM_BASE_URL": urls["deepgram"],
-        "ANTHROPIC_API_KEY": "test-anthropic-key", "ANTHROPIC_BASE_URL": urls["anthropic"],
-        "ELEVENLABS_API_KEY": "test-elevenlabs-key", "ELEVENLABS_BASE_URL": urls["elevenlabs"],
-        "ELEVENLABS_VOICE_ID": VOICE_ID, "ATLAS_TTS": "elevenlabs",
+        "DEEPGRAM_API_KEY": "test-deepgram-key",
+        "DEEPGRAM_BASE_URL": urls["deepgram"],
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": urls["anthropic"],
+        "ELEVENLABS_API_KEY": "test-elevenlabs-key",
+        "ELEVENLABS_BASE_URL": urls["elevenlabs"],
+        "ELEVENLABS_VOICE_ID": VOICE_ID,
+        "ATLAS_TTS": "elevenlabs",
     }
 
 
@@ -168,10 +174,17 @@ def main() -> int:
     script = VendorScript(**json.loads(sys.argv[1] if len(sys.argv) > 1 else "{}"))
     fakes = start_vendors(script)
     fakes["elevenlabs"].synthesize("Warming up.", 16000)  # load Piper before the first caller
-    urls = {"deepgram": fakes["deepgram"].ws_url, "anthropic": fakes["anthropic"].http_url,
-            "elevenlabs": fakes["elevenlabs"].ws_url, "script": asdict(script)}
-    faults = _random_faults(fakes, script) if script.stt_drop or script.llm_overload or script.llm_stall \
-        or script.tts_fail else {}
+    urls = {
+        "deepgram": fakes["deepgram"].ws_url,
+        "anthropic": fakes["anthropic"].http_url,
+        "elevenlabs": fakes["elevenlabs"].ws_url,
+        "script": asdict(script),
+    }
+    faults = (
+        _random_faults(fakes, script)
+        if script.stt_drop or script.llm_overload or script.llm_stall or script.tts_fail
+        else {}
+    )
     print(json.dumps(urls), flush=True)
     sys.stdin.read()  # serve until the benchmark closes our stdin
     report = {name: {"takes": q.takes, **q.counts} for name, q in faults.items()}
@@ -181,7 +194,8 @@ def main() -> int:
     # What each Claude request carried (messages, bytes): a long call's context must stay flat.
     report["anthropic_request_sizes"] = [
         [len((r.body or {}).get("messages", [])) if isinstance(r.body, dict) else 0, len(json.dumps(r.body))]
-        for r in requests]
+        for r in requests
+    ]
     print(json.dumps(report), flush=True)
     for fake in fakes.values():
         fake.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import jwt
 from loguru import logger
@@ -35,8 +36,16 @@ class AuthError(Exception):
 
 
 class TokenVerifier:
-    def __init__(self, *, secret_key: str = "", jwks_url: str | None = None, audience: str = "authenticated",
-                 issuer: str | None = None, allow_anonymous_users: bool = False, leeway: float = 10.0):
+    def __init__(
+        self,
+        *,
+        secret_key: str = "",
+        jwks_url: str | None = None,
+        audience: str = "authenticated",
+        issuer: str | None = None,
+        allow_anonymous_users: bool = False,
+        leeway: float = 10.0,
+    ):
         self._secret = secret_key
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, timeout=5) if jwks_url else None
         self._audience = audience
@@ -46,12 +55,18 @@ class TokenVerifier:
 
     @classmethod
     def from_settings(cls, s: Settings) -> TokenVerifier:
-        verifier = cls(secret_key=secret(s.supabase_jwt_secret), jwks_url=s.supabase_jwks_url,
-                       audience=s.jwt_audience, issuer=s.resolved_jwt_issuer,
-                       allow_anonymous_users=s.jwt_allow_anonymous_users)
+        verifier = cls(
+            secret_key=secret(s.supabase_jwt_secret),
+            jwks_url=s.supabase_jwks_url,
+            audience=s.jwt_audience,
+            issuer=s.resolved_jwt_issuer,
+            allow_anonymous_users=s.jwt_allow_anonymous_users,
+        )
         if not verifier.enabled:
-            logger.warning("auth is OFF: set SUPABASE_JWT_SECRET or SUPABASE_JWKS_URL to require a Supabase "
-                           "access token in session_start (sessions are anonymous until then)")
+            logger.warning(
+                "auth is OFF: set SUPABASE_JWT_SECRET or SUPABASE_JWKS_URL to require a Supabase "
+                "access token in session_start (sessions are anonymous until then)"
+            )
         elif not verifier._issuer:
             logger.warning("auth: no token issuer to check (set ATLAS_JWT_ISSUER or SUPABASE_URL)")
         return verifier
@@ -60,7 +75,7 @@ class TokenVerifier:
     def enabled(self) -> bool:
         return bool(self._secret or self._jwks)
 
-    async def _key(self, token: str) -> tuple[object, list[str]]:
+    async def _key(self, token: str) -> tuple[Any, list[str]]:
         header = jwt.get_unverified_header(token)
         alg = header.get("alg")
         if alg == "HS256" and self._secret:
@@ -79,9 +94,16 @@ class TokenVerifier:
             raise AuthError("the access token is invalid (too long)")
         try:
             key, algorithms = await self._key(token)
-            options = {"require": ["exp", "sub"] + (["iss"] if self._issuer else [])}
-            claims = jwt.decode(token, key, algorithms=algorithms, audience=self._audience, issuer=self._issuer,
-                                leeway=self._leeway, options=options)
+            options: Any = {"require": ["exp", "sub"] + (["iss"] if self._issuer else [])}
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=options,
+            )
         except AuthError:
             raise
         except jwt.ExpiredSignatureError:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from transports.protocol import ErrorCode, ProtocolError
+from vocabulary.errors import ErrorCode, ProtocolError
 
 WINDOW_SECS = 60.0
 
@@ -56,14 +56,17 @@ class KeyedLimit:
         _prune(usage, now)
         if self.max_active and usage.active >= self.max_active:
             self._forget_if_idle(key, usage)
-            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
-                                f"at most {self.max_active} sessions at once per {self.what}; end one first")
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SESSIONS,
+                f"at most {self.max_active} sessions at once per {self.what}; end one first",
+            )
         if self.max_per_minute and len(usage.starts) >= self.max_per_minute:
             retry = max(1, round(WINDOW_SECS - (now - usage.starts[0])))
             self._forget_if_idle(key, usage)
-            raise ProtocolError(ErrorCode.RATE_LIMITED,
-                                f"at most {self.max_per_minute} new sessions a minute per {self.what}; "
-                                f"retry in {retry} s")
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"at most {self.max_per_minute} new sessions a minute per {self.what}; retry in {retry} s",
+            )
         usage.active += 1
         if self.max_per_minute:
             usage.starts.append(now)
@@ -110,8 +113,11 @@ class AbuseLimits:
         try:
             self.pending.acquire(ip)
         except ProtocolError as e:
-            raise ProtocolError(e.code, f"at most {self.pending.max_active} connections waiting to start "
-                                        "per IP address; start or close one first") from None
+            raise ProtocolError(
+                e.code,
+                f"at most {self.pending.max_active} connections waiting to start "
+                "per IP address; start or close one first",
+            ) from None
         self.pending_total += 1
 
     def release_pending(self, ip: str) -> None:
@@ -154,8 +160,8 @@ class MessageRate(_Bucket):
     of `burst_secs` worth. A browser sends 50 audio messages a second; past the limit messages are
     dropped unread (no parsing, no pipeline work) and the client is told at most once a second.
 
-    Even dropped unread, each message costs the server its WebSocket framing: the bench measured one
-    connection sending 56,000 messages a second taking 70% of a core. So a connection that has more
+    Even dropped unread, each message costs the server its WebSocket framing: one connection sending
+    56,000 messages a second takes about 70% of a core. So a connection that has more
     than `FLOOD_SECS` seconds' worth of messages dropped within `FLOOD_SECS` seconds (over twice the
     rate, sustained) is `flooding`, and the door ends it."""
 
@@ -185,8 +191,10 @@ class MessageRate(_Bucket):
         return self._window_drops > self.per_sec * self.FLOOD_SECS
 
     def refusal(self) -> ProtocolError:
-        return ProtocolError(ErrorCode.MESSAGE_RATE_EXCEEDED,
-                             f"more than {self.per_sec} messages a second; {self.dropped} dropped so far")
+        return ProtocolError(
+            ErrorCode.MESSAGE_RATE_EXCEEDED,
+            f"more than {self.per_sec} messages a second; {self.dropped} dropped so far",
+        )
 
 
 class AudioBudget(_Bucket):
@@ -216,9 +224,11 @@ class AudioBudget(_Bucket):
         return False
 
     def refusal(self) -> ProtocolError:
-        return ProtocolError(ErrorCode.AUDIO_RATE_EXCEEDED,
-                             f"audio is accepted at real time (bursts up to {self.burst:g} s); "
-                             f"{self.dropped_secs:.1f} s of audio dropped so far")
+        return ProtocolError(
+            ErrorCode.AUDIO_RATE_EXCEEDED,
+            f"audio is accepted at real time (bursts up to {self.burst:g} s); "
+            f"{self.dropped_secs:.1f} s of audio dropped so far",
+        )
 
 
 class FailureThrottle:

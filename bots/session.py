@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from loguru import logger
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
-from starlette.websockets import WebSocketState
 
-from bots.pipeline import CLIENT_SAMPLE_RATE, Runtime, build_pipeline
-from processors.errors import CodedErrorFrame
-from processors.observers import select_frames
+from bots.pipeline import build_pipeline
+from bots.runtime import Runtime
+from compat.pipecat import select_frames
 from processors.turn_metrics import Turn, TurnMetricsObserver
 from storage.records import (
     INSERT,
@@ -35,17 +34,10 @@ from storage.records import (
     provider_models,
     turn_row,
 )
-from transports.protocol import ErrorCode
-
-
-async def close_quietly(websocket, code: int) -> None:
-    """Close a door's socket if the client is still there (it may vanish at any moment)."""
-    if websocket.client_state == WebSocketState.CONNECTED:
-        try:
-            await websocket.close(code)
-        except Exception:
-            pass
-
+from vocabulary.audio import CLIENT_SAMPLE_RATE
+from vocabulary.errors import ErrorCode
+from vocabulary.frames import CodedErrorFrame
+from vocabulary.records import SessionEnd
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 FIELD_LIMITS = {"user_id": 64, "client_user_id": 256, "conversation_id": 256, "user_agent": 512, "ip_address": 64}
@@ -98,7 +90,7 @@ class VoiceSession:
     worker: PipelineWorker | None = None
     metrics: TurnMetricsObserver = field(init=False)
     info: SessionInfo = field(init=False)
-    _final: dict | None = field(default=None, init=False)
+    _final: SessionEnd | None = field(default=None, init=False)
     pipeline_started: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _side_tasks: set = field(default_factory=set, init=False)
 
@@ -106,9 +98,15 @@ class VoiceSession:
         self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
         c = self.caller
         self.info = SessionInfo(
-            id=self.session_id, transport=self.transport_name, started_at=time.time(), user_id=c.user_id,
-            client_user_id=c.client_user_id, conversation_id=c.conversation_id,
-            models=provider_models(self.runtime.settings), user_agent=c.user_agent, ip_address=c.ip_address,
+            id=self.session_id,
+            transport=self.transport_name,
+            started_at=time.time(),
+            user_id=c.user_id,
+            client_user_id=c.client_user_id,
+            conversation_id=c.conversation_id,
+            models=provider_models(self.runtime.settings),
+            user_agent=c.user_agent,
+            ip_address=c.ip_address,
         )
 
     # --- telemetry ---------------------------------------------------------------------------
@@ -121,32 +119,32 @@ class VoiceSession:
         self.last_audio_at = time.monotonic()
 
     def _record_turn(self, turn: Turn) -> None:
-        self.runtime.recorder.submit(TURNS, INSERT, [turn_row(self.info, turn)])
-        self.runtime.monitor.turn_recorded(self.transport_name, turn.breakdown())
+        record = turn.record()
+        self.runtime.recorder.submit(TURNS, INSERT, [turn_row(self.info, record)])
+        self.runtime.monitor.turn_recorded(self.transport_name, record)
 
     def count_error(self, code: str) -> None:
         """An error the session reported (to its client, or for a phone call, to the log)."""
         self.metrics.count_error(code)
         self.runtime.monitor.error(code)
 
-    def final(self) -> dict:
+    def final(self) -> SessionEnd:
         """The session's end, built once: the client (if told) and the database get these numbers."""
         if self._final is None:
             self.metrics.close_turns()  # the last turn's row is written now
-            self._final = {
-                "sessionId": self.session_id,
-                "reason": self.end_reason,
-                "duration": round(time.monotonic() - self.started_at, 3),
-                "metrics": self.metrics.summary(),
-            }
+            self._final = SessionEnd(
+                session_id=self.session_id,
+                reason=self.end_reason,
+                duration=round(time.monotonic() - self.started_at, 3),
+                summary=self.metrics.summary(),
+            )
         return self._final
 
     def _record_end(self) -> None:
-        final = self.final()
-        summary = final["metrics"]
-        row = self.info.end_row(summary, ended_at=self.info.started_at + final["duration"], end_reason=final["reason"])
+        end = self.final()
+        row = self.info.end_row(end.summary, ended_at=self.info.started_at + end.duration, end_reason=end.reason)
         self.runtime.recorder.submit(SESSIONS, UPSERT, [row])
-        self.runtime.monitor.session_ended(self.transport_name, final["reason"], summary, self.info.cost(summary))
+        self.runtime.monitor.session_ended(self.transport_name, end.reason, end.summary, self.info.cost(end.summary))
 
     # --- life --------------------------------------------------------------------------------
 
@@ -187,8 +185,10 @@ class VoiceSession:
         """The pipeline fell `lag_secs` behind the caller's audio (called from inside it): end the session."""
         logger.warning(f"session {self.session_id}: {lag_secs:.1f} s behind its caller's audio; ending it")
         limit = self.runtime.settings.max_audio_lag_secs
-        self.stop_soon("audio_backlog", (ErrorCode.AUDIO_BACKLOG,
-                                         f"the server fell more than {limit:g} s behind your audio; the session ended"))
+        self.stop_soon(
+            "audio_backlog",
+            (ErrorCode.AUDIO_BACKLOG, f"the server fell more than {limit:g} s behind your audio; the session ended"),
+        )
 
     async def on_flood(self) -> None:
         """The connection kept sending over twice its message rate (bots.limits.MessageRate.flooding): cut
@@ -196,8 +196,10 @@ class VoiceSession:
         logger.warning(f"session {self.session_id}: message flood; ending it")
         self.end_reason = "message_flood"
         self.count_error(str(ErrorCode.MESSAGE_RATE_EXCEEDED))
-        await self.cut_off(ErrorCode.MESSAGE_RATE_EXCEEDED, f"over twice {self.runtime.settings.max_messages_per_sec} "
-                                                            "messages a second for seconds; the session ended")
+        await self.cut_off(
+            ErrorCode.MESSAGE_RATE_EXCEEDED,
+            f"over twice {self.runtime.settings.max_messages_per_sec} messages a second for seconds; the session ended",
+        )
         self.stop_soon("message_flood")
 
     async def cut_off(self, code: ErrorCode, message: str) -> None:
@@ -209,12 +211,14 @@ class VoiceSession:
             await asyncio.sleep(min(1.0, s.session_idle_timeout_secs / 4))
             now = time.monotonic()
             if now - self.last_audio_at > s.session_idle_timeout_secs:
-                await self.stop("idle_timeout", (ErrorCode.SESSION_IDLE_TIMEOUT,
-                                                 f"no audio for {s.session_idle_timeout_secs:g}s"))
+                await self.stop(
+                    "idle_timeout", (ErrorCode.SESSION_IDLE_TIMEOUT, f"no audio for {s.session_idle_timeout_secs:g}s")
+                )
                 return
             if now - self.started_at > s.session_max_secs:
-                await self.stop("max_duration", (ErrorCode.SESSION_MAX_DURATION,
-                                                 f"sessions last at most {s.session_max_secs:g}s"))
+                await self.stop(
+                    "max_duration", (ErrorCode.SESSION_MAX_DURATION, f"sessions last at most {s.session_max_secs:g}s")
+                )
                 return
 
     def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
@@ -251,6 +255,7 @@ class VoiceSession:
         """Run the worker made by `make_worker` until the session ends; record it whatever happens."""
         rt = self.runtime
         runner = WorkerRunner(handle_sigint=False)
+        assert self.worker is not None, "make_worker first"
         await runner.add_workers(self.worker)
         rt.recorder.submit(SESSIONS, INSERT, [self.info.start_row()])
         rt.monitor.session_started(self.transport_name)
@@ -263,8 +268,8 @@ class VoiceSession:
             rt.live.pop(self.session_id, None)
             watchdog.cancel()
             self._record_end()
-            summary = self._final["metrics"]
+            summary = self.final().summary
             logger.info(
-                f"{self.transport_name} session {self.session_id} ended ({self.end_reason}): {summary['turns']} "
-                f"turns, v2v p50 {summary['p50Latency']} ms p95 {summary['p95Latency']} ms"
+                f"{self.transport_name} session {self.session_id} ended ({self.end_reason}): {summary.turns} "
+                f"turns, v2v p50 {summary.p50_latency_ms} ms p95 {summary.p95_latency_ms} ms"
             )

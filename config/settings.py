@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, validation_alias=_env("ATLAS_PORT"))
     log_level: str = Field("INFO", validation_alias=_env("ATLAS_LOG_LEVEL"))
     # Comma-separated in the environment (NoDecode: pydantic-settings would otherwise demand JSON).
-    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
-                                                            validation_alias=_env("ATLAS_ALLOWED_ORIGINS"))
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("ATLAS_ALLOWED_ORIGINS")
+    )
     # Auth off (no SUPABASE_JWT_SECRET / SUPABASE_JWKS_URL) is allowed on a loopback address only, unless
     # this says anonymous sessions from the network are intended.
     allow_anonymous: bool = Field(False, validation_alias=_env("ATLAS_ALLOW_ANONYMOUS"))
@@ -177,7 +178,7 @@ class Settings(BaseSettings):
     max_audio_lag_secs: float = Field(5.0, gt=0, validation_alias=_env("ATLAS_MAX_AUDIO_LAG_SECS"))
     # A user turn ends after this much continuous speech, as if the caller had paused.
     max_user_turn_secs: float = Field(30.0, ge=5, validation_alias=_env("ATLAS_MAX_USER_TURN_SECS"))
-    # The caller's 20 ms messages join into frames of this length before the pipeline (transports/protocol.py
+    # The caller's 20 ms messages join into frames of this length before the pipeline (transports/common.py
     # AudioBatcher): half the per-frame work at 40 ms, for at most 20 ms of delay.
     audio_in_batch_ms: int = Field(40, ge=10, le=200, validation_alias=_env("ATLAS_AUDIO_IN_BATCH_MS"))
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
@@ -189,19 +190,37 @@ class Settings(BaseSettings):
     max_pending_connections: int = Field(200, ge=0, validation_alias=_env("ATLAS_MAX_PENDING_CONNECTIONS"))
     max_sessions_per_user: int = Field(5, ge=0, validation_alias=_env("ATLAS_MAX_SESSIONS_PER_USER"))
     session_starts_per_minute_per_ip: int = Field(
-        60, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP"))
+        60, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP")
+    )
     session_starts_per_minute_per_user: int = Field(
-        20, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER"))
+        20, ge=0, validation_alias=_env("ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER")
+    )
     # A browser sends 50 audio messages a second; 3x that leaves room for controls and batching quirks.
     max_messages_per_sec: int = Field(150, ge=0, validation_alias=_env("ATLAS_MAX_MESSAGES_PER_SEC"))
     # SIGTERM: live sessions get this long to end (session_end, rows to the outbox) before the exit.
     shutdown_grace_secs: float = Field(10.0, ge=0, validation_alias=_env("ATLAS_SHUTDOWN_GRACE_SECS"))
 
-    @field_validator("deepgram_api_key", "anthropic_api_key", "elevenlabs_api_key", "playht_api_key",
-                     "playht_user_id", "supabase_jwt_secret", "supabase_jwks_url", "supabase_url",
-                     "supabase_service_role_key", "admin_token", "sqlite_path", "outbox_path", "twilio_account_sid",
-                     "twilio_auth_token", "public_host", "daily_api_key", "jwt_issuer", "metrics_token",
-                     mode="before")
+    @field_validator(
+        "deepgram_api_key",
+        "anthropic_api_key",
+        "elevenlabs_api_key",
+        "playht_api_key",
+        "playht_user_id",
+        "supabase_jwt_secret",
+        "supabase_jwks_url",
+        "supabase_url",
+        "supabase_service_role_key",
+        "admin_token",
+        "sqlite_path",
+        "outbox_path",
+        "twilio_account_sid",
+        "twilio_auth_token",
+        "public_host",
+        "daily_api_key",
+        "jwt_issuer",
+        "metrics_token",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -261,7 +280,9 @@ class Settings(BaseSettings):
         if self.supabase_url and not self.supabase_service_role_key:
             raise ValueError("SUPABASE_URL needs SUPABASE_SERVICE_ROLE_KEY (the server writes with the service role)")
         if self.twilio_auth_token and not self.twilio_account_sid:
-            raise ValueError("TWILIO_AUTH_TOKEN needs TWILIO_ACCOUNT_SID (the account the phone door hangs up calls of)")
+            raise ValueError(
+                "TWILIO_AUTH_TOKEN needs TWILIO_ACCOUNT_SID (the account the phone door hangs up calls of)"
+            )
         if self.twilio_account_sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", self.twilio_account_sid):
             raise ValueError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
 
@@ -281,7 +302,8 @@ class Settings(BaseSettings):
             return
         raise ValueError(
             f"auth is off and the server would listen on {host}: set SUPABASE_JWT_SECRET or SUPABASE_JWKS_URL "
-            "to require a Supabase access token, or ATLAS_ALLOW_ANONYMOUS=true to serve anonymous sessions")
+            "to require a Supabase access token, or ATLAS_ALLOW_ANONYMOUS=true to serve anonymous sessions"
+        )
 
 
 def is_loopback(host: str) -> bool:

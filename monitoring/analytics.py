@@ -19,19 +19,15 @@ None values (a turn that had no such stage) are left out.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 
+from vocabulary.records import STAGES as STAGE_TABLE
+from vocabulary.records import percentile
+
 # Stage name -> voice_turns column (milliseconds).
-STAGES: dict[str, str] = {
-    "stt": "stt_latency_ms",
-    "llm_ttfb": "llm_ttfb_ms",
-    "tts_ttfa": "tts_ttfa_ms",
-    "voice_to_voice": "voice_to_voice_ms",
-}
+STAGES: dict[str, str] = {stage.name: stage.column for stage in STAGE_TABLE}
 BUCKETS: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 AUTO_HOUR_SPAN = timedelta(hours=48)  # ranges up to this long are bucketed by hour, longer by day
 MAX_FILLED_BUCKETS = 2000  # past this, empty buckets are not added to the series
@@ -40,6 +36,7 @@ _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECA
 
 
 # --- time ---------------------------------------------------------------------------------------
+
 
 def iso(dt: datetime) -> str:
     """UTC ISO 8601 with microseconds, the format `storage.records.iso` writes (so that SQLite's
@@ -84,8 +81,9 @@ def parse_since(text: str | None, now: datetime | None = None) -> str | None:
     try:
         dt = parse_ts(str(text).strip().replace("z", "Z"))
     except ValueError:
-        raise ValueError(f"since={text!r}: use a duration like 1h, 24h, 7d, 30d, an ISO 8601 time, "
-                         "or 'all'") from None
+        dt = None
+    if dt is None:
+        raise ValueError(f"since={text!r}: use a duration like 1h, 24h, 7d, 30d, an ISO 8601 time, or 'all'")
     return iso(dt)
 
 
@@ -102,17 +100,6 @@ def floor_time(dt: datetime, bucket: str) -> datetime:
 
 
 # --- numbers ------------------------------------------------------------------------------------
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by linear interpolation, as `numpy.percentile` does by default.
-    None for no values."""
-    xs = sorted(float(v) for v in values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _num(value) -> float:
@@ -149,6 +136,7 @@ def _cost(session: dict) -> float:
 
 
 # --- the summary --------------------------------------------------------------------------------
+
 
 def _bucket_range(times: list[datetime], bucket: str) -> list[datetime]:
     """Every bucket from the first to the last time (empty ones included, up to a limit)."""
@@ -191,9 +179,16 @@ def _session_row(s: dict, started: datetime | None) -> dict:
     }
 
 
-def summarize(sessions: list[dict], turns: list[dict], bucket: str | None = None, *,
-              since: str | None = None, now: datetime | None = None, recent: int = 20,
-              max_session_points: int = 500) -> dict:
+def summarize(
+    sessions: list[dict],
+    turns: list[dict],
+    bucket: str | None = None,
+    *,
+    since: str | None = None,
+    now: datetime | None = None,
+    recent: int = 20,
+    max_session_points: int = 500,
+) -> dict:
     """Everything the dashboard and the report show, as plain JSON-ready values.
 
     `bucket` is "hour" or "day" for the time series; None picks by the span: from `since` (or the
@@ -216,7 +211,7 @@ def summarize(sessions: list[dict], turns: list[dict], bucket: str | None = None
     total_cost = sum(_cost(s) for s in sessions)
     error_turns = [t for t in turns if t.get("error_code")]
     durations = []
-    for s, started in zip(sessions, s_times):
+    for s, started in zip(sessions, s_times, strict=False):
         end = parse_ts(s.get("ended_at"))
         if end and started:
             durations.append((end - started).total_seconds())
@@ -241,44 +236,48 @@ def summarize(sessions: list[dict], turns: list[dict], bucket: str | None = None
     # Time series per bucket.
     by_bucket_sessions: dict[datetime, list[dict]] = defaultdict(list)
     by_bucket_turns: dict[datetime, list[dict]] = defaultdict(list)
-    for s, t in zip(sessions, s_times):
+    for s, t in zip(sessions, s_times, strict=False):
         if t is not None:
             by_bucket_sessions[floor_time(t, bucket)].append(s)
-    for row, t in zip(turns, t_times):
+    for row, t in zip(turns, t_times, strict=False):
         if t is not None:
             by_bucket_turns[floor_time(t, bucket)].append(row)
     series = []
     for start in _bucket_range(known, bucket):
         b_sessions, b_turns = by_bucket_sessions.get(start, []), by_bucket_turns.get(start, [])
         stats = stage_stats(b_turns)
-        series.append({
-            "start": iso(start),
-            "sessions": len(b_sessions),
-            "turns": len(b_turns),
-            "errors": sum(1 for t in b_turns if t.get("error_code")),
-            "cost_usd": sum(_cost(s) for s in b_sessions),
-            "p50": {stage: v["p50"] for stage, v in stats.items()},
-            "p95": {stage: v["p95"] for stage, v in stats.items()},
-        })
+        series.append(
+            {
+                "start": iso(start),
+                "sessions": len(b_sessions),
+                "turns": len(b_turns),
+                "errors": sum(1 for t in b_turns if t.get("error_code")),
+                "cost_usd": sum(_cost(s) for s in b_sessions),
+                "p50": {stage: v["p50"] for stage, v in stats.items()},
+                "p95": {stage: v["p95"] for stage, v in stats.items()},
+            }
+        )
 
     # Cost per (UTC) day, by the day each session started.
     day_cost: dict[date, float] = defaultdict(float)
     day_sessions: Counter = Counter()
-    for s, t in zip(sessions, s_times):
+    for s, t in zip(sessions, s_times, strict=False):
         if t is not None:
             day_cost[t.date()] += _cost(s)
             day_sessions[t.date()] += 1
     days = [start.date() for start in _bucket_range([t for t in s_times if t is not None], "day")]
-    cost_per_day = [{"day": d.isoformat(), "cost_usd": day_cost.get(d, 0.0), "sessions": day_sessions.get(d, 0)}
-                    for d in days]
+    cost_per_day = [
+        {"day": d.isoformat(), "cost_usd": day_cost.get(d, 0.0), "sessions": day_sessions.get(d, 0)} for d in days
+    ]
 
     codes = Counter(str(t["error_code"]) for t in error_turns)
     errors_by_code = [{"code": c, "count": n} for c, n in sorted(codes.items(), key=lambda kv: (-kv[1], kv[0]))]
 
-    dated = [(t, s) for s, t in zip(sessions, s_times) if t is not None]
+    dated = [(t, s) for s, t in zip(sessions, s_times, strict=False) if t is not None]
     dated.sort(key=lambda ts: ts[0])
-    session_costs = [{"id": s.get("id"), "started_at": iso(t), "cost_usd": _cost(s)}
-                     for t, s in dated[-max_session_points:]]
+    session_costs = [
+        {"id": s.get("id"), "started_at": iso(t), "cost_usd": _cost(s)} for t, s in dated[-max_session_points:]
+    ]
     recent_sessions = [_session_row(s, t) for t, s in reversed(dated[-recent:])] if recent > 0 else []
 
     return {

@@ -4,8 +4,8 @@
 process) and is fed by the session code:
 
 * `session_started(transport)` / `session_ended(transport, end_reason, summary, cost_usd)`, once
-  each per session, in that order;
-* `turn_recorded(transport, breakdown)` when a turn is closed (its numbers no longer change);
+  each per session, in that order (`summary`: vocabulary.records.SessionSummary);
+* `turn_recorded(transport, turn)` when a turn is closed (a vocabulary.records.TurnRecord);
 * `error(code)` for every `error` message a client is sent;
 * `attach_recorder(recorder)` once; the outbox numbers are read from it at scrape time.
 
@@ -37,14 +37,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+from vocabulary.records import STAGES, SessionSummary, TurnRecord, sorted_percentile
+
 TRANSPORTS = ("websocket", "twilio", "daily")
-# breakdown key (ms) -> `stage` label of atlas_stage_latency_seconds
-STAGES = {
-    "sttMs": "stt",
-    "llmFirstTokenMs": "llm_ttfb",
-    "ttsFirstAudioMs": "tts_ttfa",
-    "voiceToVoiceMs": "voice_to_voice",
-}
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
 COST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ALERTS = ("p95_latency", "error_rate", "cost_per_session", "active_sessions")
@@ -57,19 +52,11 @@ def _with(buckets: tuple[float, ...], extra: float) -> tuple[float, ...]:
 
 
 def _num(value) -> float:
-    """A usage number from a summary/breakdown: None, missing or negative counts as 0."""
+    """A usage number: None or negative counts as 0."""
     try:
         return max(0.0, float(value or 0))
     except (TypeError, ValueError):
         return 0.0
-
-
-def _percentile(ordered: list[float], p: float) -> float:
-    """Linear interpolation, as processors.turn_metrics.percentile (the p95 of session_end)."""
-    k = (len(ordered) - 1) * p
-    lo = int(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 class _OutboxCollector:
@@ -80,22 +67,38 @@ class _OutboxCollector:
 
     def _families(self):
         return (
-            GaugeMetricFamily("atlas_outbox_pending", "Writes not yet in the store (in memory or in the outbox).",
-                              labels=["sink"]),
-            GaugeMetricFamily("atlas_outbox_dead", "Dead letters kept: rows no store takes (`atlas-voice outbox list`).",
-                              labels=["sink"]),
-            CounterMetricFamily("atlas_outbox_written", "Writes delivered to the store since the process started.",
-                                labels=["sink"]),
-            CounterMetricFamily("atlas_outbox_failures", "Failed (transient) store writes since the process started.",
-                                labels=["sink"]),
-            CounterMetricFamily("atlas_outbox_dead_lettered", "Rows dead-lettered since the process started.",
-                                labels=["sink"]),
-            CounterMetricFamily("atlas_outbox_pruned", "Dead letters deleted (retention or disk cap) since the "
-                                "process started.", labels=["sink"]),
-            GaugeMetricFamily("atlas_outbox_bytes", "Bytes of the outbox file in use (capped by ATLAS_OUTBOX_MAX_MB).",
-                              labels=["sink"]),
-            GaugeMetricFamily("atlas_outbox_full", "1 while pending writes alone are over the disk cap (no new "
-                              "sessions).", labels=["sink"]),
+            GaugeMetricFamily(
+                "atlas_outbox_pending", "Writes not yet in the store (in memory or in the outbox).", labels=["sink"]
+            ),
+            GaugeMetricFamily(
+                "atlas_outbox_dead",
+                "Dead letters kept: rows no store takes (`atlas-voice outbox list`).",
+                labels=["sink"],
+            ),
+            CounterMetricFamily(
+                "atlas_outbox_written", "Writes delivered to the store since the process started.", labels=["sink"]
+            ),
+            CounterMetricFamily(
+                "atlas_outbox_failures", "Failed (transient) store writes since the process started.", labels=["sink"]
+            ),
+            CounterMetricFamily(
+                "atlas_outbox_dead_lettered", "Rows dead-lettered since the process started.", labels=["sink"]
+            ),
+            CounterMetricFamily(
+                "atlas_outbox_pruned",
+                "Dead letters deleted (retention or disk cap) since the process started.",
+                labels=["sink"],
+            ),
+            GaugeMetricFamily(
+                "atlas_outbox_bytes",
+                "Bytes of the outbox file in use (capped by ATLAS_OUTBOX_MAX_MB).",
+                labels=["sink"],
+            ),
+            GaugeMetricFamily(
+                "atlas_outbox_full",
+                "1 while pending writes alone are over the disk cap (no new sessions).",
+                labels=["sink"],
+            ),
         )
 
     def describe(self):
@@ -129,36 +132,56 @@ class Monitor:
 
         self.active_sessions = Gauge("atlas_active_sessions", "Sessions running now.", ["transport"], registry=r)
         self.sessions_started = Counter("atlas_sessions_started", "Sessions started.", ["transport"], registry=r)
-        self.sessions_ended = Counter("atlas_sessions_ended", "Sessions ended, by why they ended.",
-                                      ["transport", "end_reason"], registry=r)
+        self.sessions_ended = Counter(
+            "atlas_sessions_ended", "Sessions ended, by why they ended.", ["transport", "end_reason"], registry=r
+        )
         self.stage_latency = Histogram(
-            "atlas_stage_latency_seconds", "Per-turn latency of each stage (seconds); a turn that never "
-            "reached a stage is not observed for it.", ["stage", "transport"],
-            buckets=_with(LATENCY_BUCKETS, self.p95_threshold_ms / 1000.0), registry=r)
+            "atlas_stage_latency_seconds",
+            "Per-turn latency of each stage (seconds); a turn that never reached a stage is not observed for it.",
+            ["stage", "transport"],
+            buckets=_with(LATENCY_BUCKETS, self.p95_threshold_ms / 1000.0),
+            registry=r,
+        )
         self.turns = Counter("atlas_turns", "Turns recorded.", ["transport"], registry=r)
-        self.turns_errored = Counter("atlas_turns_errored", "Turns during which the client was sent an error.",
-                                     ["transport"], registry=r)
-        self.interruptions = Counter("atlas_interruptions", "Turns the user interrupted (barge-in).",
-                                     ["transport"], registry=r)
+        self.turns_errored = Counter(
+            "atlas_turns_errored", "Turns during which the client was sent an error.", ["transport"], registry=r
+        )
+        self.interruptions = Counter(
+            "atlas_interruptions", "Turns the user interrupted (barge-in).", ["transport"], registry=r
+        )
         self.errors = Counter("atlas_errors", "`error` messages sent to clients, by code.", ["code"], registry=r)
         self.provider_retries = Counter(
-            "atlas_provider_retries", "Provider requests retried (the retry may still succeed), by why.",
-            ["provider", "reason"], registry=r)
+            "atlas_provider_retries",
+            "Provider requests retried (the retry may still succeed), by why.",
+            ["provider", "reason"],
+            registry=r,
+        )
         self.cost_total = Counter("atlas_cost_usd", "Estimated provider cost of ended sessions (USD).", registry=r)
-        self.session_cost = Histogram("atlas_session_cost_usd", "Estimated provider cost per ended session (USD).",
-                                      buckets=_with(COST_BUCKETS, self.cost_threshold_usd), registry=r)
-        self.stt_seconds = Counter("atlas_stt_audio_seconds", "Seconds of audio sent to STT (ended sessions).",
-                                   registry=r)
+        self.session_cost = Histogram(
+            "atlas_session_cost_usd",
+            "Estimated provider cost per ended session (USD).",
+            buckets=_with(COST_BUCKETS, self.cost_threshold_usd),
+            registry=r,
+        )
+        self.stt_seconds = Counter(
+            "atlas_stt_audio_seconds", "Seconds of audio sent to STT (ended sessions).", registry=r
+        )
         self.llm_input_tokens = Counter("atlas_llm_input_tokens", "LLM input tokens (ended sessions).", registry=r)
         self.llm_output_tokens = Counter("atlas_llm_output_tokens", "LLM output tokens (ended sessions).", registry=r)
         self.tts_characters = Counter("atlas_tts_characters", "Characters sent to TTS (ended sessions).", registry=r)
-        self.alert_active = Gauge("atlas_alert_active", "1 while the alert is firing in this process, else 0.",
-                                  ["alert"], registry=r)
-        self.alerts_fired = Counter("atlas_alerts", "Times the alert started firing in this process.", ["alert"],
-                                    registry=r)
+        self.alert_active = Gauge(
+            "atlas_alert_active", "1 while the alert is firing in this process, else 0.", ["alert"], registry=r
+        )
+        self.alerts_fired = Counter(
+            "atlas_alerts", "Times the alert started firing in this process.", ["alert"], registry=r
+        )
         self.alert_threshold = Gauge(
-            "atlas_alert_threshold", "The configured threshold (p95_latency in seconds, error_rate as a fraction, "
-            "cost_per_session in USD, active_sessions in sessions).", ["alert"], registry=r)
+            "atlas_alert_threshold",
+            "The configured threshold (p95_latency in seconds, error_rate as a fraction, "
+            "cost_per_session in USD, active_sessions in sessions).",
+            ["alert"],
+            registry=r,
+        )
         r.register(_OutboxCollector(self))
         ProcessCollector(registry=r)
 
@@ -170,8 +193,8 @@ class Monitor:
             self.turns.labels(transport)
             self.turns_errored.labels(transport)
             self.interruptions.labels(transport)
-            for stage in STAGES.values():
-                self.stage_latency.labels(stage, transport)
+            for stage in STAGES:
+                self.stage_latency.labels(stage.name, transport)
         thresholds = {
             "p95_latency": self.p95_threshold_ms / 1000.0,
             "error_rate": self.error_rate_threshold,
@@ -203,16 +226,15 @@ class Monitor:
             self._evaluate_active()
             self._evaluate_window(self.clock())
 
-    def session_ended(self, transport: str, end_reason: str, summary: dict, cost_usd: float) -> None:
-        summary = summary or {}
+    def session_ended(self, transport: str, end_reason: str, summary: SessionSummary, cost_usd: float) -> None:
         cost = _num(cost_usd)
         self.sessions_ended.labels(transport, str(end_reason)).inc()
         self.cost_total.inc(cost)
         self.session_cost.observe(cost)
-        self.stt_seconds.inc(_num(summary.get("sttDuration")))
-        self.llm_input_tokens.inc(_num(summary.get("llmInputTokens")))
-        self.llm_output_tokens.inc(_num(summary.get("llmOutputTokens")))
-        self.tts_characters.inc(_num(summary.get("ttsCharacters")))
+        self.stt_seconds.inc(_num(summary.stt_seconds))
+        self.llm_input_tokens.inc(_num(summary.usage.llm_input_tokens))
+        self.llm_output_tokens.inc(_num(summary.usage.llm_output_tokens))
+        self.tts_characters.inc(_num(summary.usage.tts_characters))
         with self._lock:
             if self._active.get(transport, 0) > 0:
                 self._active[transport] -= 1
@@ -220,27 +242,30 @@ class Monitor:
             else:
                 logger.warning(f"monitor: session_ended({transport!r}) without a session_started; gauge not changed")
             if cost > self.cost_threshold_usd:
-                self._set_alert("cost_per_session", True,
-                                f"a {transport} session ({end_reason}) cost ${cost:.4f} > ${self.cost_threshold_usd:.2f}")
+                self._set_alert(
+                    "cost_per_session",
+                    True,
+                    f"a {transport} session ({end_reason}) cost ${cost:.4f} > ${self.cost_threshold_usd:.2f}",
+                )
             else:
-                self._set_alert("cost_per_session", False,
-                                f"the last session cost ${cost:.4f} <= ${self.cost_threshold_usd:.2f}")
+                self._set_alert(
+                    "cost_per_session", False, f"the last session cost ${cost:.4f} <= ${self.cost_threshold_usd:.2f}"
+                )
             self._evaluate_active()
             self._evaluate_window(self.clock())
 
-    def turn_recorded(self, transport: str, breakdown: dict) -> None:
+    def turn_recorded(self, transport: str, turn: TurnRecord) -> None:
         self.turns.labels(transport).inc()
-        for key, stage in STAGES.items():
-            ms = breakdown.get(key)
+        for stage in STAGES:
+            ms = turn.stage(stage)
             if ms is not None:
-                self.stage_latency.labels(stage, transport).observe(max(0.0, float(ms)) / 1000.0)
-        if breakdown.get("interrupted"):
+                self.stage_latency.labels(stage.name, transport).observe(max(0.0, float(ms)) / 1000.0)
+        if turn.interrupted:
             self.interruptions.labels(transport).inc()
-        errored = breakdown.get("errorCode") is not None
+        errored = turn.error_code is not None
         if errored:
             self.turns_errored.labels(transport).inc()
-        v2v = breakdown.get("voiceToVoiceMs")
-        v2v = None if v2v is None else max(0.0, float(v2v))
+        v2v = None if turn.voice_to_voice_ms is None else max(0.0, float(turn.voice_to_voice_ms))
         with self._lock:
             now = self.clock()
             self._window.append((now, v2v, errored))
@@ -286,8 +311,11 @@ class Monitor:
 
     def _evaluate_active(self) -> None:
         active = sum(self._active.values())
-        self._set_alert("active_sessions", active > self.active_threshold,
-                        f"{active} active sessions (threshold {self.active_threshold})")
+        self._set_alert(
+            "active_sessions",
+            active > self.active_threshold,
+            f"{active} active sessions (threshold {self.active_threshold})",
+        )
 
     def _evaluate_window(self, now: float) -> None:
         window, horizon = self._window, now - self.window_secs
@@ -300,18 +328,23 @@ class Monitor:
 
         timed = len(self._v2v_sorted)
         if timed >= MIN_WINDOW_TURNS:
-            p95 = _percentile(self._v2v_sorted, 0.95)
-            self._set_alert("p95_latency", p95 > self.p95_threshold_ms,
-                            f"p95 voice-to-voice {p95:.0f} ms over {span} ({timed} turns), "
-                            f"threshold {self.p95_threshold_ms:g} ms")
+            p95 = sorted_percentile(self._v2v_sorted, 95) or 0.0
+            self._set_alert(
+                "p95_latency",
+                p95 > self.p95_threshold_ms,
+                f"p95 voice-to-voice {p95:.0f} ms over {span} ({timed} turns), threshold {self.p95_threshold_ms:g} ms",
+            )
         else:
             self._set_alert("p95_latency", False, f"{timed} timed turns in {span} (fewer than {MIN_WINDOW_TURNS})")
 
         turns = len(window)
         if turns >= MIN_WINDOW_TURNS:
             rate = self._window_errored / turns
-            self._set_alert("error_rate", rate > self.error_rate_threshold,
-                            f"{self._window_errored}/{turns} turns with an error over {span} ({rate:.1%}), "
-                            f"threshold {self.error_rate_threshold:.1%}")
+            self._set_alert(
+                "error_rate",
+                rate > self.error_rate_threshold,
+                f"{self._window_errored}/{turns} turns with an error over {span} ({rate:.1%}), "
+                f"threshold {self.error_rate_threshold:.1%}",
+            )
         else:
             self._set_alert("error_rate", False, f"{turns} turns in {span} (fewer than {MIN_WINDOW_TURNS})")

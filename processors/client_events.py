@@ -12,7 +12,7 @@ listening (the reply is done or was interrupted and the user is quiet).
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
@@ -59,9 +59,19 @@ def transcript_message(kind: str, frame) -> dict:
 
 class ClientEventsObserver(BaseObserver):
     # the frames on_push_frame reads (SelectiveWorkerObserver hands it no others)
-    FRAME_TYPES = (TranscriptionFrame, InterimTranscriptionFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
-                   InterruptionFrame, LLMFullResponseStartFrame, TTSStartedFrame, LLMTextFrame,
-                   LLMFullResponseEndFrame, BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
+    FRAME_TYPES = (
+        TranscriptionFrame,
+        InterimTranscriptionFrame,
+        UserStartedSpeakingFrame,
+        UserStoppedSpeakingFrame,
+        InterruptionFrame,
+        LLMFullResponseStartFrame,
+        TTSStartedFrame,
+        LLMTextFrame,
+        LLMFullResponseEndFrame,
+        BotStartedSpeakingFrame,
+        BotStoppedSpeakingFrame,
+    )
 
     def __init__(self, send: Send, **kwargs):
         super().__init__(observe_every_push=False, **kwargs)

@@ -30,7 +30,8 @@ from pipecat.frames.frames import Frame, LLMFullResponseStartFrame
 from pipecat.processors.aggregators.llm_text_processor import LLMTextProcessor
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.utils.text.base_text_aggregator import Aggregation, TextType
-from pipecat.utils.text.simple_text_aggregator import SimpleTextAggregator
+
+from compat.pipecat import SimpleTextAggregatorInternals
 
 CLAUSE_MARKS = frozenset(",;:—")
 
@@ -39,7 +40,7 @@ def _words(text: str) -> int:
     return sum(any(c.isalnum() for c in word) for word in text.split())
 
 
-class FirstClauseAggregator(SimpleTextAggregator):
+class FirstClauseAggregator(SimpleTextAggregatorInternals):
     """Sentence aggregation whose first chunk per reply may end at a clause mark."""
 
     def __init__(self, min_words: int = 4, **kwargs):
@@ -49,22 +50,22 @@ class FirstClauseAggregator(SimpleTextAggregator):
 
     async def aggregate(self, text: str) -> AsyncIterator[Aggregation]:
         for char in text:
-            self._text += char
+            self.buffer += char
             if self._first and (clause := self._take_clause(char)):
                 yield clause
-            if sentence := await self._check_sentence_with_lookahead(char):
+            if sentence := await self.sentence_after(char):
                 self._first = False
                 yield sentence
 
     def _take_clause(self, char: str) -> Aggregation | None:
         """The buffer before `char` when it ends at a clause mark that `char` confirms."""
-        mark = self._text[-2:-1]
+        mark = self.buffer[-2:-1]
         if mark not in CLAUSE_MARKS or not (char.isspace() or (mark == "—" and not char.isdigit())):
             return None
-        clause = self._text[:-1].strip(" ")
+        clause = self.buffer[:-1].strip(" ")
         if _words(clause) < self._min_words:
             return None
-        self._text = char
+        self.buffer = char
         self._first = False
         return Aggregation(text=clause, type=TextType.SENTENCE)
 

@@ -9,10 +9,7 @@ serializer numbers the `audio_chunk`s that follow it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipecat.frames.frames import (
-    DataFrame,
     Frame,
     InterruptionFrame,
     TTSAudioRawFrame,
@@ -21,10 +18,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-
-@dataclass
-class SentenceStartFrame(DataFrame):
-    """The audio after this frame belongs to a new reply sentence."""
+from vocabulary.frames import SentenceStartFrame
 
 
 def _ends_sentence(frame: Frame) -> bool:

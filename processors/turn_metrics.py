@@ -1,4 +1,5 @@
-"""Per-turn latency breakdown and per-session totals, from the frames of one session's pipeline.
+"""Per-turn latency breakdown and per-session totals, from the frames of one session's pipeline; they
+come out as the typed records of vocabulary/records.py (`Turn.record()`, `summary()`).
 
 Pipecat's `UserBotLatencyObserver` gives voice-to-voice only; we need the stages too (the
 spec's latency breakdown), and session totals for `session_end`. The observer is created with
@@ -9,8 +10,8 @@ Turn timeline (seconds on the pipeline clock):
   speech_end  = VAD stop - VAD stop_secs (when the user really went quiet)
   vad_stop    = the last VADUserStoppedSpeakingFrame before the turn ended
   transcript  = the last final TranscriptionFrame before the turn ended
-  sttMs       = transcript - speech_end: the STT's own delay, whatever the VAD stop is set to
-                (from the VAD stop it shrank to ~0, or below, once the stop outlasted Deepgram)
+  stt_ms      = transcript - speech_end: the STT's own delay, whatever the VAD stop is set to
+                (counted from the VAD stop it would be ~0, or below, whenever the stop outlasts the STT)
   turn_end    = UserStoppedSpeakingFrame (after smart-turn and the transcript); a turn record is
                 made here, so a turn is one reply's worth of user speech
   llm_token   = the first LLMTextFrame of the reply
@@ -54,20 +55,13 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.stt_service import STTService
 
+from vocabulary.records import SessionSummary, TurnRecord, Usage, percentile, rounded
+
 
 def _ms(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None
     return round((b - a) * 1000.0, 1)
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * p
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 1)
 
 
 @dataclass
@@ -96,27 +90,32 @@ class Turn:
     def speech_end(self) -> float | None:
         return None if self.vad_stop is None else self.vad_stop - self.vad_stop_secs
 
-    def breakdown(self) -> dict:
-        """Milliseconds per stage; None where the turn never reached that stage."""
-        return {
-            "index": self.index,
-            "vadStopMs": round(self.vad_stop_secs * 1000.0, 1) if self.vad_stop is not None else None,
-            "sttMs": _ms(self.speech_end, self.transcript),
-            "turnEndMs": _ms(self.vad_stop, self.turn_end),
-            "llmFirstTokenMs": _ms(self.turn_end, self.llm_token),
-            "firstSentenceMs": _ms(self.llm_token, self.tts_start),
-            "ttsFirstAudioMs": _ms(self.tts_start, self.tts_audio),
-            "voiceToVoiceMs": _ms(self.speech_end, self.bot_audio),
-            "interrupted": self.interrupted,
-            "userTextChars": len(self.user_text),
-            "botTextChars": self.bot_text_chars,
-            "llmInputTokens": self.llm_input_tokens,
-            "llmOutputTokens": self.llm_output_tokens,
-            "llmCacheReadTokens": self.llm_cache_read_tokens,
-            "llmCacheWriteTokens": self.llm_cache_write_tokens,
-            "ttsCharacters": self.tts_characters,
-            "errorCode": self.error_code,
-        }
+    def record(self) -> TurnRecord:
+        """Milliseconds per stage (None where the turn never reached that stage), usage and wall times."""
+        return TurnRecord(
+            index=self.index,
+            vad_stop_ms=round(self.vad_stop_secs * 1000.0, 1) if self.vad_stop is not None else None,
+            stt_ms=_ms(self.speech_end, self.transcript),
+            turn_end_ms=_ms(self.vad_stop, self.turn_end),
+            llm_first_token_ms=_ms(self.turn_end, self.llm_token),
+            first_sentence_ms=_ms(self.llm_token, self.tts_start),
+            tts_first_audio_ms=_ms(self.tts_start, self.tts_audio),
+            voice_to_voice_ms=_ms(self.speech_end, self.bot_audio),
+            interrupted=self.interrupted,
+            user_text_chars=len(self.user_text),
+            bot_text_chars=self.bot_text_chars,
+            usage=Usage(
+                self.llm_input_tokens,
+                self.llm_output_tokens,
+                self.llm_cache_read_tokens,
+                self.llm_cache_write_tokens,
+                self.tts_characters,
+            ),
+            error_code=self.error_code,
+            user_stopped_at=self.wall(self.speech_end),
+            first_audio_at=self.wall(self.bot_audio),
+            ended_at=self.wall(self.turn_end),
+        )
 
     def wall(self, t: float | None) -> float | None:
         return None if t is None else t + self.wall_offset
@@ -142,9 +141,18 @@ class SessionTotals:
 
 class TurnMetricsObserver(BaseObserver):
     # the frames on_push_frame reads (SelectiveWorkerObserver hands it no others)
-    FRAME_TYPES = (MetricsFrame, InterruptionFrame, VADUserStoppedSpeakingFrame, TranscriptionFrame,
-                   UserStoppedSpeakingFrame, LLMTextFrame, TTSStartedFrame, TTSAudioRawFrame,
-                   BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
+    FRAME_TYPES = (
+        MetricsFrame,
+        InterruptionFrame,
+        VADUserStoppedSpeakingFrame,
+        TranscriptionFrame,
+        UserStoppedSpeakingFrame,
+        LLMTextFrame,
+        TTSStartedFrame,
+        TTSAudioRawFrame,
+        BotStartedSpeakingFrame,
+        BotStoppedSpeakingFrame,
+    )
 
     def __init__(self, on_turn_closed: Callable[[Turn], None] | None = None, **kwargs):
         super().__init__(observe_every_push=False, **kwargs)
@@ -183,9 +191,15 @@ class TurnMetricsObserver(BaseObserver):
             # A turn is measured from the user's last speech before it ended, however Pipecat
             # split that speech into VAD segments and whenever it decided the turn began.
             self.close_turns()
-            turn = Turn(index=len(self.turns), vad_stop=self._last_vad_stop, vad_stop_secs=self._last_vad_stop_secs,
-                        transcript=self._last_transcript, turn_end=t, user_text=self._user_text,
-                        wall_offset=self._wall_offset or 0.0)
+            turn = Turn(
+                index=len(self.turns),
+                vad_stop=self._last_vad_stop,
+                vad_stop_secs=self._last_vad_stop_secs,
+                transcript=self._last_transcript,
+                turn_end=t,
+                user_text=self._user_text,
+                wall_offset=self._wall_offset or 0.0,
+            )
             self.turns.append(turn)
             self._responding = turn
             self._user_text = ""
@@ -225,8 +239,12 @@ class TurnMetricsObserver(BaseObserver):
                 totals.stt_audio_seconds += d.value.audio_seconds
             elif isinstance(d, LLMUsageMetricsData):
                 u = d.value
-                usage = (u.prompt_tokens, u.completion_tokens, u.cache_read_input_tokens or 0,
-                         u.cache_creation_input_tokens or 0)
+                usage = (
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.cache_read_input_tokens or 0,
+                    u.cache_creation_input_tokens or 0,
+                )
                 for target in (totals, turn):
                     if target is not None:
                         target.llm_input_tokens += usage[0]
@@ -249,34 +267,33 @@ class TurnMetricsObserver(BaseObserver):
     def recorded_turns(self) -> list[Turn]:
         return [t for t in self.turns if t.worth_recording]
 
-    def summary(self) -> dict:
-        """The `metrics` object of `session_end` (units in docs/PROTOCOL.md); the session row has the same."""
-        done = [t.breakdown() for t in self.recorded_turns()]
+    def summary(self) -> SessionSummary:
+        """The session's numbers (session_end's `metrics`, the session row) from the turns recorded."""
+        done = tuple(t.record() for t in self.recorded_turns())
 
-        def values(key):
-            return [t[key] for t in done if t[key] is not None]
-
-        def mean(key):
-            v = values(key)
+        def mean(name: str) -> float | None:
+            v = [getattr(t, name) for t in done if getattr(t, name) is not None]
             return round(statistics.fmean(v), 1) if v else None
 
-        v2v = values("voiceToVoiceMs")
-        return {
-            "sttDuration": round(self.totals.stt_audio_seconds, 3),
-            "sttLatency": mean("sttMs"),
-            "llmLatency": mean("llmFirstTokenMs"),
-            "ttsLatency": mean("ttsFirstAudioMs"),
-            "totalLatency": mean("voiceToVoiceMs"),
-            "p50Latency": percentile(v2v, 0.5),
-            "p95Latency": percentile(v2v, 0.95),
-            "turns": len(done),
-            "interruptions": self.totals.interruptions,
-            "errors": self.totals.errors,
-            "llmInputTokens": self.totals.llm_input_tokens,
-            "llmOutputTokens": self.totals.llm_output_tokens,
-            "llmCacheReadTokens": self.totals.llm_cache_read_tokens,
-            "llmCacheWriteTokens": self.totals.llm_cache_write_tokens,
-            "ttsCharacters": self.totals.tts_characters,
-            "errorsByCode": dict(self.totals.errors_by_code),
-            "turnBreakdown": done,
-        }
+        v2v = [t.voice_to_voice_ms for t in done if t.voice_to_voice_ms is not None]
+        tot = self.totals
+        return SessionSummary(
+            stt_seconds=round(tot.stt_audio_seconds, 3),
+            stt_latency_ms=mean("stt_ms"),
+            llm_latency_ms=mean("llm_first_token_ms"),
+            tts_latency_ms=mean("tts_first_audio_ms"),
+            total_latency_ms=mean("voice_to_voice_ms"),
+            p50_latency_ms=rounded(percentile(v2v, 50)),
+            p95_latency_ms=rounded(percentile(v2v, 95)),
+            interruptions=tot.interruptions,
+            errors=tot.errors,
+            usage=Usage(
+                tot.llm_input_tokens,
+                tot.llm_output_tokens,
+                tot.llm_cache_read_tokens,
+                tot.llm_cache_write_tokens,
+                tot.tts_characters,
+            ),
+            errors_by_code=dict(tot.errors_by_code),
+            turn_records=done,
+        )

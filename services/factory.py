@@ -7,17 +7,14 @@ falls back to the local Piper voice, and Claude to the local LLM (when one is lo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from config.prompts import system_prompt
-from config.settings import secret
-
-if TYPE_CHECKING:
-    from bots.pipeline import Runtime
+from config.settings import Settings, secret
+from services.local.engines import LocalEngines
 
 
-def make_stt(runtime: "Runtime"):
-    s, engines = runtime.settings, runtime.engines
+def make_stt(s: Settings, engines: LocalEngines):
     if s.resolved_stt == "deepgram":
         from pipecat.services.deepgram.stt import DeepgramSTTService
 
@@ -45,8 +42,8 @@ def make_stt(runtime: "Runtime"):
     )
 
 
-def make_llm(runtime: "Runtime"):
-    s = runtime.settings
+def make_llm(s: Settings, local_url: str | None, local_model: str, on_retry: Callable[[str, str], None] | None = None):
+    """Claude (with `local_url`'s OpenAI-compatible server as its fallback) or that server itself."""
     if s.resolved_llm == "anthropic":
         from services.anthropic.llm import ResilientAnthropicLLMService
 
@@ -59,19 +56,19 @@ def make_llm(runtime: "Runtime"):
             retries=s.llm_retries,
             retry_budget=s.llm_retry_budget_secs,
             first_token_timeout=s.llm_timeout_secs,
-            fallback_url=runtime.llm_base_url,
-            fallback_model=runtime.llm_model,
+            fallback_url=local_url,
+            fallback_model=local_model,
             fallback_api_key=s.llm_api_key,
             fallback_system=system_prompt(local_model=True),
-            on_retry=runtime.monitor.provider_retry if runtime.monitor else None,
+            on_retry=on_retry,
         )
     from pipecat.services.openai.llm import OpenAILLMService
 
     return OpenAILLMService(
         api_key=s.llm_api_key,
-        base_url=runtime.llm_base_url,
+        base_url=local_url,
         settings=OpenAILLMService.Settings(
-            model=runtime.llm_model,
+            model=local_model,
             system_instruction=system_prompt(local_model=True),
             max_tokens=s.max_tokens,
             temperature=s.llm_temperature,
@@ -79,8 +76,7 @@ def make_llm(runtime: "Runtime"):
     )
 
 
-def make_tts(runtime: "Runtime"):
-    s, engines = runtime.settings, runtime.engines
+def make_tts(s: Settings, engines: LocalEngines):
     voice = engines.piper_voice
     if s.resolved_tts == "elevenlabs":
         from services.elevenlabs.tts import FallbackElevenLabsTTSService

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from processors.errors import coded_error
-from transports.protocol import ErrorCode
+from vocabulary.errors import ErrorCode
+from vocabulary.frames import coded_error
 
 
 async def piper_chunks(voice, text: str) -> AsyncIterator[bytes]:
@@ -43,8 +44,15 @@ async def piper_chunks(voice, text: str) -> AsyncIterator[bytes]:
 LOCAL_VOICE = "atlas_local_voice"  # frame metadata key: this audio is the fallback voice's
 
 
-class PiperFallbackMixin:
-    """Mix into a Pipecat TTSService (before it in the bases); call `_init_fallback` in __init__."""
+if TYPE_CHECKING:  # what the mixin is mixed into (at run time it stands before that class in the bases)
+    from compat.pipecat import TTSInternals as _TTSService
+else:
+    _TTSService = object
+
+
+class PiperFallbackMixin(_TTSService):
+    """Mix into a TTS service built on compat.pipecat's TTSInternals or ElevenLabsInternals (before it in
+    the bases, for `audio_frames`); call `_init_fallback` in __init__."""
 
     def _init_fallback(self, voice, cooldown: float = 30.0) -> None:
         self._fallback_voice = voice
@@ -72,7 +80,7 @@ class PiperFallbackMixin:
         voice = self._fallback_voice
         if voice is None or not text.strip():
             return
-        async for frame in self._stream_audio_frames_from_iterator(
+        async for frame in self.audio_frames(
             piper_chunks(voice, text), in_sample_rate=voice.config.sample_rate, context_id=context_id
         ):
             frame.metadata[LOCAL_VOICE] = True

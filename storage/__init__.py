@@ -10,15 +10,19 @@ from storage.sinks import Sink, SQLiteSink
 def make_sink(settings: Settings) -> Sink:
     """Supabase when SUPABASE_URL is set, else the embedded SQLite file."""
     if settings.supabase_url:
-        from services.supabase.store import SupabaseSink
+        from storage.supabase import SupabaseSink
 
-        return SupabaseSink(settings.supabase_url, secret(settings.supabase_service_role_key),
-                            timeout_secs=settings.db_timeout_secs)
+        return SupabaseSink(
+            settings.supabase_url, secret(settings.supabase_service_role_key), timeout_secs=settings.db_timeout_secs
+        )
     return SQLiteSink(settings.resolved_sqlite_path)
 
 
 def make_recorder(settings: Settings) -> Recorder:
-    return Recorder(make_sink(settings), settings.resolved_outbox_path,
-                    max_backoff_secs=settings.outbox_max_backoff_secs,
-                    max_bytes=int(settings.outbox_max_mb * (1 << 20)),
-                    dead_retention_secs=settings.dead_letter_retention_days * 86400)
+    return Recorder(
+        make_sink(settings),
+        settings.resolved_outbox_path,
+        max_backoff_secs=settings.outbox_max_backoff_secs,
+        max_bytes=int(settings.outbox_max_mb * (1 << 20)),
+        dead_retention_secs=settings.dead_letter_retention_days * 86400,
+    )

@@ -131,9 +131,11 @@ class OutboxFile:
             conn.execute("PRAGMA journal_size_limit=8388608")  # the WAL file shrinks back to 8 MiB
             conn.executescript(_SCHEMA)
             with conn:  # outboxes written before dead letters had their own table kept them as state 'dead'
-                conn.execute("INSERT OR IGNORE INTO dead_letters (seq, tbl, mode, row, keys, reason, attempts, "
-                             "created_at, dead_at) SELECT seq, tbl, mode, row, keys, coalesce(error, ''), attempts, "
-                             "created_at, created_at FROM outbox WHERE state = 'dead'")
+                conn.execute(
+                    "INSERT OR IGNORE INTO dead_letters (seq, tbl, mode, row, keys, reason, attempts, "
+                    "created_at, dead_at) SELECT seq, tbl, mode, row, keys, coalesce(error, ''), attempts, "
+                    "created_at, created_at FROM outbox WHERE state = 'dead'"
+                )
                 conn.execute("DELETE FROM outbox WHERE state = 'dead'")
             self._conn = conn
         return self._conn
@@ -161,17 +163,20 @@ class OutboxFile:
             db.executemany("INSERT INTO outbox (tbl, mode, row, keys, created_at) VALUES (?, ?, ?, ?, ?)", values)
             for table, mode, row, keys, reason, attempts, created, dead_at in dead:
                 # The outbox's own sequence numbers the dead letter, so it can never collide with a write.
-                seq = db.execute("INSERT INTO outbox (tbl, mode, row, keys, created_at) VALUES (?, ?, ?, ?, ?)",
-                                 (table, mode, row, keys, created)).lastrowid
-                db.execute("INSERT INTO dead_letters (seq, tbl, mode, row, keys, reason, attempts, created_at, "
-                           "dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (seq, table, mode, row, keys, reason, attempts, created, dead_at))
+                seq = db.execute(
+                    "INSERT INTO outbox (tbl, mode, row, keys, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (table, mode, row, keys, created),
+                ).lastrowid
+                db.execute(
+                    "INSERT INTO dead_letters (seq, tbl, mode, row, keys, reason, attempts, created_at, "
+                    "dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (seq, table, mode, row, keys, reason, attempts, created, dead_at),
+                )
                 db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         return [d[4] for d in dead], self.dead_count()
 
     def oldest(self, limit: int = BATCH) -> list[_Item]:
-        cur = self.db().execute(
-            "SELECT seq, tbl, mode, row, keys, attempts FROM outbox ORDER BY seq LIMIT ?", (limit,))
+        cur = self.db().execute("SELECT seq, tbl, mode, row, keys, attempts FROM outbox ORDER BY seq LIMIT ?", (limit,))
         return [_Item(seq, t, m, json.loads(r), k, a) for seq, t, m, r, k, a in cur]
 
     def counts(self) -> tuple[int, int]:
@@ -195,9 +200,12 @@ class OutboxFile:
         """Move a pending write to the dead letters (same seq), with why no store takes it; returns the
         number of dead letters kept now."""
         with self.db() as db:
-            db.execute("INSERT OR REPLACE INTO dead_letters (seq, tbl, mode, row, keys, reason, attempts, created_at, "
-                       "dead_at) SELECT seq, tbl, mode, row, keys, ?, attempts + 1, created_at, ? FROM outbox "
-                       "WHERE seq = ?", (reason[:500], time.time(), seq))
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (seq, tbl, mode, row, keys, reason, attempts, created_at, "
+                "dead_at) SELECT seq, tbl, mode, row, keys, ?, attempts + 1, created_at, ? FROM outbox "
+                "WHERE seq = ?",
+                (reason[:500], time.time(), seq),
+            )
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         return self.dead_count()
 
@@ -222,14 +230,17 @@ class OutboxFile:
     def take_retries(self) -> int:
         """Move the dead letters asked for back to the pending writes, in their first order."""
         with self.db() as db:
-            moved = db.execute("INSERT OR IGNORE INTO outbox (seq, tbl, mode, row, keys, attempts, created_at) "
-                               "SELECT seq, tbl, mode, row, keys, 0, created_at FROM dead_letters "
-                               "WHERE retry = 1").rowcount
+            moved = db.execute(
+                "INSERT OR IGNORE INTO outbox (seq, tbl, mode, row, keys, attempts, created_at) "
+                "SELECT seq, tbl, mode, row, keys, 0, created_at FROM dead_letters "
+                "WHERE retry = 1"
+            ).rowcount
             db.execute("DELETE FROM dead_letters WHERE retry = 1 AND seq IN (SELECT seq FROM outbox)")
         return moved
 
     def purge(self, older_than_secs: float | None = None, seqs: list[int] | None = None) -> int:
         """Delete dead letters: those dead longer than `older_than_secs`, these seqs, or all."""
+        args: tuple[float, ...]
         if seqs is not None:
             sql, args = f"DELETE FROM dead_letters WHERE seq IN ({','.join('?' * len(seqs))})", tuple(seqs)
         elif older_than_secs is not None:
@@ -241,8 +252,9 @@ class OutboxFile:
 
     def prune_oldest_dead(self, n: int) -> int:
         with self.db() as db:
-            return db.execute("DELETE FROM dead_letters WHERE seq IN "
-                              "(SELECT seq FROM dead_letters ORDER BY seq LIMIT ?)", (n,)).rowcount
+            return db.execute(
+                "DELETE FROM dead_letters WHERE seq IN (SELECT seq FROM dead_letters ORDER BY seq LIMIT ?)", (n,)
+            ).rowcount
 
     def used_bytes(self) -> int:
         """Bytes of the file's pages in use (freed pages are reused, so this is what the cap counts)."""
@@ -252,8 +264,15 @@ class OutboxFile:
 
 
 class Recorder:
-    def __init__(self, sink: Sink, outbox_path: Path, *, max_backoff_secs: float = 60.0,
-                 max_bytes: int = 256 << 20, dead_retention_secs: float = 30 * 86400):
+    def __init__(
+        self,
+        sink: Sink,
+        outbox_path: Path,
+        *,
+        max_backoff_secs: float = 60.0,
+        max_bytes: int = 256 << 20,
+        dead_retention_secs: float = 30 * 86400,
+    ):
         self.sink = sink
         self.path = Path(outbox_path)
         self.max_backoff = max_backoff_secs
@@ -289,8 +308,10 @@ class Recorder:
         if pending:
             logger.info(f"outbox: {pending} writes left from a previous run will be sent to {self.sink.name}")
         if self.dead:
-            logger.warning(f"outbox: {self.dead} dead letters (rows no store took) are kept in {self.path}; "
-                           "see `atlas-voice outbox list`")
+            logger.warning(
+                f"outbox: {self.dead} dead letters (rows no store took) are kept in {self.path}; "
+                "see `atlas-voice outbox list`"
+            )
         self._work.set()
         self._tasks = [asyncio.create_task(self._persist_loop()), asyncio.create_task(self._drain_loop())]
 
@@ -341,8 +362,9 @@ class Recorder:
             if not n:
                 break
             pruned += n
-            logger.warning(f"outbox: over its disk cap ({self.max_bytes >> 20} MiB): the {n} oldest dead "
-                           "letters deleted")
+            logger.warning(
+                f"outbox: over its disk cap ({self.max_bytes >> 20} MiB): the {n} oldest dead letters deleted"
+            )
             used = self.file.used_bytes()
         return moved, pruned, self.file.dead_count(), used
 
@@ -359,8 +381,10 @@ class Recorder:
         full = self.bytes > self.max_bytes
         if full != self.full:
             if full:
-                logger.error(f"outbox: {self.bytes >> 20} MiB of pending writes, over ATLAS_OUTBOX_MAX_MB: new "
-                             "sessions wait until the store catches up")
+                logger.error(
+                    f"outbox: {self.bytes >> 20} MiB of pending writes, over ATLAS_OUTBOX_MAX_MB: new "
+                    "sessions wait until the store catches up"
+                )
             else:
                 logger.info("outbox: back under its disk cap; new sessions are admitted again")
         self.full = full
@@ -416,8 +440,10 @@ class Recorder:
                     # Warn when the store starts failing or fails differently; the retries are debug.
                     log = logger.warning if str(e) != self.last_error else logger.debug
                     self.last_error = str(e)
-                    log(f"outbox: {self.sink.name} write failed ({e}); {self.pending} writes kept, "
-                        f"retry in {delay:.1f}s")
+                    log(
+                        f"outbox: {self.sink.name} write failed ({e}); {self.pending} writes kept, "
+                        f"retry in {delay:.1f}s"
+                    )
                     await asyncio.sleep(delay)
                     backoff = min(backoff * 2, self.max_backoff)
                 except _Unclassified:
@@ -432,7 +458,10 @@ class Recorder:
             end = start + 1
             head = items[start]
             while end < len(items) and (items[end].table, items[end].mode, items[end].keys) == (
-                    head.table, head.mode, head.keys):
+                head.table,
+                head.mode,
+                head.keys,
+            ):
                 end += 1
             group = items[start:end]
             try:
@@ -468,8 +497,10 @@ class Recorder:
                 reason = f"{type(e).__name__}: {e}"
                 attempts = await self._run(self.file.failed, item.seq, reason)
                 if attempts < MAX_ATTEMPTS:
-                    logger.warning(f"outbox: {item.table} row {item.row.get('id')} failed ({reason}); "
-                                   f"attempt {attempts} of {MAX_ATTEMPTS}")
+                    logger.warning(
+                        f"outbox: {item.table} row {item.row.get('id')} failed ({reason}); "
+                        f"attempt {attempts} of {MAX_ATTEMPTS}"
+                    )
                     await self._run(self.file.delete, done)
                     self.pending -= len(done)
                     self.written += len(done)

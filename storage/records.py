@@ -1,7 +1,7 @@
 """The rows Atlas writes: one `voice_sessions` row per session and one `voice_turns` row per turn.
 
-Built from the session's TurnMetricsObserver, the same object `session_end` is built from, so the
-client and the database get the same numbers. Column names are the migration's
+Built from the session's typed records (vocabulary/records.py), the same objects `session_end` is
+built from, so the client and the database get the same numbers. Column names are the migration's
 (supabase/migrations); `storage/sqlite_schema.sql` has the same tables for the embedded store.
 Ids are generated here (uuid4), so every write can be repeated without creating a second row.
 """
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from config.prices import Rates, rates_for, session_cost
 from config.settings import Settings
-from processors.turn_metrics import Turn
+from vocabulary.records import STAGES, SessionSummary, TurnRecord
 
 SESSIONS = "voice_sessions"
 TURNS = "voice_turns"
@@ -42,16 +42,22 @@ def provider_models(settings: Settings) -> dict[str, str]:
         "stt_provider": stt,
         "stt_model": settings.deepgram_model if stt == "deepgram" else "tiny.en",
         "llm_provider": llm,
-        "llm_model": {"anthropic": settings.anthropic_model, "openai": settings.llm_model_name}.get(llm, "qwen2.5-1.5b-q4"),
+        "llm_model": {"anthropic": settings.anthropic_model, "openai": settings.llm_model_name}.get(
+            llm, "qwen2.5-1.5b-q4"
+        ),
         "tts_provider": tts,
         "tts_model": {"elevenlabs": settings.elevenlabs_model, "playht": settings.playht_voice_engine}.get(
-            tts, "en_US-joe-medium"),
+            tts, "en_US-joe-medium"
+        ),
     }
 
 
 def session_rates(models: dict[str, str]) -> Rates:
-    return rates_for((models["stt_provider"], models["stt_model"]), (models["llm_provider"], models["llm_model"]),
-                     (models["tts_provider"], models["tts_model"]))
+    return rates_for(
+        (models["stt_provider"], models["stt_model"]),
+        (models["llm_provider"], models["llm_model"]),
+        (models["tts_provider"], models["tts_model"]),
+    )
 
 
 @dataclass
@@ -86,39 +92,41 @@ class SessionInfo:
             "ip_address": self.ip_address,
         }
 
-    def end_row(self, summary: dict, *, ended_at: float, end_reason: str) -> dict:
-        """The full row at the end; `summary` is the `metrics` object sent in `session_end`."""
+    def end_row(self, summary: SessionSummary, *, ended_at: float, end_reason: str) -> dict:
+        """The full row at the end."""
         ended_at = max(ended_at, self.started_at + 1e-3)  # the CHECK: ended_at > started_at
+        u = summary.usage
         return {
             **self.start_row(),
             "ended_at": iso(ended_at),
             "end_reason": end_reason,
-            "stt_duration_seconds": summary["sttDuration"],
-            "stt_requests": summary["turns"],
-            "llm_input_tokens": summary["llmInputTokens"],
-            "llm_output_tokens": summary["llmOutputTokens"],
-            "llm_cache_read_tokens": summary["llmCacheReadTokens"],
-            "llm_cache_write_tokens": summary["llmCacheWriteTokens"],
-            "llm_latency_ms": _int(summary["llmLatency"]) or 0,
-            "tts_characters": summary["ttsCharacters"],
-            "tts_latency_ms": _int(summary["ttsLatency"]) or 0,
-            "turns_count": summary["turns"],
-            "avg_latency_ms": _int(summary["totalLatency"]),
-            "p95_latency_ms": _int(summary["p95Latency"]),
-            "interruptions_count": summary["interruptions"],
-            "errors_count": summary["errors"],
+            "stt_duration_seconds": summary.stt_seconds,
+            "stt_requests": summary.turns,
+            "llm_input_tokens": u.llm_input_tokens,
+            "llm_output_tokens": u.llm_output_tokens,
+            "llm_cache_read_tokens": u.llm_cache_read_tokens,
+            "llm_cache_write_tokens": u.llm_cache_write_tokens,
+            "llm_latency_ms": _int(summary.llm_latency_ms) or 0,
+            "tts_characters": u.tts_characters,
+            "tts_latency_ms": _int(summary.tts_latency_ms) or 0,
+            "turns_count": summary.turns,
+            "avg_latency_ms": _int(summary.total_latency_ms),
+            "p95_latency_ms": _int(summary.p95_latency_ms),
+            "interruptions_count": summary.interruptions,
+            "errors_count": summary.errors,
         }
 
-    def cost(self, summary: dict) -> float:
+    def cost(self, summary: SessionSummary) -> float:
         """USD, as the database's generated cost_usd will compute it."""
+        u = summary.usage
         return session_cost(
             self.rates,
-            stt_seconds=summary["sttDuration"],
-            llm_input_tokens=summary["llmInputTokens"],
-            llm_output_tokens=summary["llmOutputTokens"],
-            llm_cache_read_tokens=summary["llmCacheReadTokens"],
-            llm_cache_write_tokens=summary["llmCacheWriteTokens"],
-            tts_characters=summary["ttsCharacters"],
+            stt_seconds=summary.stt_seconds,
+            llm_input_tokens=u.llm_input_tokens,
+            llm_output_tokens=u.llm_output_tokens,
+            llm_cache_read_tokens=u.llm_cache_read_tokens,
+            llm_cache_write_tokens=u.llm_cache_write_tokens,
+            tts_characters=u.tts_characters,
         )
 
 
@@ -127,25 +135,22 @@ def turn_id(session_id: str, index: int) -> str:
     return str(uuid.uuid5(uuid.UUID(session_id), f"turn-{index}"))
 
 
-def turn_row(session: SessionInfo, turn: Turn) -> dict:
-    b = turn.breakdown()
+def turn_row(session: SessionInfo, turn: TurnRecord) -> dict:
+    u = turn.usage
     return {
         "id": turn_id(session.id, turn.index),
         "session_id": session.id,
         "user_id": session.user_id,
         "turn_index": turn.index,
-        "user_text_chars": b["userTextChars"],
-        "bot_text_chars": b["botTextChars"],
-        "user_stopped_at": iso(turn.wall(turn.speech_end)),
-        "first_audio_at": iso(turn.wall(turn.bot_audio)),
-        "stt_latency_ms": _int(b["sttMs"]),
-        "llm_ttfb_ms": _int(b["llmFirstTokenMs"]),
-        "tts_ttfa_ms": _int(b["ttsFirstAudioMs"]),
-        "voice_to_voice_ms": _int(b["voiceToVoiceMs"]),
-        "llm_input_tokens": b["llmInputTokens"],
-        "llm_output_tokens": b["llmOutputTokens"],
-        "tts_characters": b["ttsCharacters"],
-        "interrupted": b["interrupted"],
-        "error_code": b["errorCode"],
-        "created_at": iso(turn.wall(turn.turn_end)),
+        "user_text_chars": turn.user_text_chars,
+        "bot_text_chars": turn.bot_text_chars,
+        "user_stopped_at": iso(turn.user_stopped_at),
+        "first_audio_at": iso(turn.first_audio_at),
+        **{stage.column: _int(turn.stage(stage)) for stage in STAGES},
+        "llm_input_tokens": u.llm_input_tokens,
+        "llm_output_tokens": u.llm_output_tokens,
+        "tts_characters": u.tts_characters,
+        "interrupted": turn.interrupted,
+        "error_code": turn.error_code,
+        "created_at": iso(turn.ended_at),
     }

@@ -1,4 +1,4 @@
-"""Where rows end up: the embedded SQLite file, or Supabase (services/supabase/store.py).
+"""Where rows end up: the embedded SQLite file, or Supabase (storage/supabase.py).
 
 A sink writes a batch of rows of one table, idempotently, and reads rows back for the dashboard
 and `atlas-voice report`. It raises `TransientWriteError` when trying again later may work (the
@@ -87,8 +87,14 @@ class SQLiteSink(Sink):
         try:
             with db:
                 db.executemany(sql, [tuple(r.get(c) for c in columns) for r in rows])
-        except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError,
-                TypeError, ValueError) as e:
+        except (
+            sqlite3.IntegrityError,
+            sqlite3.InterfaceError,
+            sqlite3.ProgrammingError,
+            OverflowError,
+            TypeError,
+            ValueError,
+        ) as e:
             # The rows themselves: a constraint, or a value SQLite cannot bind (a nested object, an integer
             # over 64 bits, a row whose columns differ from the batch's). Trying again cannot help.
             raise PermanentWriteError(f"{table}: {type(e).__name__}: {e}") from e

@@ -26,8 +26,18 @@ UTTERANCES = {
 VOICE = "21m00Tcm4TlvDq8EAJjs"
 PLAYHT_VOICE = "s3://voice-cloning-zero-shot/d9ff78ba-d016-47f6-b0ef-dd630f59414e/female-cs/manifest.json"
 WINDOW_TOPICS = [
-    "apples", "rivers", "mountains", "violins", "gardens", "oceans",
-    "bicycles", "libraries", "volcanoes", "penguins", "lanterns", "castles",
+    "apples",
+    "rivers",
+    "mountains",
+    "violins",
+    "gardens",
+    "oceans",
+    "bicycles",
+    "libraries",
+    "volcanoes",
+    "penguins",
+    "lanterns",
+    "castles",
 ]
 
 
@@ -70,8 +80,16 @@ def llm_record(tmp_path_factory, llm_upstream) -> Path:
     record = tmp_path_factory.mktemp("llm") / "requests.jsonl"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "llm_recorder.py"), "--upstream", llm_upstream,
-         "--port", str(port), "--record", str(record)],
+        [
+            sys.executable,
+            str(REPO / "tests" / "llm_recorder.py"),
+            "--upstream",
+            llm_upstream,
+            "--port",
+            str(port),
+            "--record",
+            str(record),
+        ],
     )
     for _ in range(100):
         try:
@@ -89,8 +107,11 @@ def llm_record(tmp_path_factory, llm_upstream) -> Path:
 def atlas(llm_record, artifacts) -> str:
     """The Atlas server on the real local engines, its LLM reached through the recording proxy."""
     # Temperature 0: the same speech gets the same (long) reply every run, so tests are repeatable.
-    env = {"ATLAS_LLM_URL": llm_record.with_suffix(".url").read_text(), "ATLAS_LLM_MODEL_NAME": "local",
-           "ATLAS_LLM_TEMPERATURE": "0"}
+    env = {
+        "ATLAS_LLM_URL": llm_record.with_suffix(".url").read_text(),
+        "ATLAS_LLM_MODEL_NAME": "local",
+        "ATLAS_LLM_TEMPERATURE": "0",
+    }
     with running_server(env, artifacts / "server.log") as base:
         yield base
 
@@ -102,12 +123,12 @@ def atlas_ws(atlas) -> str:
 
 @pytest.fixture(scope="session")
 def vendors():
-    """The fake cloud vendors (tests/fakes), shared by every test that runs Atlas on the cloud providers."""
-    from tests.fakes.anthropic import FakeAnthropic
-    from tests.fakes.base import whisper_transcribe
-    from tests.fakes.deepgram import FakeDeepgram
-    from tests.fakes.elevenlabs import FakeElevenLabs
-    from tests.fakes.playht import FakePlayHT
+    """The fake cloud vendors (fakes/), shared by every test that runs Atlas on the cloud providers."""
+    from fakes.anthropic import FakeAnthropic
+    from fakes.base import whisper_transcribe
+    from fakes.deepgram import FakeDeepgram
+    from fakes.elevenlabs import FakeElevenLabs
+    from fakes.playht import FakePlayHT
 
     fakes = {
         "deepgram": FakeDeepgram().start(),
@@ -144,3 +165,44 @@ def cloud_env(vendors, llm_record, tts: str) -> dict[str, str]:
         "ATLAS_LLM_MODEL_NAME": "local",
         "ATLAS_LLM_TEMPERATURE": "0",
     }
+
+
+# --- test tiers -----------------------------------------------------------------------------------------
+# `pytest -m "not slow"` is the inner loop (a few minutes): everything but the tests that start an Atlas
+# server, the local LLM, a browser or a benchmark run. The full suite (.ci/run) runs both.
+SLOW_FIXTURES = {
+    "atlas",
+    "atlas_ws",
+    "llm_upstream",
+    "llm_record",
+    "vendors",
+    "default_server",
+    "auth_ws",
+    "short_timeouts_ws",
+    "doors",
+    "limited",
+    "secure",
+    "unsigned",
+    "phone_door",
+    "cloud_ws",
+    "playht_ws",
+    "browser",
+    "report",
+}
+SLOW_MODULES = {
+    "test_bench",
+    "test_bench_turns",
+    "test_clients",
+    "test_conversation",
+    "test_faults_bench",
+    "test_round_trip",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (
+            SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or item.module.__name__.split(".")[-1] in SLOW_MODULES
+        ):
+            item.add_marker(pytest.mark.slow)

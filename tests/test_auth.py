@@ -30,8 +30,11 @@ def auth_ws(llm_record, artifacts):
 
 async def start(url: str, auth_token) -> tuple[dict, int | None]:
     async with websockets.connect(url) as ws:
-        await ws.send(json.dumps({"type": "session_start", "userId": "claimed-user", "conversationId": "c1",
-                                  "authToken": auth_token}))
+        await ws.send(
+            json.dumps(
+                {"type": "session_start", "userId": "claimed-user", "conversationId": "c1", "authToken": auth_token}
+            )
+        )
         first = json.loads(await ws.recv())
         if first["type"] == "session_started":
             await ws.send(json.dumps({"type": "session_stop"}))

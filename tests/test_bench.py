@@ -6,12 +6,26 @@ from __future__ import annotations
 
 import json
 
-from bots.cli import main
+from app.cli import main
 
 
 def test_bench_measures_both_doors_and_bare_pipecat(tmp_path):
-    code = main(["bench", "--sessions", "2", "--duration", "12", "--no-offline", "--name", "smoke",
-                 "--out", str(tmp_path), "--llm-delay", "0.5"])
+    code = main(
+        [
+            "bench",
+            "--sessions",
+            "2",
+            "--duration",
+            "12",
+            "--no-offline",
+            "--name",
+            "smoke",
+            "--out",
+            str(tmp_path),
+            "--llm-delay",
+            "0.5",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "smoke.json").read_text())
     by = {r["scenario"]: r for r in results["scenarios"]}
@@ -44,8 +58,24 @@ def test_bench_measures_both_doors_and_bare_pipecat(tmp_path):
 
 
 def test_bench_flood_compare_measures_honest_callers_beside_a_flooder(tmp_path):
-    code = main(["bench", "--sessions", "2", "--doors", "ws,twilio", "--duration", "8", "--no-offline", "--no-bare",
-                 "--flood-compare", "--name", "flood", "--out", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--sessions",
+            "2",
+            "--doors",
+            "ws,twilio",
+            "--duration",
+            "8",
+            "--no-offline",
+            "--no-bare",
+            "--flood-compare",
+            "--name",
+            "flood",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "flood.json").read_text())
     pairs = {c["scenario"]: c for c in results["flood_vs_plain"]}

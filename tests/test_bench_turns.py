@@ -24,9 +24,15 @@ def report(tmp_path_factory):
 
 
 def _run(report, path, utterance, vad_stop, smart_turn=False, speech_timeout=None):
-    return next(r for r in report["runs"] if r["path"] == path and r["utterance"] == utterance
-                and r["vad_stop_secs"] == vad_stop and r["smart_turn"] == smart_turn
-                and r["speech_timeout_secs"] == speech_timeout)
+    return next(
+        r
+        for r in report["runs"]
+        if r["path"] == path
+        and r["utterance"] == utterance
+        and r["vad_stop_secs"] == vad_stop
+        and r["smart_turn"] == smart_turn
+        and r["speech_timeout_secs"] == speech_timeout
+    )
 
 
 @pytest.mark.timeout(120)
@@ -52,8 +58,11 @@ def test_a_separate_speech_timeout_waits_through_the_pause_on_the_same_vad_stop(
     # Same VAD stop, so the same VAD stop time: the turn ends exactly 0.4 s later than with 0.2 s.
     ends = [_run(data, path, "what_time", 0.2, speech_timeout=t)["delay_ms"] for t in (None, 0.6)]
     assert ends[1] - ends[0] == 400
-    survived = {s["speech_timeout_secs"]: s["longest_pause_survived_ms"] for s in data["summary"]
-                if s["path"] == path and s["vad_stop_secs"] == 0.2 and not s["smart_turn"]}
+    survived = {
+        s["speech_timeout_secs"]: s["longest_pause_survived_ms"]
+        for s in data["summary"]
+        if s["path"] == path and s["vad_stop_secs"] == 0.2 and not s["smart_turn"]
+    }
     assert (survived[0.6] or 0) > (survived[None] or 0)
 
 
@@ -68,8 +77,11 @@ def test_an_unset_speech_timeout_is_the_vad_stop():
 
     assert turns.Config(0.3, False).user_speech_timeout == 0.3
     assert turns.Config(0.3, True, 1.0, speech_timeout_secs=0.6).user_speech_timeout is None
-    assert ends(turns.Config(0.3, False)) == ends(turns.Config(0.3, False, speech_timeout_secs=0.3)) \
+    assert (
+        ends(turns.Config(0.3, False))
+        == ends(turns.Config(0.3, False, speech_timeout_secs=0.3))
         == [(1.12, "speech_timeout")]
+    )
     assert ends(turns.Config(0.3, False, speech_timeout_secs=0.6)) == [(1.42, "speech_timeout")]
 
 
@@ -78,8 +90,16 @@ def test_report_has_the_documented_fields(report):
     assert {"cpu", "cores", "python", "pipecat-ai"} <= data["machine"].keys()
     assert data["timing"]["smart_turn_ms"]["p50"] > 0 and data["timing"]["silero_ms_per_32ms"]["p50"] > 0
     for s in data["summary"]:
-        assert {"path", "vad_stop_secs", "smart_turn", "smart_turn_stop_secs", "false_cutoff_rate",
-                "delay_p50_ms", "delay_p95_ms", "smart_turn_incomplete_share"} <= s.keys()
+        assert {
+            "path",
+            "vad_stop_secs",
+            "smart_turn",
+            "smart_turn_stop_secs",
+            "false_cutoff_rate",
+            "delay_p50_ms",
+            "delay_p95_ms",
+            "smart_turn_incomplete_share",
+        } <= s.keys()
         assert (s["smart_turn_incomplete_share"] is None) == (not s["smart_turn"])
         assert (s["user_speech_timeout_secs"] is None) == s["smart_turn"]
     smart = [r for r in data["runs"] if r["smart_turn"]]

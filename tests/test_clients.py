@@ -16,9 +16,24 @@ from tests.helpers import REPO, read_wav, running_server, wer, words, write_wav
 def test_talk_cli_prints_events_latency_and_saves_the_reply(atlas_ws, speech, tmp_path):
     out = tmp_path / "reply.wav"
     proc = subprocess.run(
-        [sys.executable, "-m", "bots.cli", "talk", "--url", atlas_ws, "--wav", str(speech["puppy"]),
-         "--wav", str(speech["dinner"]), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "talk",
+            "--url",
+            atlas_ws,
+            "--wav",
+            str(speech["puppy"]),
+            "--wav",
+            str(speech["dinner"]),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -49,17 +64,25 @@ def test_browser_page_hears_the_microphone_and_plays_the_reply(default_server, s
 
     # Chromium's fake microphone loops this file: speech, then enough silence for the reply.
     pcm, rate = read_wav(speech["puppy"])
-    mic = write_wav(tmp_path / "mic.wav", np.concatenate([np.zeros(rate // 2, np.int16), pcm,
-                                                            np.zeros(rate * 20, np.int16)]), rate)
+    mic = write_wav(
+        tmp_path / "mic.wav", np.concatenate([np.zeros(rate // 2, np.int16), pcm, np.zeros(rate * 20, np.int16)]), rate
+    )
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
             headless=True,
             args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={mic}",
+                "--autoplay-policy=no-user-gesture-required",
             ],
         )
         page = browser.new_page()
@@ -69,8 +92,10 @@ def test_browser_page_hears_the_microphone_and_plays_the_reply(default_server, s
         page.click("#start")
         page.wait_for_function("window.atlas.finals.length > 0", timeout=60000)
         page.wait_for_function("window.atlas.audioSeconds > 1.0 && window.atlas.botText.length > 0", timeout=60000)
-        state = page.evaluate("({finals: atlas.finals, chunks: atlas.audioChunks, secs: atlas.audioSeconds,"
-                              " bot: atlas.botText, errors: atlas.errors})")
+        state = page.evaluate(
+            "({finals: atlas.finals, chunks: atlas.audioChunks, secs: atlas.audioSeconds,"
+            " bot: atlas.botText, errors: atlas.errors})"
+        )
         transcript_text = page.inner_text("#transcript")
         page.screenshot(path=str(artifacts / "browser.png"))
         page.click("#start")  # Stop: session_stop -> session_end

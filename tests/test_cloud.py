@@ -1,5 +1,5 @@
 """Spoken conversations over /ws on the cloud providers, each reached through its real SDK or wire
-protocol at a local fake (tests/fakes) that checks requests like the vendor does; then each fault.
+protocol at a local fake (fakes/) that checks requests like the vendor does; then each fault.
 
 The Atlas server runs as a subprocess, exactly as in production, with only the base URLs changed.
 Claude's fallback is the real local LLM (llama.cpp, behind the recording proxy).
@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fakes.anthropic import default_reply
+from fakes.base import whisper_transcribe
 from tests.conftest import PLAYHT_VOICE, UTTERANCES, VOICE, WINDOW_TOPICS, cloud_env
-from tests.fakes.anthropic import default_reply
-from tests.fakes.base import whisper_transcribe
-from tests.helpers import connected_client, running_server, wer
+from tests.helpers import connected_client, running_server, wer, words
 
 pytestmark = pytest.mark.timeout(900)
-
 
 
 def heard(pcm: bytes, rate: int) -> str:
@@ -84,12 +83,16 @@ async def test_cloud_conversation_deepgram_claude_elevenlabs(cloud_ws, vendors, 
     q = conn.query
     assert (q["model"], q["encoding"], q["sample_rate"], q["channels"]) == ("nova-3", "linear16", "16000", "1")
     assert (q["interim_results"], q["punctuate"], q["endpointing"], q["utterance_end_ms"]) == (
-        "true", "true", "300", "1000")
+        "true",
+        "true",
+        "300",
+        "1000",
+    )
     assert conn.audio_seconds > 5
 
     # Claude: key, version, the Atlas prompt with prompt caching, max_tokens 300, streaming,
     # and the second request carries the first exchange.
-    first, second = claude.requests[n_claude:n_claude + 2]
+    first, second = claude.requests[n_claude : n_claude + 2]
     assert first.headers["x-api-key"] == "test-anthropic-key" and first.headers["anthropic-version"]
     body = second.body
     assert body["model"] == "claude-haiku-4-5" and body["max_tokens"] == 300 and body["stream"] is True
@@ -213,10 +216,14 @@ async def test_tts_failure_mid_reply_is_finished_by_piper(cloud_ws, vendors, spe
     await client.wait_reply_done(timeout=60)
     await client.stop()
     assert errors(client).count("TTS_FALLBACK") == 1
-    # Every sentence was heard: ElevenLabs' part and Piper's part together make the whole reply.
+    # Every sentence was heard, once: ElevenLabs' part and Piper's part together make the whole reply. Judged
+    # by a word of each sentence and the length (Whisper tiny mishears a word or two where the voices meet,
+    # which a plain WER bound turned into a flaky test on a busy machine).
     reply = claude.reply({})
     text = heard(bytes(client.reply_audio), client.out_rate)
-    assert wer(reply, text) <= 0.3, text
+    assert all(w in words(text) for w in ("names", "cheerful", "maple", "park")), text
+    assert len(words(text)) <= 1.25 * len(words(reply)), text  # nothing said twice
+    assert wer(reply, text) <= 0.45, text
     assert turn.reply_bytes / (2 * client.out_rate) > 6  # seconds of reply audio
 
 

@@ -54,9 +54,7 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_las
     assert all(WINDOW_TOPICS[0].rstrip("s") not in text_of(m).lower() for m in last)
 
 
-async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_was_spoken(
-    atlas_ws, speech, llm_record
-):
+async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_was_spoken(atlas_ws, speech, llm_record):
     since = len(read_records(llm_record))
     client = await connected_client(atlas_ws)
     story = await client.say(speech["story"])
@@ -107,7 +105,7 @@ async def test_interrupt_message_stops_the_reply(atlas_ws, speech):
     assert flush["_t"] - t0 < 1.0
     flush_at = client.events.index(flush)
     await client.send_silence(1.5)
-    assert not [e for e in client.events[flush_at + 1:] if e.get("type") == "audio_chunk"]
+    assert not [e for e in client.events[flush_at + 1 :] if e.get("type") == "audio_chunk"]
     assert client.status == "listening"
     await client.stop()
     assert turn.flushed

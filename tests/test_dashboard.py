@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.testclient import TestClient
 
-from bots.admin import admin_router
+from app.admin import admin_router
 from config.settings import Settings
 from monitoring.analytics import STAGES, parse_since, percentile, summarize
 from storage.records import SESSIONS, TURNS, iso
@@ -43,13 +43,30 @@ ERROR_CODES = ["LLM_UNAVAILABLE", "TTS_FALLBACK", "PIPELINE_ERROR"]
 # --- the seeded store ----------------------------------------------------------------------------
 
 # (hours before now, transport, turns, turns with an error, interruptions, rates, ended)
-DEEPGRAM_HAIKU_11LABS = {"stt_usd_per_minute": 0.0077, "llm_input_usd_per_mtok": 1.0, "llm_output_usd_per_mtok": 5.0,
-                         "llm_cache_read_usd_per_mtok": 0.1, "llm_cache_write_usd_per_mtok": 1.25,
-                         "tts_usd_per_kchar": 0.05}
-DEEPGRAM_ONLY = {"stt_usd_per_minute": 0.0077, "llm_input_usd_per_mtok": 0.0, "llm_output_usd_per_mtok": 0.0,
-                 "llm_cache_read_usd_per_mtok": 0.0, "llm_cache_write_usd_per_mtok": 0.0, "tts_usd_per_kchar": 0.0}
-HAIKU_PLAYHT = {"stt_usd_per_minute": 0.0, "llm_input_usd_per_mtok": 1.0, "llm_output_usd_per_mtok": 5.0,
-                "llm_cache_read_usd_per_mtok": 0.0, "llm_cache_write_usd_per_mtok": 0.0, "tts_usd_per_kchar": 0.03}
+DEEPGRAM_HAIKU_11LABS = {
+    "stt_usd_per_minute": 0.0077,
+    "llm_input_usd_per_mtok": 1.0,
+    "llm_output_usd_per_mtok": 5.0,
+    "llm_cache_read_usd_per_mtok": 0.1,
+    "llm_cache_write_usd_per_mtok": 1.25,
+    "tts_usd_per_kchar": 0.05,
+}
+DEEPGRAM_ONLY = {
+    "stt_usd_per_minute": 0.0077,
+    "llm_input_usd_per_mtok": 0.0,
+    "llm_output_usd_per_mtok": 0.0,
+    "llm_cache_read_usd_per_mtok": 0.0,
+    "llm_cache_write_usd_per_mtok": 0.0,
+    "tts_usd_per_kchar": 0.0,
+}
+HAIKU_PLAYHT = {
+    "stt_usd_per_minute": 0.0,
+    "llm_input_usd_per_mtok": 1.0,
+    "llm_output_usd_per_mtok": 5.0,
+    "llm_cache_read_usd_per_mtok": 0.0,
+    "llm_cache_write_usd_per_mtok": 0.0,
+    "tts_usd_per_kchar": 0.03,
+}
 LOCAL = dict.fromkeys(DEEPGRAM_ONLY, 0.0)
 PLAN = [
     (40 * 24.0, "websocket", 2, 0, 0, DEEPGRAM_HAIKU_11LABS, True),  # outside 30d
@@ -89,32 +106,59 @@ def _seed_rows(now: float) -> tuple[list[dict], list[dict]]:
             llm = rng.randint(150, 2500)
             tts = None if i in error_at and k % 2 else rng.randint(60, 900)
             v2v = None if tts is None else stt + llm + tts + rng.randint(5, 60)
-            session_turns.append({
-                "id": str(uuid.uuid5(uuid.UUID(sid), f"turn-{i}")), "session_id": sid, "user_id": None,
-                "turn_index": i, "user_text_chars": rng.randint(5, 80), "bot_text_chars": rng.randint(10, 400),
-                "user_stopped_at": iso(start + 20.0 * (i + 1) - 1.5), "first_audio_at": iso(start + 20.0 * (i + 1)),
-                "stt_latency_ms": stt, "llm_ttfb_ms": llm, "tts_ttfa_ms": tts, "voice_to_voice_ms": v2v,
-                "llm_input_tokens": 0, "llm_output_tokens": 0, "tts_characters": 0,
-                "interrupted": i in interrupt_at, "error_code": ERROR_CODES[(k + i) % 3] if i in error_at else None,
-                "created_at": iso(start + 20.0 * (i + 1)),
-            })
+            session_turns.append(
+                {
+                    "id": str(uuid.uuid5(uuid.UUID(sid), f"turn-{i}")),
+                    "session_id": sid,
+                    "user_id": None,
+                    "turn_index": i,
+                    "user_text_chars": rng.randint(5, 80),
+                    "bot_text_chars": rng.randint(10, 400),
+                    "user_stopped_at": iso(start + 20.0 * (i + 1) - 1.5),
+                    "first_audio_at": iso(start + 20.0 * (i + 1)),
+                    "stt_latency_ms": stt,
+                    "llm_ttfb_ms": llm,
+                    "tts_ttfa_ms": tts,
+                    "voice_to_voice_ms": v2v,
+                    "llm_input_tokens": 0,
+                    "llm_output_tokens": 0,
+                    "tts_characters": 0,
+                    "interrupted": i in interrupt_at,
+                    "error_code": ERROR_CODES[(k + i) % 3] if i in error_at else None,
+                    "created_at": iso(start + 20.0 * (i + 1)),
+                }
+            )
         turns += session_turns
         v2vs = [t["voice_to_voice_ms"] for t in session_turns if t["voice_to_voice_ms"] is not None]
-        sessions.append({
-            "id": sid, "user_id": None, "client_user_id": f"user-{k}", "conversation_id": None,
-            "transport": transport, "started_at": iso(start), "ended_at": iso(start + duration) if ended else None,
-            "end_reason": "client_stop" if ended else None, **usage,
-            "llm_latency_ms": 0, "tts_latency_ms": 0,
-            "stt_provider": "deepgram", "stt_model": "nova-3", "llm_provider": "anthropic",
-            "llm_model": "claude-haiku-4-5", "tts_provider": "elevenlabs", "tts_model": "eleven_flash_v2_5",
-            **rates,
-            "turns_count": n_turns if ended else 0,
-            "avg_latency_ms": round(sum(v2vs) / len(v2vs)) if ended and v2vs else None,
-            "p95_latency_ms": round(float(np.percentile(v2vs, 95))) if ended and v2vs else None,
-            "interruptions_count": n_interrupts if ended else 0,
-            "errors_count": n_errors if ended else 0,
-            "user_agent": "pytest", "ip_address": "127.0.0.1",
-        })
+        sessions.append(
+            {
+                "id": sid,
+                "user_id": None,
+                "client_user_id": f"user-{k}",
+                "conversation_id": None,
+                "transport": transport,
+                "started_at": iso(start),
+                "ended_at": iso(start + duration) if ended else None,
+                "end_reason": "client_stop" if ended else None,
+                **usage,
+                "llm_latency_ms": 0,
+                "tts_latency_ms": 0,
+                "stt_provider": "deepgram",
+                "stt_model": "nova-3",
+                "llm_provider": "anthropic",
+                "llm_model": "claude-haiku-4-5",
+                "tts_provider": "elevenlabs",
+                "tts_model": "eleven_flash_v2_5",
+                **rates,
+                "turns_count": n_turns if ended else 0,
+                "avg_latency_ms": round(sum(v2vs) / len(v2vs)) if ended and v2vs else None,
+                "p95_latency_ms": round(float(np.percentile(v2vs, 95))) if ended and v2vs else None,
+                "interruptions_count": n_interrupts if ended else 0,
+                "errors_count": n_errors if ended else 0,
+                "user_agent": "pytest",
+                "ip_address": "127.0.0.1",
+            }
+        )
     return sessions, turns
 
 
@@ -165,22 +209,28 @@ def expected_totals(path: Path, since: str | None) -> dict:
     """The headline figures straight from SQL (and numpy for percentiles)."""
     s_where, t_where, args = ("WHERE started_at >= ?", "WHERE created_at >= ?", (since,)) if since else ("", "", ())
     turns = one(path, f"SELECT COUNT(*) FROM voice_turns {t_where}", *args)
-    errors = one(path, f"SELECT COUNT(*) FROM voice_turns {t_where} {'AND' if since else 'WHERE'} error_code IS NOT NULL",
-                 *args)
+    errors = one(
+        path, f"SELECT COUNT(*) FROM voice_turns {t_where} {'AND' if since else 'WHERE'} error_code IS NOT NULL", *args
+    )
     v2v = [r[0] for r in sql(path, f"SELECT voice_to_voice_ms FROM voice_turns {t_where}", *args) if r[0] is not None]
     return {
         "sessions": one(path, f"SELECT COUNT(*) FROM voice_sessions {s_where}", *args),
-        "sessions_active": one(path, f"SELECT COUNT(*) FROM voice_sessions {s_where} "
-                                     f"{'AND' if since else 'WHERE'} ended_at IS NULL", *args),
+        "sessions_active": one(
+            path, f"SELECT COUNT(*) FROM voice_sessions {s_where} {'AND' if since else 'WHERE'} ended_at IS NULL", *args
+        ),
         "turns": turns,
         "total_cost_usd": one(path, f"SELECT COALESCE(SUM(cost_usd), 0) FROM voice_sessions {s_where}", *args),
-        "avg_cost_per_session_usd": one(path, f"SELECT AVG(cost_usd) FROM voice_sessions {s_where} "
-                                              f"{'AND' if since else 'WHERE'} ended_at IS NOT NULL", *args),
+        "avg_cost_per_session_usd": one(
+            path,
+            f"SELECT AVG(cost_usd) FROM voice_sessions {s_where} {'AND' if since else 'WHERE'} ended_at IS NOT NULL",
+            *args,
+        ),
         "errors": errors,
         "error_rate": errors / turns if turns else None,
         "interruptions": one(path, f"SELECT COALESCE(SUM(interrupted), 0) FROM voice_turns {t_where}", *args),
-        "audio_minutes": one(path, f"SELECT COALESCE(SUM(stt_duration_seconds), 0) / 60.0 FROM voice_sessions {s_where}",
-                             *args),
+        "audio_minutes": one(
+            path, f"SELECT COALESCE(SUM(stt_duration_seconds), 0) / 60.0 FROM voice_sessions {s_where}", *args
+        ),
         "v2v_p50": float(np.percentile(v2v, 50)) if v2v else None,
         "v2v_p95": float(np.percentile(v2v, 95)) if v2v else None,
     }
@@ -199,6 +249,7 @@ def fetch_all(path: Path, since: str | None = None):
 
 
 # --- 1. analytics ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 20, 101])
 def test_percentile_matches_numpy(n):
@@ -265,12 +316,13 @@ def test_summary_stages_days_errors_and_series_match_sql(store):
     days = sql(store, "SELECT substr(started_at, 1, 10), COUNT(*), SUM(cost_usd) FROM voice_sessions GROUP BY 1")
     nonzero = [d for d in got["cost_per_day"] if d["sessions"]]
     assert [(d["day"], d["sessions"]) for d in nonzero] == [(d, n) for d, n, _ in days]
-    for d, (_, _, cost) in zip(nonzero, days):
+    for d, (_, _, cost) in zip(nonzero, days, strict=False):
         assert d["cost_usd"] == pytest.approx(cost, rel=1e-9)
     assert len(got["cost_per_day"]) >= 40  # empty days between the old session and the rest are filled
 
-    codes = sql(store, "SELECT error_code, COUNT(*) FROM voice_turns WHERE error_code IS NOT NULL "
-                       "GROUP BY 1 ORDER BY 2 DESC, 1")
+    codes = sql(
+        store, "SELECT error_code, COUNT(*) FROM voice_turns WHERE error_code IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
+    )
     assert [(e["code"], e["count"]) for e in got["errors_by_code"]] == codes
 
     # Hourly series: every hour with turns has that hour's percentiles, per stage.
@@ -285,10 +337,14 @@ def test_summary_stages_days_errors_and_series_match_sql(store):
         assert b["p95"]["voice_to_voice"] == (pytest.approx(float(np.percentile(values, 95))) if values else None)
     session_hours = dict(sql(store, "SELECT substr(started_at, 1, 13), COUNT(*) FROM voice_sessions GROUP BY 1"))
     assert {h: b["sessions"] for h, b in series.items() if b["sessions"]} == session_hours
-    assert sum(b["cost_usd"] for b in got["series"]) == pytest.approx(one(store, "SELECT SUM(cost_usd) FROM voice_sessions"))
+    assert sum(b["cost_usd"] for b in got["series"]) == pytest.approx(
+        one(store, "SELECT SUM(cost_usd) FROM voice_sessions")
+    )
 
     recent = got["recent_sessions"]
-    assert [r["id"] for r in recent] == [r[0] for r in sql(store, "SELECT id FROM voice_sessions ORDER BY started_at DESC")]
+    assert [r["id"] for r in recent] == [
+        r[0] for r in sql(store, "SELECT id FROM voice_sessions ORDER BY started_at DESC")
+    ]
     assert recent[0]["ended_at"] is None and recent[0]["cost_usd"] == 0
 
 
@@ -307,6 +363,7 @@ def test_bucket_is_chosen_from_the_span(store):
 
 # --- 2. atlas-voice report -------------------------------------------------------------------------
 
+
 def _report_env(store: Path, tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "ATLAS_"))}
     env.update(ATLAS_SQLITE_PATH=str(store), ATLAS_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
@@ -322,8 +379,15 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_report_prints_the_figures_and_writes_a_png(store, tmp_path):
     png = tmp_path / "out" / "x.png"
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "report", "--since", "7d", "--png", str(png)],
-                          cwd=REPO, env=_report_env(store, tmp_path), capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "report", "--since", "7d", "--png", str(png)],
+        cwd=REPO,
+        env=_report_env(store, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     # The command's own window; no row is near the 7-day edge, so a since computed here selects the same rows.
@@ -349,13 +413,20 @@ def test_report_prints_the_figures_and_writes_a_png(store, tmp_path):
     assert float(v2v.group(3)) == pytest.approx(want["v2v_p95"], abs=0.05)
 
     since = parse_since("7d")
-    for day, n, cost in sql(store, "SELECT substr(started_at, 1, 10), COUNT(*), SUM(cost_usd) FROM voice_sessions "
-                                   "WHERE started_at >= ? GROUP BY 1", since):
+    for day, n, cost in sql(
+        store,
+        "SELECT substr(started_at, 1, 10), COUNT(*), SUM(cost_usd) FROM voice_sessions "
+        "WHERE started_at >= ? GROUP BY 1",
+        since,
+    ):
         m = re.search(rf"^\s+{day}\s+(\d+)\s+\$([\d.]+)$", out, re.MULTILINE)
         assert m, (day, out)
         assert int(m.group(1)) == n and float(m.group(2)) == pytest.approx(cost, abs=5e-7)
-    for code, n in sql(store, "SELECT error_code, COUNT(*) FROM voice_turns WHERE created_at >= ? "
-                              "AND error_code IS NOT NULL GROUP BY 1", since):
+    for code, n in sql(
+        store,
+        "SELECT error_code, COUNT(*) FROM voice_turns WHERE created_at >= ? AND error_code IS NOT NULL GROUP BY 1",
+        since,
+    ):
         assert re.search(rf"^\s+{code}\s+{n}$", out, re.MULTILINE), (code, out)
 
     assert f"Chart: {png.resolve()}" in out
@@ -369,32 +440,61 @@ def test_report_prints_the_figures_and_writes_a_png(store, tmp_path):
 def test_report_defaults_and_empty_ranges(store, tmp_path):
     env = _report_env(store, tmp_path)
     # Default PNG path: ./report.png in the working directory.
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "report", "--since", "all", "--bucket", "day"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "report", "--since", "all", "--bucket", "day"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"Chart: {tmp_path / 'report.png'}" in proc.stdout
     assert _png_size(tmp_path / "report.png") == (1000, 1000)
     assert re.search(rf"^\s+Sessions\s+{len(PLAN)}\s", proc.stdout, re.MULTILINE)
 
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "report", "--since", "2099-01-01", "--png",
-                           str(tmp_path / "none.png")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "report", "--since", "2099-01-01", "--png", str(tmp_path / "none.png")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no sessions since 2099-01-01T00:00:00.000000+00:00" in proc.stdout
     assert not (tmp_path / "none.png").exists()
 
     missing = tmp_path / "never" / "atlas.sqlite3"
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "report"], cwd=REPO,
-                          env={**env, "ATLAS_SQLITE_PATH": str(missing)}, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "report"],
+        cwd=REPO,
+        env={**env, "ATLAS_SQLITE_PATH": str(missing)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no sessions since" in proc.stdout and "does not exist" in proc.stdout
     assert not missing.exists()
 
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "report", "--since", "soon"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "report", "--since", "soon"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2 and "since='soon'" in proc.stderr
 
 
 # --- 3. the HTTP API -------------------------------------------------------------------------------
+
 
 class BrokenSink:
     name = "broken"
@@ -419,8 +519,13 @@ def server_sink(store):
 
 def test_api_auth(server_sink):
     client = TestClient(_app(lambda: server_sink, TOKEN))
-    for kwargs in ({}, {"params": {"token": "wrong"}}, {"headers": {"Authorization": "Bearer wrong"}},
-                   {"headers": {"Authorization": f"Basic {TOKEN}"}}, {"params": {"token": TOKEN[:-1]}}):
+    for kwargs in (
+        {},
+        {"params": {"token": "wrong"}},
+        {"headers": {"Authorization": "Bearer wrong"}},
+        {"headers": {"Authorization": f"Basic {TOKEN}"}},
+        {"params": {"token": TOKEN[:-1]}},
+    ):
         r = client.get("/api/dashboard", **kwargs)
         assert r.status_code == 401, kwargs
         assert r.json()["type"] == "error" and r.json()["code"] == "ADMIN_AUTH_FAILED"
@@ -469,13 +574,17 @@ def test_api_store_unavailable():
 
 # --- 4. the page in headless Chromium --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dashboard_url(server_sink):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_app(lambda: server_sink, TOKEN), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            _app(lambda: server_sink, TOKEN), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
+    )
     thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -492,9 +601,18 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                                    "--disable-background-networking", "--disable-component-update"])
+        b = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-sync",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
         yield b
         b.close()
 
@@ -538,8 +656,11 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
         want = expected_totals(store, None)
 
         checks = {
-            "tile-sessions": want["sessions"], "tile-turns": want["turns"], "tile-errors": want["errors"],
-            "tile-interruptions": want["interruptions"], "tile-sessions-active": want["sessions_active"],
+            "tile-sessions": want["sessions"],
+            "tile-turns": want["turns"],
+            "tile-errors": want["errors"],
+            "tile-interruptions": want["interruptions"],
+            "tile-sessions-active": want["sessions_active"],
         }
         for testid, n in checks.items():
             value, text = _value(page, testid)
@@ -563,9 +684,14 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
             assert _value(page, f"stage-{stage}-p95")[0] == pytest.approx(float(np.percentile(values, 95)))
 
         # Cost per day: one bar per day from the first to the last session; non-empty ones match SQL.
-        bars = page.eval_on_selector_all('[data-testid="chart-cost-day"] rect[data-day]',
-                                         "els => els.map(e => [e.dataset.day, Number(e.dataset.value)])")
-        days = {d: c for d, c in sql(store, "SELECT substr(started_at, 1, 10), SUM(cost_usd) FROM voice_sessions GROUP BY 1")}
+        bars = page.eval_on_selector_all(
+            '[data-testid="chart-cost-day"] rect[data-day]',
+            "els => els.map(e => [e.dataset.day, Number(e.dataset.value)])",
+        )
+        days = {
+            d: c
+            for d, c in sql(store, "SELECT substr(started_at, 1, 10), SUM(cost_usd) FROM voice_sessions GROUP BY 1")
+        }
         assert bars[0][0] == min(days) and bars[-1][0] == max(days) and len(bars) >= 40
         bar_costs = dict(bars)
         for d, c in days.items():
@@ -573,14 +699,19 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
         assert sum(bar_costs.values()) == pytest.approx(want["total_cost_usd"])
 
         # Errors by code.
-        err = page.eval_on_selector_all('[data-testid="chart-errors"] rect[data-code]',
-                                        "els => els.map(e => [e.dataset.code, Number(e.dataset.value)])")
-        assert sorted(map(tuple, err)) == sorted(sql(store, "SELECT error_code, COUNT(*) FROM voice_turns "
-                                                            "WHERE error_code IS NOT NULL GROUP BY 1"))
+        err = page.eval_on_selector_all(
+            '[data-testid="chart-errors"] rect[data-code]',
+            "els => els.map(e => [e.dataset.code, Number(e.dataset.value)])",
+        )
+        assert sorted(map(tuple, err)) == sorted(
+            sql(store, "SELECT error_code, COUNT(*) FROM voice_turns WHERE error_code IS NOT NULL GROUP BY 1")
+        )
 
         # Cost per session: one dot per session.
-        dots = page.eval_on_selector_all('[data-testid="chart-session-cost"] circle[data-session-id]',
-                                         "els => els.map(e => [e.dataset.sessionId, Number(e.dataset.value)])")
+        dots = page.eval_on_selector_all(
+            '[data-testid="chart-session-cost"] circle[data-session-id]',
+            "els => els.map(e => [e.dataset.sessionId, Number(e.dataset.value)])",
+        )
         costs = dict(sql(store, "SELECT id, cost_usd FROM voice_sessions"))
         assert len(dots) == len(costs)
         for sid, c in dots:
@@ -588,16 +719,22 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
 
         # Sessions over time and the daily voice-to-voice p50/p95 line ("all" spans 40 days: daily buckets).
         assert page.evaluate("window.atlasDashboard.data.bucket") == "day"
-        per_day = page.eval_on_selector_all('[data-testid="chart-sessions"] rect[data-bucket]',
-                                            "els => els.map(e => [e.dataset.bucket.slice(0, 10), Number(e.dataset.value)])")
-        assert {d: n for d, n in per_day if n} == dict(sql(store, "SELECT substr(started_at, 1, 10), COUNT(*) "
-                                                                  "FROM voice_sessions GROUP BY 1"))
+        per_day = page.eval_on_selector_all(
+            '[data-testid="chart-sessions"] rect[data-bucket]',
+            "els => els.map(e => [e.dataset.bucket.slice(0, 10), Number(e.dataset.value)])",
+        )
+        assert {d: n for d, n in per_day if n} == dict(
+            sql(store, "SELECT substr(started_at, 1, 10), COUNT(*) FROM voice_sessions GROUP BY 1")
+        )
         points = page.eval_on_selector_all(
             '[data-testid="chart-latency-voice_to_voice"] circle[data-series]',
-            "els => els.map(e => [e.dataset.series, e.dataset.bucket.slice(0, 10), Number(e.dataset.value)])")
+            "els => els.map(e => [e.dataset.series, e.dataset.bucket.slice(0, 10), Number(e.dataset.value)])",
+        )
         by_day = {}
-        for day, v in sql(store, "SELECT substr(created_at, 1, 10), voice_to_voice_ms FROM voice_turns "
-                                 "WHERE voice_to_voice_ms IS NOT NULL"):
+        for day, v in sql(
+            store,
+            "SELECT substr(created_at, 1, 10), voice_to_voice_ms FROM voice_turns WHERE voice_to_voice_ms IS NOT NULL",
+        ):
             by_day.setdefault(day, []).append(v)
         assert len(points) == 2 * len(by_day)
         for series, day, v in points:
@@ -606,8 +743,9 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
             assert page.locator(f'[data-testid="chart-latency-{stage}"] circle[data-series="p95"]').count() > 0
 
         # Recent sessions, newest first.
-        rows = page.eval_on_selector_all('[data-testid="recent-sessions"] tbody tr[data-session-id]',
-                                         "els => els.map(e => e.dataset.sessionId)")
+        rows = page.eval_on_selector_all(
+            '[data-testid="recent-sessions"] tbody tr[data-session-id]', "els => els.map(e => e.dataset.sessionId)"
+        )
         assert rows == [r[0] for r in sql(store, "SELECT id FROM voice_sessions ORDER BY started_at DESC")]
 
         # Another range: 24h (no seeded row is near the 24-hour edge).

@@ -3,7 +3,7 @@ per-process session cap on every door.
 
 One Atlas server (a subprocess, as in production) with Whisper and Piper, Claude's fake for deterministic
 replies, Twilio's REST API and Daily's REST API at local fakes, and ATLAS_MAX_SESSIONS=1.
-A simulated Twilio media stream (tests/fakes/twilio.py) speaks real speech as 20 ms mu-law frames.
+A simulated Twilio media stream (fakes/twilio.py) speaks real speech as 20 ms mu-law frames.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import websockets
 
-from bots.talk import VoiceClient
-from tests.fakes.anthropic import default_reply
-from tests.fakes.base import whisper_transcribe
-from tests.fakes.daily import FakeDailyAPI
-from tests.fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
+from app.talk import VoiceClient
+from fakes.anthropic import default_reply
+from fakes.base import whisper_transcribe
+from fakes.daily import FakeDailyAPI
+from fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
 from tests.helpers import running_server, wer
 
 pytestmark = pytest.mark.timeout(900)
@@ -46,12 +46,19 @@ def daily_api():
 @pytest.fixture(scope="module")
 def doors(vendors, twilio_rest, daily_api, artifacts):
     env = {
-        "ATLAS_STT": "whisper", "ATLAS_TTS": "piper", "ATLAS_LLM": "anthropic", "ATLAS_LLM_FALLBACK": "apology",
-        "ANTHROPIC_API_KEY": "test-anthropic-key", "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
-        "TWILIO_ACCOUNT_SID": twilio_rest.account_sid, "TWILIO_AUTH_TOKEN": TOKEN,
+        "ATLAS_STT": "whisper",
+        "ATLAS_TTS": "piper",
+        "ATLAS_LLM": "anthropic",
+        "ATLAS_LLM_FALLBACK": "apology",
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
+        "TWILIO_ACCOUNT_SID": twilio_rest.account_sid,
+        "TWILIO_AUTH_TOKEN": TOKEN,
         "TWILIO_API_BASE_URL": twilio_rest.http_url,
-        "DAILY_API_KEY": daily_api.api_key, "DAILY_API_URL": daily_api.api_url,
-        "ATLAS_MAX_SESSIONS": "1", "ATLAS_SESSION_MAX_SECS": str(MAX_SECS),
+        "DAILY_API_KEY": daily_api.api_key,
+        "DAILY_API_URL": daily_api.api_url,
+        "ATLAS_MAX_SESSIONS": "1",
+        "ATLAS_SESSION_MAX_SECS": str(MAX_SECS),
         "ATLAS_SESSION_START_TIMEOUT_SECS": "8",
     }
     log = artifacts / "server_doors.log"
@@ -69,8 +76,13 @@ def fresh(vendors):
 def session_rows(db, transport: str) -> list[dict]:
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(
-            "select * from voice_sessions where transport = ? and ended_at is not null order by started_at", [transport])]
+        return [
+            dict(r)
+            for r in conn.execute(
+                "select * from voice_sessions where transport = ? and ended_at is not null order by started_at",
+                [transport],
+            )
+        ]
 
 
 def wait_rows(db, transport: str, n: int, timeout: float = 30) -> list[dict]:
@@ -91,8 +103,14 @@ def heard_8k(pcm: bytes) -> str:
 
 def voice_webhook(base: str, call_sid: str, *, signature: str | None = None) -> httpx.Response:
     url = base + "/twilio/voice"
-    form = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": "+15550001111", "To": "+15550002222",
-            "CallStatus": "ringing", "Direction": "inbound"}
+    form = {
+        "CallSid": call_sid,
+        "AccountSid": "AC" + "0" * 32,
+        "From": "+15550001111",
+        "To": "+15550002222",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
     sig = twilio_signature(TOKEN, url, form) if signature is None else signature
     return httpx.post(url, data=form, headers={"X-Twilio-Signature": sig})
 
@@ -101,25 +119,31 @@ async def test_voice_webhook_checks_the_signature_and_connects_a_stream(doors, t
     base, _ = doors
     call_sid = new_sid("CA")
     # Read as Twilio reads it: one well-formed XML document (a strict parser), not substrings.
-    plan = await answer_call(base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid,
-                             from_="+15550001111", to="+15550002222")
+    plan = await answer_call(
+        base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid, from_="+15550001111", to="+15550002222"
+    )
     host = base.removeprefix("http://")
     assert plan.stream_url == f"wss://{host}/twilio/ws"
     assert plan.twiml.count("<?xml") == 1
     assert {k: v for k, v in plan.parameters.items() if k != "atlasToken"} == {
-        "from": "+15550001111", "to": "+15550002222", "callSid": call_sid}
+        "from": "+15550001111",
+        "to": "+15550002222",
+        "callSid": call_sid,
+    }
     assert len(plan.parameters["atlasToken"]) < 500  # Twilio's limit on a <Parameter>
     assert voice_webhook(base, call_sid, signature="bm90IHRoZSByaWdodCBvbmU=").status_code == 403
     assert voice_webhook(base, call_sid, signature="").status_code == 403
 
 
 async def test_phone_call_speaks_mulaw_barges_in_is_capped_and_is_hung_up_by_the_bot(
-        doors, vendors, twilio_rest, speech, artifacts):
+    doors, vendors, twilio_rest, speech, artifacts
+):
     base, db = doors
     claude = vendors["anthropic"]
     call_sid = new_sid("CA")
-    caller = await TwilioCaller.dial(base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid,
-                                     from_="+15550001111", to="+15550002222")
+    caller = await TwilioCaller.dial(
+        base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid, from_="+15550001111", to="+15550002222"
+    )
     await caller.connect()
     started = time.monotonic()
     await caller.send_silence(0.5)
@@ -176,8 +200,9 @@ async def test_caller_hangs_up_cleanly_and_phone_vs_websocket_latency(doors, ven
     call_sid = new_sid("CA")
     phone, web = [], []
     for _ in range(2):
-        caller = await TwilioCaller.dial(base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid,
-                                         from_="+15550003333")
+        caller = await TwilioCaller.dial(
+            base, TOKEN, account_sid=twilio_rest.account_sid, call_sid=call_sid, from_="+15550003333"
+        )
         await caller.connect()
         await caller.send_silence(0.5)
         for name in ("dinner", "puppy"):
@@ -211,8 +236,12 @@ async def test_caller_hangs_up_cleanly_and_phone_vs_websocket_latency(doors, ven
     # The caller hung up first: no hang-up request for a call that is already over.
     assert not [h for h in twilio_rest.hangups if h.call_sid in {r["conversation_id"] for r in ended}]
     assert all(v is not None for v in phone + web)
-    result = {"phone_v2v_ms": phone, "websocket_v2v_ms": web,
-              "phone_p50_ms": float(np.percentile(phone, 50)), "websocket_p50_ms": float(np.percentile(web, 50))}
+    result = {
+        "phone_v2v_ms": phone,
+        "websocket_v2v_ms": web,
+        "phone_p50_ms": float(np.percentile(phone, 50)),
+        "websocket_p50_ms": float(np.percentile(web, 50)),
+    }
     (artifacts / "phone_vs_websocket.json").write_text(json.dumps(result, indent=1))
 
 

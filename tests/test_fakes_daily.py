@@ -11,13 +11,13 @@ import jwt
 import pytest
 from pipecat.transports.daily.utils import DailyRESTHelper
 
+from fakes.daily import FakeDailyAPI
 from services.daily.rooms import (
     DailyAPIError,
     create_session_room,
     delete_room,
     make_helper,
 )
-from tests.fakes.daily import FakeDailyAPI
 
 KEY = "test-daily-key-0123456789abcdef0123456789abcdef"  # >= 32 bytes: pyjwt warns of shorter HS256 keys
 DURATION = 600
@@ -184,9 +184,15 @@ async def test_fake_validates_like_daily(fake, http):
     assert (await _raw(http, "POST", rooms, key="nope", body={}))[0] == 401
     status, body = await _raw(http, "POST", rooms, data="{not json", body=None)
     assert (status, body["error"]) == (400, "json-parsing-error")
-    for bad in ({"name": "has space"}, {"name": "x" * 129}, {"privacy": "secret"},
-                {"properties": {"max_participants": 500}}, {"properties": {"exp": "soon"}},
-                {"properties": {"eject_at_room_exp": "yes"}}, {"properties": {"not_a_property": 1}}):
+    for bad in (
+        {"name": "has space"},
+        {"name": "x" * 129},
+        {"privacy": "secret"},
+        {"properties": {"max_participants": 500}},
+        {"properties": {"exp": "soon"}},
+        {"properties": {"eject_at_room_exp": "yes"}},
+        {"properties": {"not_a_property": 1}},
+    ):
         status, body = await _raw(http, "POST", rooms, body=bad)
         assert (status, body["error"]) == (400, "invalid-request-error"), bad
 
@@ -212,8 +218,9 @@ async def test_fake_validates_like_daily(fake, http):
 
 async def test_fake_can_require_the_token_room_to_exist(http):
     with FakeDailyAPI(api_key=KEY, tokens_require_room=True, domain="other") as fake:
-        status, body = await _raw(http, "POST", f"{fake.api_url}/meeting-tokens",
-                                  body={"properties": {"room_name": "missing"}})
+        status, body = await _raw(
+            http, "POST", f"{fake.api_url}/meeting-tokens", body={"properties": {"room_name": "missing"}}
+        )
         assert (status, body["error"]) == (400, "invalid-request-error")
         helper = make_helper(KEY, http, fake.api_url)
         session = await _session(helper)
@@ -228,8 +235,9 @@ async def test_daily_transport_can_be_built_for_a_session_room_without_joining(h
     from pipecat.transports.daily.transport import DailyParams, DailyTransport
 
     session = await _session(helper)
-    transport = DailyTransport(session.room_url, session.bot_token, "Atlas",
-                               params=DailyParams(audio_in_enabled=True, audio_out_enabled=True))
+    transport = DailyTransport(
+        session.room_url, session.bot_token, "Atlas", params=DailyParams(audio_in_enabled=True, audio_out_enabled=True)
+    )
     try:
         assert transport.room_url == session.room_url
         assert transport.input() is not None and transport.output() is not None

@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.fakes.anthropic import FakeAnthropic, default_reply, split_tokens
-from tests.fakes.playht import FakePlayHT, pcm_to_mulaw, speech_pcm
+from fakes.anthropic import FakeAnthropic, default_reply, split_tokens
+from fakes.playht import FakePlayHT, pcm_to_mulaw, speech_pcm
 
 KEY = "test-anthropic-key"
 MODEL = "claude-haiku-4-5"
@@ -55,9 +55,14 @@ async def _collect(stream) -> tuple[list, str]:
 
 async def test_stream_like_pipecat_assembles_reply_and_reports_usage(fake, client):
     stream = await client.beta.messages.create(  # the call shape Pipecat's AnthropicLLMService makes
-        model=MODEL, max_tokens=512, stream=True, messages=_messages(), tools=[],
+        model=MODEL,
+        max_tokens=512,
+        stream=True,
+        messages=_messages(),
+        tools=[],
         system=[{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}],
-        thinking={"type": "disabled"}, betas=["interleaved-thinking-2025-05-14"],
+        thinking={"type": "disabled"},
+        betas=["interleaved-thinking-2025-05-14"],
         extra_body={"temperature": 0.7},
     )
     events, text = await _collect(stream)
@@ -88,8 +93,7 @@ async def test_stream_like_pipecat_assembles_reply_and_reports_usage(fake, clien
 async def test_prompt_cache_is_created_then_read(fake, client):
     system = [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
     first = await client.messages.create(model=MODEL, max_tokens=256, system=system, messages=_messages())
-    stream = await client.messages.create(model=MODEL, max_tokens=256, system=system, messages=_messages(),
-                                          stream=True)
+    stream = await client.messages.create(model=MODEL, max_tokens=256, system=system, messages=_messages(), stream=True)
     events, _ = await _collect(stream)
     second = events[0].message.usage
 
@@ -100,8 +104,9 @@ async def test_prompt_cache_is_created_then_read(fake, client):
     assert first.content[0].text == default_reply({"messages": _messages()})
 
     # A different system prompt is a different prefix; no cache_control means no caching at all.
-    other = await client.messages.create(model=MODEL, max_tokens=256, messages=_messages(),
-                                         system=[{**system[0], "text": SYSTEM + " Be brief."}])
+    other = await client.messages.create(
+        model=MODEL, max_tokens=256, messages=_messages(), system=[{**system[0], "text": SYSTEM + " Be brief."}]
+    )
     plain = await client.messages.create(model=MODEL, max_tokens=256, system=SYSTEM, messages=_messages())
     assert other.usage.cache_read_input_tokens == 0 and other.usage.cache_creation_input_tokens > 0
     assert plain.usage.cache_read_input_tokens == plain.usage.cache_creation_input_tokens == 0
@@ -114,12 +119,12 @@ async def test_max_tokens_truncates_and_pacing_is_applied(client):
     assert text == "".join(split_tokens(default_reply({"messages": _messages()}))[:4])
     assert events[-2].delta.stop_reason == "max_tokens" and events[-2].usage.output_tokens == 4
 
-    with FakeAnthropic(first_token_delay=0.2, tokens_per_second=100, reply=lambda body: "one two three four five") \
-            as paced:
+    with FakeAnthropic(
+        first_token_delay=0.2, tokens_per_second=100, reply=lambda body: "one two three four five"
+    ) as paced:
         c = anthropic.AsyncAnthropic(api_key=KEY, base_url=paced.http_url, max_retries=0)
         t0 = time.monotonic()
-        stream = await c.messages.create(model="claude-opus-4-5", max_tokens=64, stream=True,
-                                         messages=_messages())
+        stream = await c.messages.create(model="claude-opus-4-5", max_tokens=64, stream=True, messages=_messages())
         headers_at = time.monotonic() - t0
         _, text = await _collect(stream)
         assert text == "one two three four five"
@@ -144,8 +149,10 @@ async def test_raw_http_wiring_mistakes_get_the_apis_errors(fake):
         r = await http.post("/v1/messages", json=body, headers={"x-api-key": KEY})
         assert r.status_code == 400 and r.headers["request-id"].startswith("req_")
         assert r.json()["type"] == "error"
-        assert r.json()["error"] == {"type": "invalid_request_error",
-                                     "message": "anthropic-version: header is required"}
+        assert r.json()["error"] == {
+            "type": "invalid_request_error",
+            "message": "anthropic-version: header is required",
+        }
         r = await http.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         r = await http.post("/v1/message", json=body, headers=good)
@@ -163,10 +170,14 @@ async def test_raw_http_wiring_mistakes_get_the_apis_errors(fake):
             "messages.0.role": {**body, "messages": [{"role": "system", "content": "hi"}]},
             "messages.0.content.0": {**body, "messages": [{"role": "user", "content": [{"type": "txt"}]}]},
             "temperature": {**body, "temperature": 1.5},
-            "system.0.cache_control.type": {**body, "system": [{"type": "text", "text": "x",
-                                                                "cache_control": {"type": "persistent"}}]},
-            "A maximum of 4 blocks": {**body, "system": [{"type": "text", "text": f"s{i}",
-                                                          "cache_control": {"type": "ephemeral"}} for i in range(5)]},
+            "system.0.cache_control.type": {
+                **body,
+                "system": [{"type": "text", "text": "x", "cache_control": {"type": "persistent"}}],
+            },
+            "A maximum of 4 blocks": {
+                **body,
+                "system": [{"type": "text", "text": f"s{i}", "cache_control": {"type": "ephemeral"}} for i in range(5)],
+            },
             "max_tokens: 100000 > 64000": {**body, "max_tokens": 100_000},
             "thinking.type": {**body, "thinking": {"type": "on"}},
         }
@@ -184,8 +195,12 @@ async def test_unknown_model_is_not_found(client):
         await client.messages.create(model="claude-nonexistent-9", max_tokens=64, messages=_messages())
     assert err.value.status_code == 404
     assert err.value.body["error"] == {"type": "not_found_error", "message": "model: claude-nonexistent-9"}
-    for model in ("claude-haiku-4-5-20251001", "claude-sonnet-4-5", "claude-3-haiku-20240307",
-                  "claude-3-5-haiku-latest"):
+    for model in (
+        "claude-haiku-4-5-20251001",
+        "claude-sonnet-4-5",
+        "claude-3-haiku-20240307",
+        "claude-3-5-haiku-latest",
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the SDK warns about retiring models
             msg = await client.messages.create(model=model, max_tokens=64, messages=_messages())
@@ -307,15 +322,24 @@ async def _tts(fake: FakePlayHT, headers: dict | None = None, **body) -> tuple[h
     """POST to the stream endpoint; returns (response, body bytes, chunk count)."""
     payload = {"text": TEXT, "voice": VOICE, **body}
     async with httpx.AsyncClient(base_url=fake.http_url, timeout=30) as http:
-        async with http.stream("POST", "/api/v2/tts/stream", json=payload,
-                               headers=HEADERS if headers is None else headers) as r:
+        async with http.stream(
+            "POST", "/api/v2/tts/stream", json=payload, headers=HEADERS if headers is None else headers
+        ) as r:
             chunks = [c async for c in r.aiter_raw()]
     return r, b"".join(chunks), len(chunks)
 
 
 async def test_playht_raw_pcm_streams_real_speech(playht):
-    r, audio, chunks = await _tts(playht, output_format="raw", sample_rate=16000, speed=1.0, quality="draft",
-                                  voice_engine="Play3.0-mini", seed=7, temperature=0.5)
+    r, audio, chunks = await _tts(
+        playht,
+        output_format="raw",
+        sample_rate=16000,
+        speed=1.0,
+        quality="draft",
+        voice_engine="Play3.0-mini",
+        seed=7,
+        temperature=0.5,
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     assert r.headers.get("transfer-encoding") == "chunked" and chunks >= 5
     assert audio == speech_pcm(TEXT, 16000)
@@ -353,7 +377,7 @@ async def test_playht_mp3_decodes_to_the_spoken_text(playht):
     import av
     import soxr
 
-    from tests.fakes.base import whisper_transcribe
+    from fakes.base import whisper_transcribe
 
     r, data, chunks = await _tts(playht, output_format="mp3", sample_rate=44100)
     assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg" and chunks >= 3
@@ -414,8 +438,12 @@ async def test_playht_faults(playht):
     received = 0
     with pytest.raises(httpx.RemoteProtocolError):
         async with httpx.AsyncClient(base_url=playht.http_url) as http:
-            async with http.stream("POST", "/api/v2/tts/stream", headers=HEADERS,
-                                   json={"text": TEXT, "voice": VOICE, "output_format": "raw"}) as r:
+            async with http.stream(
+                "POST",
+                "/api/v2/tts/stream",
+                headers=HEADERS,
+                json={"text": TEXT, "voice": VOICE, "output_format": "raw"},
+            ) as r:
                 assert r.status_code == 200
                 async for chunk in r.aiter_raw():
                     received += len(chunk)
@@ -434,8 +462,9 @@ async def test_playht_faults(playht):
     playht.first_byte_delay = 0.3
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=playht.http_url) as http:
-        async with http.stream("POST", "/api/v2/tts/stream", headers=HEADERS,
-                               json={"text": TEXT, "voice": VOICE, "output_format": "raw"}) as r:
+        async with http.stream(
+            "POST", "/api/v2/tts/stream", headers=HEADERS, json={"text": TEXT, "voice": VOICE, "output_format": "raw"}
+        ) as r:
             first = None
             async for _ in r.aiter_raw():
                 first = first or time.monotonic() - t0

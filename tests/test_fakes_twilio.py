@@ -30,7 +30,7 @@ from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.utils.asyncio.task_manager import TaskManager
 
-from tests.fakes.twilio import (
+from fakes.twilio import (
     FRAME_BYTES,
     FakeTwilioREST,
     TwilioCaller,
@@ -45,8 +45,13 @@ TOKEN = "test-twilio-auth-token"
 
 def pipecat_setup(rate: int = 16000) -> FrameProcessorSetup:
     """What Pipecat's transport passes to `serializer.setup()` (1.14 takes a FrameProcessorSetup)."""
-    return FrameProcessorSetup(clock=SystemClock(), task_manager=TaskManager(), pipeline_worker=None,
-                               audio_in_sample_rate=rate, audio_out_sample_rate=rate)
+    return FrameProcessorSetup(
+        clock=SystemClock(),
+        task_manager=TaskManager(),
+        pipeline_worker=None,
+        audio_in_sample_rate=rate,
+        audio_out_sample_rate=rate,
+    )
 
 
 def basic(login: str, password: str) -> dict[str, str]:
@@ -102,11 +107,16 @@ async def test_rest_bad_credentials_get_twilio_401(rest):
     async with aiohttp.ClientSession() as s:
         async with s.post(rest.call_url(call), data={"Status": "completed"}) as r:  # no credentials at all
             assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
-            assert await r.json() == {"code": 20003, "message": "Authenticate",
-                                      "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401}
+            assert await r.json() == {
+                "code": 20003,
+                "message": "Authenticate",
+                "more_info": "https://www.twilio.com/docs/errors/20003",
+                "status": 401,
+            }
         other = new_sid("AC")  # right token, someone else's account in the path
-        async with s.post(rest.call_url(call, other), data={"Status": "completed"},
-                          headers=basic(rest.account_sid, TOKEN)) as r:
+        async with s.post(
+            rest.call_url(call, other), data={"Status": "completed"}, headers=basic(rest.account_sid, TOKEN)
+        ) as r:
             assert r.status == 401
 
 
@@ -156,8 +166,17 @@ def test_mulaw_codec_matches_audioop():
         warnings.simplefilter("ignore", DeprecationWarning)
         import audioop
     rng = np.random.default_rng(7)
-    pcm = np.concatenate([rng.integers(-32768, 32768, 20000), rng.normal(0, 300, 5000).clip(-32768, 32767),
-                          [-32768, -32767, -8160, -1, 0, 1, 8159, 32767]]).astype(np.int16).tobytes()
+    pcm = (
+        np.concatenate(
+            [
+                rng.integers(-32768, 32768, 20000),
+                rng.normal(0, 300, 5000).clip(-32768, 32767),
+                [-32768, -32767, -8160, -1, 0, 1, 8159, 32767],
+            ]
+        )
+        .astype(np.int16)
+        .tobytes()
+    )
     assert mulaw_encode(pcm) == audioop.lin2ulaw(pcm, 2)
     codes = bytes(range(256))
     assert mulaw_decode(codes) == audioop.ulaw2lin(codes, 2)
@@ -167,8 +186,13 @@ def test_mulaw_codec_matches_audioop():
 def test_signature_is_twilio_hmac_sha1():
     # Twilio's documented example (webhook security): URL + sorted POST params, auth token 12345
     url = "https://mycompany.com/myapp.php?foo=1&bar=2"
-    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+12349013030", "Digits": "1234", "From": "+12349013030",
-              "To": "+18005551212"}
+    params = {
+        "CallSid": "CA1234567890ABCDE",
+        "Caller": "+12349013030",
+        "Digits": "1234",
+        "From": "+12349013030",
+        "To": "+18005551212",
+    }
     assert twilio_signature("12345", url, params) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
 
 
@@ -217,7 +241,7 @@ class StubBot:
     async def send_audio(self, pcm16k: np.ndarray, chunk_ms: int = 20) -> None:
         n = 16000 * chunk_ms // 1000
         for i in range(0, len(pcm16k), n):
-            frame = OutputAudioRawFrame(pcm16k[i:i + n].tobytes(), sample_rate=16000, num_channels=1)
+            frame = OutputAudioRawFrame(pcm16k[i : i + n].tobytes(), sample_rate=16000, num_channels=1)
             text = await self.serializer.serialize(frame)
             if text:
                 self.sent_payloads.append(json.loads(text)["media"]["payload"])
@@ -242,7 +266,8 @@ class StubBot:
             self.times.append(time.monotonic())
             if message["event"] == "start":
                 self.serializer = TwilioFrameSerializer(
-                    message["start"]["streamSid"], params=TwilioFrameSerializer.InputParams(auto_hang_up=False))
+                    message["start"]["streamSid"], params=TwilioFrameSerializer.InputParams(auto_hang_up=False)
+                )
                 await self.serializer.setup(pipecat_setup())
                 self.started.set()
                 if self.script:
@@ -278,28 +303,41 @@ async def test_caller_streams_twilio_messages_in_real_time(tmp_path):
     assert bot.headers["User-Agent"] == "Twilio.TmeWs/1.0"
     msgs = bot.messages
     assert msgs[0] == {"event": "connected", "protocol": "Call", "version": "1.0.0"}
-    assert msgs[1] == {"event": "start", "sequenceNumber": "1", "start": {
-        "accountSid": caller.account_sid, "streamSid": caller.stream_sid, "callSid": caller.call_sid,
-        "tracks": ["inbound"], "customParameters": {"userId": "u-1"},
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
-        "streamSid": caller.stream_sid}
+    assert msgs[1] == {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "accountSid": caller.account_sid,
+            "streamSid": caller.stream_sid,
+            "callSid": caller.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": {"userId": "u-1"},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+        "streamSid": caller.stream_sid,
+    }
     assert [int(m["sequenceNumber"]) for m in msgs[1:]] == list(range(1, len(msgs)))
     assert all(m["streamSid"] == caller.stream_sid for m in msgs[1:])
-    assert msgs[-1] == {"event": "stop", "sequenceNumber": str(len(msgs) - 1),
-                        "stop": {"accountSid": caller.account_sid, "callSid": caller.call_sid},
-                        "streamSid": caller.stream_sid}
+    assert msgs[-1] == {
+        "event": "stop",
+        "sequenceNumber": str(len(msgs) - 1),
+        "stop": {"accountSid": caller.account_sid, "callSid": caller.call_sid},
+        "streamSid": caller.stream_sid,
+    }
 
     media = bot.of("media")
     assert len(media) >= 25
     assert [int(m["media"]["chunk"]) for m in media] == list(range(1, len(media) + 1))
     stamps = [int(m["media"]["timestamp"]) for m in media]
     assert stamps[0] == 0 and set(np.diff(stamps)) == {20}
-    assert all(m["media"]["track"] == "inbound" and set(m["media"]) == {"track", "chunk", "timestamp", "payload"}
-               for m in media)
+    assert all(
+        m["media"]["track"] == "inbound" and set(m["media"]) == {"track", "chunk", "timestamp", "payload"}
+        for m in media
+    )
     payloads = [base64.b64decode(m["media"]["payload"]) for m in media]
     assert {len(p) for p in payloads} == {FRAME_BYTES}
     # real time: arrivals span the stream's own duration, to within a frame or two
-    arrivals = [t for t, m in zip(bot.times, msgs) if m.get("event") == "media"]
+    arrivals = [t for t, m in zip(bot.times, msgs, strict=False) if m.get("event") == "media"]
     assert abs((arrivals[-1] - arrivals[0]) - (len(media) - 1) * 0.02) < 0.05
 
     # the tone is there, between silence, with the speech end where the turn says
@@ -364,8 +402,14 @@ async def test_caller_plays_reply_echoes_mark_after_playback_and_measures_voice_
     assert mark.name == "reply-1" and not mark.cleared and turn.marks == ["reply-1"]
     assert mark.echoed_at - turn.first_audio == pytest.approx(len(sent) / 8000, abs=0.06)
     assert mark.echoed_at - mark.received_at > 0.3
-    assert echoed == [{"event": "mark", "sequenceNumber": echoed[0]["sequenceNumber"],
-                       "streamSid": caller.stream_sid, "mark": {"name": "reply-1"}}]
+    assert echoed == [
+        {
+            "event": "mark",
+            "sequenceNumber": echoed[0]["sequenceNumber"],
+            "streamSid": caller.stream_sid,
+            "mark": {"name": "reply-1"},
+        }
+    ]
 
 
 async def test_clear_drops_queued_audio_and_flushes_marks_at_once():
@@ -401,8 +445,9 @@ async def test_protocol_errors_and_the_bot_hanging_up():
         await bot.send({"event": "media", "streamSid": sid, "media": {"payload": "not base64!"}})
         await bot.send({"event": "playAudio", "streamSid": sid})
         await bot.send(b"\x00\x01")
-        await bot.send({"event": "media", "streamSid": sid,
-                        "media": {"payload": base64.b64encode(b"RIFF" + bytes(156)).decode()}})
+        await bot.send(
+            {"event": "media", "streamSid": sid, "media": {"payload": base64.b64encode(b"RIFF" + bytes(156)).decode()}}
+        )
         await bot.send({"event": "mark", "streamSid": sid, "mark": {}})
         await bot.send("{not json")
         await bot.send({"event": "media", "streamSid": sid, "media": {"payload": good}})

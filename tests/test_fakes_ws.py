@@ -33,9 +33,9 @@ from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 from pipecat.tests.utils import SleepFrame, run_test
 
-from tests.fakes.base import piper_pcm
-from tests.fakes.deepgram import FakeDeepgram, g711_decode
-from tests.fakes.elevenlabs import FakeElevenLabs, cached_piper_pcm
+from fakes.base import piper_pcm
+from fakes.deepgram import FakeDeepgram, g711_decode
+from fakes.elevenlabs import FakeElevenLabs, cached_piper_pcm
 from tests.helpers import wer, words
 
 PUPPY = "Hi Atlas, can you suggest a good name for my new puppy?"
@@ -43,9 +43,20 @@ VOICE = "21m00Tcm4TlvDq8EAJjs"
 DG_KEY = "test-deepgram-key"
 EL_KEY = "test-elevenlabs-key"
 # What Pipecat's DeepgramSTTService sends (its defaults) plus Atlas' endpointing and utterance end.
-DG_QUERY = dict(model="nova-3-general", language="en", encoding="linear16", sample_rate="16000", channels="1",
-                multichannel="false", interim_results="true", punctuate="true", smart_format="false",
-                endpointing="300", utterance_end_ms="1000", vad_events="true")
+DG_QUERY = dict(
+    model="nova-3-general",
+    language="en",
+    encoding="linear16",
+    sample_rate="16000",
+    channels="1",
+    multichannel="false",
+    interim_results="true",
+    punctuate="true",
+    smart_format="false",
+    endpointing="300",
+    utterance_end_ms="1000",
+    vad_events="true",
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def puppy() -> bytes:
 def trim_tail(pcm: bytes) -> bytes:
     """Cut Piper's trailing quiet (its length varies run to run) to end 40 ms after the last loud frame."""
     frames = np.frombuffer(pcm[: len(pcm) // 640 * 640], "<i2").astype(np.float64).reshape(-1, 320)
-    loud = np.flatnonzero(np.sqrt(np.mean(frames ** 2, axis=1)) / 32768 > 10 ** (-45 / 20))
+    loud = np.flatnonzero(np.sqrt(np.mean(frames**2, axis=1)) / 32768 > 10 ** (-45 / 20))
     return pcm[: (loud[-1] + 3) * 640]
 
 
@@ -65,14 +76,15 @@ def silence(seconds: float, rate: int = 16000) -> bytes:
 
 
 def dg_client(fake: FakeDeepgram, key: str = DG_KEY) -> AsyncDeepgramClient:
-    env = DeepgramClientEnvironment(base=fake.http_url, production=fake.ws_url, agent=fake.ws_url,
-                                    agent_rest=fake.http_url)
+    env = DeepgramClientEnvironment(
+        base=fake.http_url, production=fake.ws_url, agent=fake.ws_url, agent_rest=fake.http_url
+    )
     return AsyncDeepgramClient(api_key=key, environment=env)
 
 
 async def send_chunks(connection, audio: bytes, chunk: int = 640) -> None:
     for i in range(0, len(audio), chunk):  # 20 ms of 16 kHz PCM16 per message
-        await connection.send_media(audio[i:i + chunk])
+        await connection.send_media(audio[i : i + chunk])
 
 
 async def handshake_status(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -85,23 +97,30 @@ async def handshake_status(url: str, headers: dict | None = None) -> tuple[int, 
 
 # --- Deepgram -------------------------------------------------------------------------------------
 
+
 async def test_deepgram_whisper_mode_through_pipecat(puppy):
     """Pipecat's DeepgramSTTService (deepgram-sdk underneath) gets interims and the Whisper final."""
     with FakeDeepgram(interim_every=0.8) as dg:
-        stt = DeepgramSTTService(api_key=DG_KEY, base_url=dg.ws_url, sample_rate=16000,
-                                 settings=DeepgramSTTService.Settings(endpointing=300, utterance_end_ms=1000))
+        stt = DeepgramSTTService(
+            api_key=DG_KEY,
+            base_url=dg.ws_url,
+            sample_rate=16000,
+            settings=DeepgramSTTService.Settings(endpointing=300, utterance_end_ms=1000),
+        )
         audio = silence(0.3) + puppy + silence(1.0)
         half = len(silence(0.3)) + len(puppy) // 2 // 640 * 640
-        frames = [InputAudioRawFrame(audio[i:i + 640], 16000, 1) for i in range(0, len(audio), 640)]
+        frames = [InputAudioRawFrame(audio[i : i + 640], 16000, 1) for i in range(0, len(audio), 640)]
         cut = half // 640
         down, _ = await run_test(
-            stt, frames_to_send=[*frames[:cut], SleepFrame(1.0), *frames[cut:], SleepFrame(2.5)],
-            pipeline_params=PipelineParams(audio_in_sample_rate=16000), start_timeout=10,
+            stt,
+            frames_to_send=[*frames[:cut], SleepFrame(1.0), *frames[cut:], SleepFrame(2.5)],
+            pipeline_params=PipelineParams(audio_in_sample_rate=16000),
+            start_timeout=10,
         )
         finals = [f.text for f in down if isinstance(f, TranscriptionFrame)]
         interims = [f.text for f in down if isinstance(f, InterimTranscriptionFrame)]
         assert len(finals) == 1 and wer(PUPPY, finals[0]) <= 0.1, finals
-        assert interims and all(wer(" ".join(words(PUPPY)[:len(words(i))]), i) <= 0.34 for i in interims), interims
+        assert interims and all(wer(" ".join(words(PUPPY)[: len(words(i))]), i) <= 0.34 for i in interims), interims
         conn = dg.connections[0]
         assert conn.query["model"] == "nova-3-general" and conn.query["endpointing"] == "300"
         assert conn.headers["authorization"] == f"Token {DG_KEY}"
@@ -116,6 +135,7 @@ async def test_deepgram_sdk_parses_typed_messages_scripted(puppy):
     with FakeDeepgram(transcripts=script, interim_every=0.5, final_delay=0.2) as dg:
         got: list = []
         async with dg_client(dg).listen.v1.connect(**DG_QUERY) as connection:
+
             async def on_message(message):
                 got.append(message)
 
@@ -134,8 +154,7 @@ async def test_deepgram_sdk_parses_typed_messages_scripted(puppy):
     results = [m for m in got if isinstance(m, ListenV1Results)]
     interims = [m for m in results if not m.is_final]
     finals = [m for m in results if m.is_final]
-    assert interims and all(any(t.startswith(m.channel.alternatives[0].transcript) for t in script)
-                            for m in interims)
+    assert interims and all(any(t.startswith(m.channel.alternatives[0].transcript) for t in script) for m in interims)
     spoken = [m for m in finals if m.channel.alternatives[0].transcript]
     assert [m.channel.alternatives[0].transcript for m in spoken] == script
     assert spoken[0].speech_final and not spoken[0].from_finalize
@@ -146,7 +165,7 @@ async def test_deepgram_sdk_parses_typed_messages_scripted(puppy):
     assert spoken[0].metadata.model_info.arch == "nova-3" and spoken[0].channel_index == [0, 1]
     # Finals tile the connection's audio timeline (what a client's replay buffer relies on).
     assert finals[0].start == 0.0
-    assert all(abs(a.start + a.duration - b.start) < 1e-6 for a, b in zip(finals, finals[1:]))
+    assert all(abs(a.start + a.duration - b.start) < 1e-6 for a, b in zip(finals, finals[1:], strict=False))
     ends = [m for m in got if isinstance(m, ListenV1UtteranceEnd)]
     assert len(ends) == 2 and abs(ends[0].last_word_end - alt.words[-1].end) < 0.05
     assert got.index(spoken[0]) < got.index(ends[0]) < got.index(spoken[1]) < got.index(ends[1])
@@ -167,8 +186,14 @@ async def test_deepgram_refuses_bad_wiring():
         status, headers, body = await handshake_status(url, {"Authorization": f"Bearer {DG_KEY}"})
         assert status == 401 and json.loads(body)["err_code"] == "INVALID_AUTH" and headers["dg-request-id"]
         bad = {
-            "model=nova-9": 400, "encoding=mp3": 400, "sample_rate=abc": 400, "endpointing=soon": 400,
-            "interim_results=yes": 400, "utterance_end_ms=-5": 400, "endpoint=300": 400, "keywords=dog:2": 400,
+            "model=nova-9": 400,
+            "encoding=mp3": 400,
+            "sample_rate=abc": 400,
+            "endpointing=soon": 400,
+            "interim_results=yes": 400,
+            "utterance_end_ms=-5": 400,
+            "endpoint=300": 400,
+            "keywords=dog:2": 400,
         }
         for change, expected in bad.items():
             query = dict(DG_QUERY)
@@ -231,10 +256,12 @@ async def test_deepgram_closes_idle_stream_net0001():
 
 # --- ElevenLabs -----------------------------------------------------------------------------------
 
+
 def el_url(fake: FakeElevenLabs, endpoint: str = "multi-stream-input", voice: str = VOICE, **query) -> str:
     params = {"model_id": "eleven_flash_v2_5", "output_format": "pcm_16000", "auto_mode": "true", **query}
-    return (f"{fake.ws_url}/v1/text-to-speech/{voice}/{endpoint}?"
-            + "&".join(f"{k}={v}" for k, v in params.items() if v is not None))
+    return f"{fake.ws_url}/v1/text-to-speech/{voice}/{endpoint}?" + "&".join(
+        f"{k}={v}" for k, v in params.items() if v is not None
+    )
 
 
 async def collect(ws, until_final_of: set[str]) -> dict[str, dict]:
@@ -258,10 +285,15 @@ async def test_elevenlabs_through_pipecat():
     """Pipecat's ElevenLabsTTSService gets real speech, alignment-driven word timing and isFinal."""
     text = "Sure, how about Biscuit? It is short and friendly."
     with FakeElevenLabs() as el:
-        tts = ElevenLabsTTSService(api_key=EL_KEY, url=el.ws_url, sample_rate=16000,
-                                   settings=ElevenLabsTTSService.Settings(voice=VOICE))
-        down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(text), SleepFrame(3.0)],
-                                  pipeline_params=PipelineParams(audio_out_sample_rate=16000), start_timeout=10)
+        tts = ElevenLabsTTSService(
+            api_key=EL_KEY, url=el.ws_url, sample_rate=16000, settings=ElevenLabsTTSService.Settings(voice=VOICE)
+        )
+        down, up = await run_test(
+            tts,
+            frames_to_send=[TTSSpeakFrame(text), SleepFrame(3.0)],
+            pipeline_params=PipelineParams(audio_out_sample_rate=16000),
+            start_timeout=10,
+        )
         audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
         assert audio == cached_piper_pcm(text, 16000)  # Piper varies run to run: the fake's cache is the truth
         assert any(isinstance(f, TTSStoppedFrame) for f in down)
@@ -279,8 +311,9 @@ async def test_elevenlabs_multi_context_protocol():
     text_a = "Hello there, this is the first context speaking. "
     text_b = "And this one is interrupted before it ever finishes talking. "
     with FakeElevenLabs(chunk_ms=200) as el:
-        async with websockets.connect(el_url(el), additional_headers={"xi-api-key": EL_KEY},
-                                      max_size=16 * 1024 * 1024) as ws:
+        async with websockets.connect(
+            el_url(el), additional_headers={"xi-api-key": EL_KEY}, max_size=16 * 1024 * 1024
+        ) as ws:
             await ws.send(json.dumps({"text": " ", "context_id": "a", "voice_settings": {"stability": 0.5}}))
             await ws.send(json.dumps({"text": text_a, "context_id": "a"}))
             await ws.send(json.dumps({"text": ""}))  # keepalive
@@ -329,8 +362,9 @@ async def test_elevenlabs_refuses_bad_wiring():
         assert (await handshake_status(el_url(el, voice="no-such-voice"), good))[0] == 404
         assert (await handshake_status(el_url(el, output_format="mp3_44100_128"), good))[0] == 400
         assert (await handshake_status(el_url(el, output_format="pcm_12345"), good))[0] == 400
-        assert (await handshake_status(el_url(el, model_id="eleven_multilingual_v2", language_code="en"),
-                                       good))[0] == 400
+        assert (await handshake_status(el_url(el, model_id="eleven_multilingual_v2", language_code="en"), good))[
+            0
+        ] == 400
         assert (await handshake_status(el_url(el, auto_mode="maybe"), good))[0] == 400
         assert (await handshake_status(f"{el.ws_url}/v1/text-to-speech/{VOICE}/stream", good))[0] == 404
         el.reject_next(429)

@@ -13,10 +13,36 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_calls_under_faults_complete_and_every_row_lands_once(tmp_path):
-    rc = faults_main(["--sessions", "4", "--minutes", "0.75", "--turns", "2", "--stt-drop", "0.5",
-                      "--llm-overload", "0.25", "--llm-stall", "0.1", "--tts-fail", "0.3", "--vanish", "0.15",
-                      "--outage", "12", "--outage-at", "4", "--seed", "5", "--name", "faults-test",
-                      "--out", str(tmp_path)])
+    rc = faults_main(
+        [
+            "--sessions",
+            "4",
+            "--minutes",
+            "0.75",
+            "--turns",
+            "2",
+            "--stt-drop",
+            "0.5",
+            "--llm-overload",
+            "0.25",
+            "--llm-stall",
+            "0.1",
+            "--tts-fail",
+            "0.3",
+            "--vanish",
+            "0.15",
+            "--outage",
+            "12",
+            "--outage-at",
+            "4",
+            "--seed",
+            "5",
+            "--name",
+            "faults-test",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     res = json.loads((tmp_path / "faults-test.json").read_text())
     rows, calls, inj, seen = res["rows"], res["calls"], res["injected"], res["seen"]
     assert calls["total"] >= 4 and calls["kept"] >= 3

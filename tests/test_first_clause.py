@@ -26,7 +26,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from config.settings import Settings
 from processors.first_clause import FirstClauseAggregator, FirstClauseTextProcessor
 from processors.sentence_marker import SentenceMarker
-from transports.protocol import AtlasProtocolSerializer
+from transports.websocket.serializer import AtlasProtocolSerializer
 
 HARBOUR = "The best time to visit the harbour, if you ask me, is early. Boats come in at six."
 HARBOUR_CHUNKS = ["The best time to visit the harbour,", "if you ask me, is early.", "Boats come in at six."]
@@ -56,24 +56,38 @@ def test_deltas_look_like_llm_tokens():
     [
         (HARBOUR, HARBOUR_CHUNKS),
         # a short first sentence is spoken as before; no clause later in the reply
-        ("Sure. The best time to visit the harbour, if you ask me, is early.",
-         ["Sure.", "The best time to visit the harbour, if you ask me, is early."]),
+        (
+            "Sure. The best time to visit the harbour, if you ask me, is early.",
+            ["Sure.", "The best time to visit the harbour, if you ask me, is early."],
+        ),
         # no clause mark: sentences only
-        ("The harbour is at its best early in the morning. Boats come in at six.",
-         ["The harbour is at its best early in the morning.", "Boats come in at six."]),
+        (
+            "The harbour is at its best early in the morning. Boats come in at six.",
+            ["The harbour is at its best early in the morning.", "Boats come in at six."],
+        ),
         # a comma inside a number is no pause
-        ("About 1,000 boats come in every day, mostly before noon.",
-         ["About 1,000 boats come in every day,", "mostly before noon."]),
-        ("We counted 12,500 boats in total last year. That is a lot.",
-         ["We counted 12,500 boats in total last year.", "That is a lot."]),
+        (
+            "About 1,000 boats come in every day, mostly before noon.",
+            ["About 1,000 boats come in every day,", "mostly before noon."],
+        ),
+        (
+            "We counted 12,500 boats in total last year. That is a lot.",
+            ["We counted 12,500 boats in total last year.", "That is a lot."],
+        ),
         # too few words at the first comma: wait for the next mark
-        ("Well, the harbour is busiest at dawn; boats come in at six, then leave.",
-         ["Well, the harbour is busiest at dawn;", "boats come in at six, then leave."]),
+        (
+            "Well, the harbour is busiest at dawn; boats come in at six, then leave.",
+            ["Well, the harbour is busiest at dawn;", "boats come in at six, then leave."],
+        ),
         # a colon (not in a time) and an em dash also end a clause
-        ("Boats arrive at 10:30 every day: the fish market opens then.",
-         ["Boats arrive at 10:30 every day:", "the fish market opens then."]),
-        ("The harbour at dawn is something else—quiet, calm and empty. Go then.",
-         ["The harbour at dawn is something else—", "quiet, calm and empty.", "Go then."]),
+        (
+            "Boats arrive at 10:30 every day: the fish market opens then.",
+            ["Boats arrive at 10:30 every day:", "the fish market opens then."],
+        ),
+        (
+            "The harbour at dawn is something else—quiet, calm and empty. Go then.",
+            ["The harbour at dawn is something else—", "quiet, calm and empty.", "Go then."],
+        ),
         # a reply with no sentence end at all
         ("Early morning, before the boats come in", ["Early morning, before the boats come in"]),
     ],
@@ -85,7 +99,9 @@ async def test_first_chunk_is_a_clause(text, expected):
 async def test_min_words_is_the_reply_so_far():
     text = "Yes, the harbour, if you ask me, is best early."
     assert await chunks(FirstClauseAggregator(min_words=2), text) == [
-        "Yes, the harbour,", "if you ask me, is best early."]
+        "Yes, the harbour,",
+        "if you ask me, is best early.",
+    ]
     assert await chunks(FirstClauseAggregator(min_words=10), text) == [text]
 
 
@@ -116,8 +132,11 @@ async def test_processor_resets_at_each_reply_start_and_on_interruption():
     frames = [
         *llm_reply(HARBOUR),
         # a reply cut off by the user: no end frame, an interruption instead
-        LLMFullResponseStartFrame(), *[LLMTextFrame(t) for t in deltas(interrupted)],
-        SleepFrame(0.2), InterruptionFrame(), SleepFrame(0.2),
+        LLMFullResponseStartFrame(),
+        *[LLMTextFrame(t) for t in deltas(interrupted)],
+        SleepFrame(0.2),
+        InterruptionFrame(),
+        SleepFrame(0.2),
         *llm_reply(HARBOUR),
     ]
     down, _ = await run_test(processor, frames_to_send=frames)
@@ -160,15 +179,17 @@ class _Transport:
 
 @pytest.mark.parametrize("words", [4, 0])
 def test_pipeline_has_the_first_clause_step_unless_turned_off(engines, tmp_path, words):
-    from bots.pipeline import Runtime, build_pipeline
+    from bots.pipeline import build_pipeline
+    from bots.runtime import Runtime
 
     settings = Settings(cache_dir=tmp_path, first_clause_words=words, llm_url="http://127.0.0.1:9/v1")
     runtime = Runtime(settings=settings, engines=engines, llm_base_url=settings.llm_url)
     built = build_pipeline(runtime, _Transport())
     steps = [type(p).__name__ for p in built.pipeline.processors]
-    after_llm = steps[steps.index(type(built.llm).__name__) + 1:][:2]
-    assert after_llm == (["FirstClauseTextProcessor", "SharedPiperTTSService"] if words else
-                         ["SharedPiperTTSService", "SentenceMarker"])
+    after_llm = steps[steps.index(type(built.llm).__name__) + 1 :][:2]
+    assert after_llm == (
+        ["FirstClauseTextProcessor", "SharedPiperTTSService"] if words else ["SharedPiperTTSService", "SentenceMarker"]
+    )
 
 
 async def test_piper_speaks_the_first_clause_on_its_own(engines):

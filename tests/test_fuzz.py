@@ -12,13 +12,13 @@ from bench.fuzz import (
     fuzz_in_process,
     fuzz_wire,
 )
-from bots.websocket_bot import (
+from transports.websocket.door import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     CLOSE_TRY_AGAIN,
 )
-from transports.protocol import ErrorCode
+from vocabulary.errors import ErrorCode
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,8 +33,16 @@ def test_fuzzed_frames_in_process_never_crash_and_every_rejection_is_documented(
     assert stats.messages >= 10000
     assert stats.sessions_started > 100  # the generator reaches the in-session state often
     # The generator reaches every rejection a client frame can earn.
-    for code in ("NOT_STARTED", "ALREADY_STARTED", "INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_TYPE",
-                 "INVALID_FIELD", "FRAME_TOO_LARGE", "ODD_LENGTH_PCM"):
+    for code in (
+        "NOT_STARTED",
+        "ALREADY_STARTED",
+        "INVALID_JSON",
+        "INVALID_MESSAGE",
+        "UNKNOWN_TYPE",
+        "INVALID_FIELD",
+        "FRAME_TOO_LARGE",
+        "ODD_LENGTH_PCM",
+    ):
         assert stats.codes.get(code, 0) > 0, (code, stats.codes)
 
 
@@ -59,14 +67,22 @@ def test_fuzzed_phone_starts_and_messages_in_process_never_crash_and_every_row_c
 
 @pytest.fixture(scope="module")
 def phone_door(vendors, artifacts):
-    from tests.fakes.twilio import FakeTwilioREST, new_sid
+    from fakes.twilio import FakeTwilioREST, new_sid
     from tests.helpers import running_server
 
     token, account = "fuzz-twilio-auth-token", new_sid("AC")
     log = artifacts / "server_fuzz_phone.log"
-    env = {"TWILIO_AUTH_TOKEN": token, "TWILIO_ACCOUNT_SID": account, "ATLAS_STT": "whisper", "ATLAS_TTS": "piper",
-           "ATLAS_LLM": "anthropic", "ATLAS_LLM_FALLBACK": "apology", "ANTHROPIC_API_KEY": "test-anthropic-key",
-           "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url, "ATLAS_SESSION_START_TIMEOUT_SECS": "5"}
+    env = {
+        "TWILIO_AUTH_TOKEN": token,
+        "TWILIO_ACCOUNT_SID": account,
+        "ATLAS_STT": "whisper",
+        "ATLAS_TTS": "piper",
+        "ATLAS_LLM": "anthropic",
+        "ATLAS_LLM_FALLBACK": "apology",
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
+        "ATLAS_SESSION_START_TIMEOUT_SECS": "5",
+    }
     with FakeTwilioREST(auth_token=token, account_sid=account) as rest:
         env["TWILIO_API_BASE_URL"] = rest.http_url
         with running_server(env, log) as base:
@@ -77,8 +93,9 @@ def test_fuzzed_phone_calls_over_the_wire_end_cleanly_and_every_session_is_recor
     from bench.fuzz_phone import fuzz_phone_wire
 
     base, token, account, log = phone_door
-    stats, stored, dead = fuzz_phone_wire(base, token, account, log.with_suffix(".sqlite3"),
-                                          log.with_suffix(".outbox.sqlite3"), 40, seed_value=11)
+    stats, stored, dead = fuzz_phone_wire(
+        base, token, account, log.with_suffix(".sqlite3"), log.with_suffix(".outbox.sqlite3"), 40, seed_value=11
+    )
     assert stats.sequences == 40
     assert stats.sessions_started >= 5 and stored + dead >= stats.sessions_started, (stats, stored, dead)
     assert set(stats.close_codes) <= {1000, 1008, 1013}, stats.close_codes

@@ -19,7 +19,7 @@ import websockets
 from bots.limits import KeyedLimit, MessageRate
 from tests.helpers import server_process
 from tests.test_bad_input import expect_error, recv_json, recv_type
-from transports.protocol import ErrorCode, ProtocolError
+from vocabulary.errors import ErrorCode, ProtocolError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,6 +35,7 @@ class Clock:
 
 
 # --- the limits themselves ---------------------------------------------------------------------
+
 
 def test_keyed_limit_counts_live_sessions_and_starts_per_minute_and_forgets_idle_keys():
     clock = Clock()
@@ -91,14 +92,20 @@ def test_message_rate_allows_bursts_then_the_average_and_tells_once_a_second():
 
 # --- on the wire -------------------------------------------------------------------------------
 
+
 def limited_env(vendors) -> dict[str, str]:
     return {
-        "DEEPGRAM_API_KEY": "test-deepgram-key", "DEEPGRAM_BASE_URL": vendors["deepgram"].ws_url,
-        "ANTHROPIC_API_KEY": "test-anthropic-key", "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
-        "ATLAS_LLM_FALLBACK": "apology", "ATLAS_TTS": "piper",
+        "DEEPGRAM_API_KEY": "test-deepgram-key",
+        "DEEPGRAM_BASE_URL": vendors["deepgram"].ws_url,
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
+        "ATLAS_LLM_FALLBACK": "apology",
+        "ATLAS_TTS": "piper",
         "ATLAS_ALLOWED_ORIGINS": f"{ORIGIN}, https://other.example",
-        "ATLAS_MAX_SESSIONS_PER_IP": "4", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "1000",
-        "ATLAS_MAX_SESSIONS_PER_USER": "2", "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "3",
+        "ATLAS_MAX_SESSIONS_PER_IP": "4",
+        "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "1000",
+        "ATLAS_MAX_SESSIONS_PER_USER": "2",
+        "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "3",
         "ATLAS_MAX_MESSAGES_PER_SEC": "100",
     }
 
@@ -221,8 +228,10 @@ async def test_a_sustained_message_flood_ends_the_session_and_is_recorded(limite
     while row is None and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         with sqlite3.connect(artifacts / "server_limits.sqlite3") as conn:
-            row = conn.execute("select end_reason, errors_count from voice_sessions where id = ? "
-                               "and ended_at is not null", (started["sessionId"],)).fetchone()
+            row = conn.execute(
+                "select end_reason, errors_count from voice_sessions where id = ? and ended_at is not null",
+                (started["sessionId"],),
+            ).fetchone()
     assert row is not None and row[0] == "message_flood" and row[1] >= 1
     text = (artifacts / "server_limits.log").read_text()
     assert f"session {started['sessionId']}: message flood; ending it" in text

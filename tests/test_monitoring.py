@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings
 from monitoring.metrics import MIN_WINDOW_TURNS, Monitor
+from vocabulary.records import SessionSummary, TurnRecord, Usage
 
 RULES = Path(__file__).resolve().parent.parent / "monitoring" / "alert_rules.yml"
 
@@ -54,19 +55,43 @@ def value(samples: dict, name: str, **labels) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-def turn(v2v_ms=800.0, *, stt=150.0, llm=300.0, tts=120.0, interrupted=False, error=None) -> dict:
-    return {
-        "index": 0, "sttMs": stt, "llmFirstTokenMs": llm, "ttsFirstAudioMs": tts, "voiceToVoiceMs": v2v_ms,
-        "interrupted": interrupted, "errorCode": error, "llmInputTokens": 50, "llmOutputTokens": 20,
-        "ttsCharacters": 60,
-    }
+def turn(v2v_ms=800.0, *, stt=150.0, llm=300.0, tts=120.0, interrupted=False, error=None) -> TurnRecord:
+    return TurnRecord(
+        index=0,
+        vad_stop_ms=500.0,
+        stt_ms=stt,
+        turn_end_ms=500.0,
+        llm_first_token_ms=llm,
+        first_sentence_ms=50.0,
+        tts_first_audio_ms=tts,
+        voice_to_voice_ms=v2v_ms,
+        interrupted=interrupted,
+        user_text_chars=20,
+        bot_text_chars=40,
+        usage=Usage(llm_input_tokens=50, llm_output_tokens=20, tts_characters=60),
+        error_code=error,
+        user_stopped_at=None,
+        first_audio_at=None,
+        ended_at=None,
+    )
 
 
-def summary(**kw) -> dict:
-    base = {"turns": 1, "errors": 0, "interruptions": 0, "p95Latency": 900.0, "totalLatency": 800.0,
-            "sttDuration": 2.5, "llmInputTokens": 120, "llmOutputTokens": 40, "ttsCharacters": 200,
-            "errorsByCode": {}}
-    return {**base, **kw}
+def summary(stt_seconds=2.5, llm_input_tokens=120, llm_output_tokens=40, tts_characters=200) -> SessionSummary:
+    return SessionSummary(
+        stt_seconds=stt_seconds,
+        stt_latency_ms=150.0,
+        llm_latency_ms=300.0,
+        tts_latency_ms=120.0,
+        total_latency_ms=800.0,
+        p50_latency_ms=800.0,
+        p95_latency_ms=900.0,
+        interruptions=0,
+        errors=0,
+        usage=Usage(
+            llm_input_tokens=llm_input_tokens, llm_output_tokens=llm_output_tokens, tts_characters=tts_characters
+        ),
+        turn_records=(turn(),),
+    )
 
 
 @pytest.fixture
@@ -82,6 +107,7 @@ def alert_lines(lines: list[str], name: str) -> list[str]:
 
 
 # --- metrics -----------------------------------------------------------------------------------------
+
 
 def test_active_sessions_and_session_counters():
     m = Monitor(Settings())
@@ -120,8 +146,10 @@ def test_stage_histograms_in_seconds_and_turn_counters():
     s = scrape(m)
 
     def hist(stage, transport="websocket"):
-        return (value(s, "atlas_stage_latency_seconds_count", stage=stage, transport=transport),
-                value(s, "atlas_stage_latency_seconds_sum", stage=stage, transport=transport))
+        return (
+            value(s, "atlas_stage_latency_seconds_count", stage=stage, transport=transport),
+            value(s, "atlas_stage_latency_seconds_sum", stage=stage, transport=transport),
+        )
 
     assert hist("voice_to_voice") == (2, pytest.approx(2.0))
     assert hist("stt") == (2, pytest.approx(0.3))
@@ -151,8 +179,12 @@ def test_cost_and_usage_from_ended_sessions():
     m = Monitor(Settings())
     for cost in (0.02, 0.10, 0.03):
         m.session_started("websocket")
-        m.session_ended("websocket", "client_end", summary(sttDuration=2.5, llmInputTokens=100,
-                                                           llmOutputTokens=30, ttsCharacters=200), cost)
+        m.session_ended(
+            "websocket",
+            "client_end",
+            summary(stt_seconds=2.5, llm_input_tokens=100, llm_output_tokens=30, tts_characters=200),
+            cost,
+        )
     s = scrape(m)
     assert value(s, "atlas_cost_usd_total") == pytest.approx(0.15)
     assert value(s, "atlas_session_cost_usd_count") == 3
@@ -193,8 +225,14 @@ def test_two_monitors_in_one_process_do_not_collide():
 
 
 def test_thresholds_are_exported():
-    m = Monitor(Settings(ATLAS_ALERT_P95_MS=1500, ATLAS_ALERT_ERROR_RATE=0.1,
-                         ATLAS_ALERT_COST_PER_SESSION_USD=0.3, ATLAS_ALERT_ACTIVE_SESSIONS=7))
+    m = Monitor(
+        Settings(
+            ATLAS_ALERT_P95_MS=1500,
+            ATLAS_ALERT_ERROR_RATE=0.1,
+            ATLAS_ALERT_COST_PER_SESSION_USD=0.3,
+            ATLAS_ALERT_ACTIVE_SESSIONS=7,
+        )
+    )
     s = scrape(m)
     assert value(s, "atlas_alert_threshold", alert="p95_latency") == 1.5
     assert value(s, "atlas_alert_threshold", alert="error_rate") == 0.1
@@ -205,6 +243,7 @@ def test_thresholds_are_exported():
 
 
 # --- alerts ------------------------------------------------------------------------------------------
+
 
 def test_p95_alert_fires_once_then_resolves_when_the_window_expires(logs):
     clock = Clock()
@@ -229,7 +268,9 @@ def test_p95_alert_fires_once_then_resolves_when_the_window_expires(logs):
     assert value(s, "atlas_alert_active", alert="p95_latency") == 0
     assert m.active_alerts() == {}
     assert [line.split(":")[0] for line in alert_lines(logs, "p95_latency")] == [
-        "WARNING ALERT p95_latency firing", "INFO ALERT p95_latency resolved"]
+        "WARNING ALERT p95_latency firing",
+        "INFO ALERT p95_latency resolved",
+    ]
 
 
 def test_p95_alert_follows_recent_turns_only():
@@ -300,8 +341,10 @@ def test_cost_alert_per_session(logs):
     assert value(s, "atlas_alerts_total", alert="cost_per_session") == 2
     assert value(s, "atlas_alert_active", alert="cost_per_session") == 1
     assert [line.split(":")[0] for line in alert_lines(logs, "cost_per_session")] == [
-        "WARNING ALERT cost_per_session firing", "INFO ALERT cost_per_session resolved",
-        "WARNING ALERT cost_per_session firing"]
+        "WARNING ALERT cost_per_session firing",
+        "INFO ALERT cost_per_session resolved",
+        "WARNING ALERT cost_per_session firing",
+    ]
 
 
 def test_active_sessions_alert_counts_every_transport(logs):
@@ -335,6 +378,7 @@ def test_per_event_work_stays_small():
 
 # --- alert_rules.yml ---------------------------------------------------------------------------------
 
+
 def _rules() -> list[dict]:
     doc = yaml.safe_load(RULES.read_text())
     return [rule for group in doc["groups"] for rule in group["rules"]]
@@ -356,10 +400,18 @@ def test_alert_rules_use_metrics_that_exist():
 def test_alert_rules_match_the_default_settings_and_severities():
     s = Settings()
     rules = {rule["alert"]: rule for rule in _rules()}
-    assert set(rules) == {"AtlasP95LatencyHigh", "AtlasErrorRateHigh", "AtlasSessionCostHigh", "AtlasActiveSessionsHigh"}
+    assert set(rules) == {
+        "AtlasP95LatencyHigh",
+        "AtlasErrorRateHigh",
+        "AtlasSessionCostHigh",
+        "AtlasActiveSessionsHigh",
+    }
     assert {name: rule["labels"]["severity"] for name, rule in rules.items()} == {
-        "AtlasP95LatencyHigh": "page", "AtlasErrorRateHigh": "slack",
-        "AtlasSessionCostHigh": "finance", "AtlasActiveSessionsHigh": "scale"}
+        "AtlasP95LatencyHigh": "page",
+        "AtlasErrorRateHigh": "slack",
+        "AtlasSessionCostHigh": "finance",
+        "AtlasActiveSessionsHigh": "scale",
+    }
     assert f"> {s.alert_p95_ms / 1000:g}\n" in rules["AtlasP95LatencyHigh"]["expr"]
     assert f"> {s.alert_error_rate:g}\n" in rules["AtlasErrorRateHigh"]["expr"]
     assert f'le="{s.alert_cost_per_session_usd:g}"' in rules["AtlasSessionCostHigh"]["expr"]

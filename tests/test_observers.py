@@ -1,7 +1,7 @@
 """Observers see exactly the frames they declare, and the caller's audio stops at the user aggregator.
 
 A real Pipecat worker runs a small pipeline with the worker observer made selective
-(processors/observers.py); what each observer receives is compared with what Pipecat's own proxy
+(compat/pipecat.py); what each observer receives is compared with what Pipecat's own proxy
 would hand it.
 """
 
@@ -27,7 +27,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
 from bots.pipeline import UserAggregator
-from processors.observers import select_frames
+from compat.pipecat import select_frames
 
 
 class Passthrough(FrameProcessor):
@@ -56,11 +56,17 @@ class ProcessRecorder(Recorder):
         self.processed.append(data.frame)
 
 
-async def run_pipeline(observers: list[BaseObserver], frames: list[Frame], selective: bool,
-                       processors: list[FrameProcessor] | None = None) -> None:
-    worker = PipelineWorker(Pipeline(processors or [Passthrough(), Passthrough(), Passthrough()]),
-                            params=PipelineParams(), observers=observers, enable_rtvi=False,
-                            enable_turn_tracking=False, idle_timeout_secs=None)
+async def run_pipeline(
+    observers: list[BaseObserver], frames: list[Frame], selective: bool, processors: list[FrameProcessor] | None = None
+) -> None:
+    worker = PipelineWorker(
+        Pipeline(processors or [Passthrough(), Passthrough(), Passthrough()]),
+        params=PipelineParams(),
+        observers=observers,
+        enable_rtvi=False,
+        enable_turn_tracking=False,
+        idle_timeout_secs=None,
+    )
     if selective:
         select_frames(worker)
     for frame in frames:

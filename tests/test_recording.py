@@ -2,7 +2,7 @@
 migrations as they ship, behind the PostgREST-compatible endpoint), with auth and RLS; and the outbox: a
 database outage mid-session plus a server restart lose nothing and duplicate nothing.
 
-The Atlas servers run as subprocesses on the fake cloud vendors (tests/fakes), exactly as in production.
+The Atlas servers run as subprocesses on the fake cloud vendors (fakes/), exactly as in production.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import httpx
 import psycopg
 import pytest
 
-from bots.talk import VoiceClient
+from app.talk import VoiceClient
 from config.prices import rates_for
-from services.supabase.store import SupabaseSink
+from fakes.anthropic import default_reply
+from fakes.supabase_local.stack import SECRET, Stack
+from fakes.supabase_local.stack import client as supabase_client
 from storage.outbox import OutboxFile, Recorder
 from storage.records import INSERT, SESSIONS, TURNS, UPSERT
 from storage.sinks import SQLiteSink
+from storage.supabase import SupabaseSink
 from tests.conftest import cloud_env
-from tests.fakes.anthropic import default_reply
 from tests.helpers import metric_samples, recorded, running_server
 from tests.recording_checks import check_recorded
-from tests.supabase_local.stack import SECRET, Stack
-from tests.supabase_local.stack import client as supabase_client
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -76,8 +76,9 @@ async def converse(ws_url: str, token: str, speech, names=("puppy", "dinner"), *
 async def select_as(stack: Stack, key: str, token: str | None, table: str, session_id: str) -> list[dict]:
     sb, http = await supabase_client(stack, key, token)
     try:
-        return (await sb.table(table).select("*").eq("session_id" if table == TURNS else "id", session_id)
-                .execute()).data
+        return (
+            await sb.table(table).select("*").eq("session_id" if table == TURNS else "id", session_id).execute()
+        ).data
     finally:
         await http.aclose()
 
@@ -87,8 +88,9 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
     n_claude, n_dg = len(claude.requests), len(dg.connections)
     env = {**cloud_env(vendors, llm_record, "elevenlabs"), **supabase_env(stack, tmp_path / "outbox.sqlite3")}
     with running_server(env, artifacts / "server_supabase.log") as base:
-        client, end = await converse(base.replace("http://", "ws://") + "/ws", stack.api.user_token(stack.user_a),
-                                     speech)
+        client, end = await converse(
+            base.replace("http://", "ws://") + "/ws", stack.api.user_token(stack.user_a), speech
+        )
         sink = SupabaseSink(stack.api.url, stack.api.service_key)
         session, turns = await recorded(sink, end["sessionId"], 2)
         await sink.close()
@@ -98,15 +100,21 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
     # /metrics counted the same session and turns, and the same cost.
     assert scraped[("atlas_turns_total", (("transport", "websocket"),))] == 2
     assert scraped[("atlas_active_sessions", (("transport", "websocket"),))] == 0
-    assert scraped[("atlas_stage_latency_seconds_count", (("stage", "voice_to_voice"), ("transport", "websocket")))] == 2
+    assert (
+        scraped[("atlas_stage_latency_seconds_count", (("stage", "voice_to_voice"), ("transport", "websocket")))] == 2
+    )
     assert abs(scraped[("atlas_cost_usd_total", ())] - float(session["cost_usd"])) < 1e-9
     assert scraped[("atlas_outbox_pending", (("sink", "supabase"),))] == 0
     # The verified user from the token's `sub`, never the client's claim (kept apart, for support).
     assert session["user_id"] == str(stack.user_a)
     assert session["client_user_id"] == "client-claims-to-be-someone-else"
     models = ("deepgram", "nova-3", "anthropic", "claude-haiku-4-5", "elevenlabs", "eleven_flash_v2_5")
-    assert tuple(session[k] for k in ("stt_provider", "stt_model", "llm_provider", "llm_model", "tts_provider",
-                                      "tts_model")) == models
+    assert (
+        tuple(
+            session[k] for k in ("stt_provider", "stt_model", "llm_provider", "llm_model", "tts_provider", "tts_model")
+        )
+        == models
+    )
     rates = rates_for(models[0:2], models[2:4], models[4:6])
     assert {k: float(session[k]) for k in rates.columns()} == rates.columns()
     assert float(session["cost_usd"]) > 0
@@ -135,8 +143,10 @@ async def test_conversation_recorded_in_supabase_with_rls(stack, vendors, llm_re
 def outbox_counts(path) -> dict[str, int]:
     """{"pending": writes not yet in the store, "dead": dead letters}, leaving out what is 0."""
     with sqlite3.connect(path) as db:
-        counts = {"pending": db.execute("select count(*) from outbox").fetchone()[0],
-                  "dead": db.execute("select count(*) from dead_letters").fetchone()[0]}
+        counts = {
+            "pending": db.execute("select count(*) from outbox").fetchone()[0],
+            "dead": db.execute("select count(*) from dead_letters").fetchone()[0],
+        }
     return {k: v for k, v in counts.items() if v}
 
 
@@ -149,8 +159,9 @@ async def test_database_outage_and_restart_lose_nothing(stack, vendors, llm_reco
     # outbox keeps it and sends it again, which must not make a second row.
     stack.api.stall_next(1.5)
     with running_server(env, artifacts / "server_outbox.log") as base:
-        client, end = await converse(base.replace("http://", "ws://") + "/ws", stack.api.user_token(stack.user_b),
-                                     speech, between=stack.pg.stop)
+        client, end = await converse(
+            base.replace("http://", "ws://") + "/ws", stack.api.user_token(stack.user_b), speech, between=stack.pg.stop
+        )
         assert not stack.pg.running
     # The stalled write timed out (and was sent again); then the outage. What the stopped server
     # could not write is on disk.
@@ -178,9 +189,13 @@ async def test_database_outage_and_restart_lose_nothing(stack, vendors, llm_reco
 
 
 def pg_columns(stack: Stack, table: str) -> set[str]:
-    return {r[0] for r in stack.pg.execute(
-        "select column_name from information_schema.columns where table_schema = 'public' and table_name = %s",
-        [table])}
+    return {
+        r[0]
+        for r in stack.pg.execute(
+            "select column_name from information_schema.columns where table_schema = 'public' and table_name = %s",
+            [table],
+        )
+    }
 
 
 async def test_sqlite_store_has_the_migration_tables(stack, tmp_path):
@@ -200,8 +215,12 @@ def session_row(sid: str, **extra) -> dict:
 def turn(sid: str, index: int) -> dict:
     from storage.records import turn_id
 
-    return {"id": turn_id(sid, index), "session_id": sid, "turn_index": index,
-            "created_at": f"2026-11-22T10:00:0{index + 1}.000000+00:00"}
+    return {
+        "id": turn_id(sid, index),
+        "session_id": sid,
+        "turn_index": index,
+        "created_at": f"2026-11-22T10:00:0{index + 1}.000000+00:00",
+    }
 
 
 async def test_outbox_keeps_order_sets_bad_rows_aside_and_replays(tmp_path):
@@ -225,7 +244,8 @@ async def test_outbox_keeps_order_sets_bad_rows_aside_and_replays(tmp_path):
     sink = SQLiteSink(db)
     sessions = await sink.fetch(SESSIONS)
     assert [(s["id"], s["turns_count"], s["ended_at"]) for s in sessions] == [
-        (sid, 2, "2026-11-22T10:05:00.000000+00:00")]
+        (sid, 2, "2026-11-22T10:05:00.000000+00:00")
+    ]
     assert sorted(t["turn_index"] for t in await sink.fetch(TURNS)) == [0, 1]
     await sink.close()
     assert outbox_counts(tmp_path / "outbox.sqlite3") == {"dead": 1}
@@ -245,6 +265,7 @@ async def test_outbox_keeps_order_sets_bad_rows_aside_and_replays(tmp_path):
 
 # --- rows no store takes: dead letters, on both sinks ---------------------------------------------------------
 
+
 def poison_rows() -> list[tuple[str, dict]]:
     """Session rows as a careless door could have built them from a hostile Twilio `start`, each with why
     no store takes it."""
@@ -254,7 +275,7 @@ def poison_rows() -> list[tuple[str, dict]]:
         return session_row(str(uuid.uuid4()), **extra)
 
     return [
-        ("a 71-bit integer", row(turns_count=2 ** 70)),
+        ("a 71-bit integer", row(turns_count=2**70)),
         ("an object in a number column", row(turns_count={"a": {"b": [1, 2]}})),
         ("NaN", row(avg_latency_ms=float("nan"))),
         ("a set (not JSON)", row(client_user_id={"+1555"})),
@@ -268,8 +289,14 @@ def outbox_cli(outbox, *args) -> str:
 
     from tests.helpers import REPO
 
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "outbox", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "ATLAS_OUTBOX_PATH": str(outbox)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "outbox", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ATLAS_OUTBOX_PATH": str(outbox)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -327,7 +354,7 @@ async def test_rows_postgres_rejects_are_dead_lettered_and_never_block_later_row
     outbox = tmp_path / "outbox.sqlite3"
     before, after = str(uuid.uuid4()), str(uuid.uuid4())
     bad_ip = session_row(str(uuid.uuid4()), ip_address="not-an-ip")  # inet
-    bad_int = session_row(str(uuid.uuid4()), turns_count=2 ** 40)  # int
+    bad_int = session_row(str(uuid.uuid4()), turns_count=2**40)  # int
     bad_type = session_row(str(uuid.uuid4()), turns_count={"a": 1})
     recorder = Recorder(SupabaseSink(stack.api.url, stack.api.service_key, timeout_secs=2), outbox)
     await recorder.start()
@@ -338,15 +365,20 @@ async def test_rows_postgres_rejects_are_dead_lettered_and_never_block_later_row
     assert recorder.dead == 3
     await recorder.close()
     with psycopg.connect(stack.pg.dsn) as conn:
-        ids = {str(r[0]) for r in conn.execute("select id from voice_sessions where id = any(%s)",
-                                               [[before, after, bad_ip["id"], bad_int["id"], bad_type["id"]]])}
+        ids = {
+            str(r[0])
+            for r in conn.execute(
+                "select id from voice_sessions where id = any(%s)",
+                [[before, after, bad_ip["id"], bad_int["id"], bad_type["id"]]],
+            )
+        }
     assert ids == {before, after}
     reasons = [d.reason for d in OutboxFile(outbox).dead_letters()]
     assert len(reasons) == 3 and all(r.startswith("voice_sessions: 22") for r in reasons), reasons
 
 
 async def test_the_outbox_disk_cap_prunes_dead_letters_first_then_holds_new_sessions(tmp_path):
-    from bots.pipeline import Runtime
+    from bots.runtime import Runtime
     from config.settings import Settings
     from storage.sinks import Sink, TransientWriteError
 
@@ -382,8 +414,9 @@ async def test_dead_letters_past_their_retention_are_deleted(tmp_path):
     outbox = tmp_path / "outbox.sqlite3"
     file = OutboxFile(outbox)
     file.append([(SESSIONS, INSERT, [{"id": 1, "bad": float("inf")}, {"id": 2, "bad": float("nan")}])])
-    file.db().execute("update dead_letters set dead_at = dead_at - 40 * 86400 where seq = "
-                      "(select min(seq) from dead_letters)").connection.commit()
+    file.db().execute(
+        "update dead_letters set dead_at = dead_at - 40 * 86400 where seq = (select min(seq) from dead_letters)"
+    ).connection.commit()
     file.close()
     recorder = Recorder(SQLiteSink(tmp_path / "atlas.sqlite3"), outbox, dead_retention_secs=30 * 86400)
     await recorder.start()

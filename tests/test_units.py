@@ -17,16 +17,11 @@ from pipecat.tests.utils import run_test
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from processors.context_window import ContextWindow, trim_messages
-from processors.sentence_marker import SentenceStartFrame
-from processors.turn_metrics import percentile
-from transports.protocol import (
-    AtlasProtocolSerializer,
-    ErrorCode,
-    ProtocolError,
-    check_audio,
-    parse_session_start,
-    parse_text_message,
-)
+from transports.websocket.protocol import check_audio, parse_session_start, parse_text_message
+from transports.websocket.serializer import AtlasProtocolSerializer
+from vocabulary.errors import ErrorCode, ProtocolError
+from vocabulary.frames import SentenceStartFrame
+from vocabulary.records import percentile
 
 
 @pytest.mark.parametrize(
@@ -71,13 +66,25 @@ async def test_serializer_numbers_sentences_and_flushes_only_while_audio_plays()
     s = AtlasProtocolSerializer(max_audio_bytes=65536, max_text_bytes=8192)
     audio = OutputAudioRawFrame(audio=b"\x00" * 1764, sample_rate=22050, num_channels=1)
     out = []
-    for frame in [SentenceStartFrame(), audio, audio, TTSTextFrame("One.", text_type=TextType.SENTENCE),
-                  SentenceStartFrame(), audio, TTSTextFrame("Two.", text_type=TextType.SENTENCE)]:
+    for frame in [
+        SentenceStartFrame(),
+        audio,
+        audio,
+        TTSTextFrame("One.", text_type=TextType.SENTENCE),
+        SentenceStartFrame(),
+        audio,
+        TTSTextFrame("Two.", text_type=TextType.SENTENCE),
+    ]:
         payload = await s.serialize(frame)
         if payload:
             out.append(json.loads(payload))
     assert [(m["type"], m["sentenceIndex"]) for m in out] == [
-        ("audio_chunk", 0), ("audio_chunk", 0), ("bot_transcript", 0), ("audio_chunk", 1), ("bot_transcript", 1)]
+        ("audio_chunk", 0),
+        ("audio_chunk", 0),
+        ("bot_transcript", 0),
+        ("audio_chunk", 1),
+        ("bot_transcript", 1),
+    ]
     assert json.loads(await s.serialize(InterruptionFrame())) == {"type": "audio_flush", "reason": "interruption"}
     assert await s.serialize(InterruptionFrame()) is None  # nothing left playing
 
@@ -126,9 +133,9 @@ async def test_context_window_trims_the_shared_context_in_place():
 
 
 def test_percentile():
-    assert percentile([], 0.5) is None
-    assert percentile([100.0], 0.95) == 100.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([], 50) is None
+    assert percentile([100.0], 95) == 100.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
 
 
 async def test_a_session_that_falls_behind_its_callers_audio_is_reported_once():
@@ -142,7 +149,7 @@ async def test_a_session_that_falls_behind_its_callers_audio_is_reported_once():
     from pipecat.tests.utils import run_test
 
     from bots.pipeline import UserAggregator
-    from transports.protocol import RECEIVED_AT
+    from vocabulary.audio import RECEIVED_AT
 
     def frame(age: float) -> InputAudioRawFrame:
         f = InputAudioRawFrame(audio=bytes(1280), sample_rate=16000, num_channels=1)
@@ -159,7 +166,7 @@ async def test_a_session_that_falls_behind_its_callers_audio_is_reported_once():
 
 
 async def test_on_backlog_ends_the_session_with_its_code():
-    from bots.pipeline import Runtime
+    from bots.runtime import Runtime
     from bots.session import Caller, VoiceSession
     from config.settings import Settings
 
@@ -172,8 +179,12 @@ async def test_on_backlog_ends_the_session_with_its_code():
     session = Session(Runtime(settings=Settings(max_audio_lag_secs=5)), Caller())
     session.on_backlog(6.2)
     await asyncio.gather(*session._side_tasks)
-    assert stops == [("audio_backlog", (ErrorCode.AUDIO_BACKLOG,
-                                        "the server fell more than 5 s behind your audio; the session ended"))]
+    assert stops == [
+        (
+            "audio_backlog",
+            (ErrorCode.AUDIO_BACKLOG, "the server fell more than 5 s behind your audio; the session ended"),
+        )
+    ]
 
 
 def test_audio_budget_allows_real_time_and_a_burst_then_drops_and_tells_once_a_second():
@@ -198,12 +209,19 @@ def test_audio_budget_allows_real_time_and_a_burst_then_drops_and_tells_once_a_s
 def test_caller_fields_are_cleaned_at_the_edge():
     from bots.session import Caller
 
-    c = Caller(user_id="not-a-uuid", client_user_id={"nested": [1]}, conversation_id="c\x00\x1fid" + "x" * 500,
-               user_agent=12, ip_address="999.1.1.1")
+    c = Caller(
+        user_id="not-a-uuid",
+        client_user_id={"nested": [1]},
+        conversation_id="c\x00\x1fid" + "x" * 500,
+        user_agent=12,
+        ip_address="999.1.1.1",
+    )
     assert (c.user_id, c.client_user_id, c.user_agent, c.ip_address) == (None, None, None, None)
     assert c.conversation_id.startswith("cid") and len(c.conversation_id) == 256
-    assert Caller(ip_address="::1", user_id="5E449A5A-6D32-401D-B904-C358A5B78A64").user_id == \
-        "5e449a5a-6d32-401d-b904-c358a5b78a64"
+    assert (
+        Caller(ip_address="::1", user_id="5E449A5A-6D32-401D-B904-C358A5B78A64").user_id
+        == "5e449a5a-6d32-401d-b904-c358a5b78a64"
+    )
 
 
 def test_message_rate_says_flooding_only_when_over_twice_the_rate_is_sustained():

@@ -9,8 +9,8 @@ import numpy as np
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams, VADState
 
+from fakes.base import piper_pcm
 from services.local.engines import SharedSileroVADAnalyzer
-from tests.fakes.base import piper_pcm
 
 RATE = 16000
 
@@ -19,14 +19,15 @@ async def _states(analyzer, audio: np.ndarray) -> list[VADState]:
     analyzer.set_sample_rate(RATE)
     out = []
     for i in range(0, len(audio) - 319, 320):  # 20 ms chunks, as the transports deliver them
-        out.append(await analyzer.analyze_audio(audio[i:i + 320].tobytes()))
+        out.append(await analyzer.analyze_audio(audio[i : i + 320].tobytes()))
     return out
 
 
 async def test_quiet_windows_skip_silero_and_speech_is_heard_as_pipecat_hears_it():
     rng = np.random.default_rng(1)
-    speech = np.frombuffer(await asyncio.to_thread(piper_pcm, "Is the museum open on Sunday afternoons?", RATE),
-                           np.int16)
+    speech = np.frombuffer(
+        await asyncio.to_thread(piper_pcm, "Is the museum open on Sunday afternoons?", RATE), np.int16
+    )
     noise = lambda s: rng.normal(0, 10, int(s * RATE))  # noqa: E731 - -70 dBFS room noise
     audio = np.concatenate([noise(2.0), speech + noise(len(speech) / RATE), noise(1.5)])
     audio = np.clip(audio, -32768, 32767).astype(np.int16)
@@ -42,6 +43,7 @@ async def test_quiet_windows_skip_silero_and_speech_is_heard_as_pipecat_hears_it
     assert gated.windows_skipped >= int(3.0 * RATE / 512)
     assert gated.windows_scored <= windows - gated.windows_skipped
     assert gated.windows_scored >= int(0.8 * len(speech) / 512) * 0.8
+
     # the same turn: speaking starts and stops within a window or two of Pipecat's own analyzer
     def edges(seq):
         on = next(i for i, s in enumerate(seq) if s == VADState.SPEAKING)

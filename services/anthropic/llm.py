@@ -31,8 +31,9 @@ from loguru import logger
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.anthropic.llm import AnthropicLLMService
 
-from processors.errors import coded_error
-from transports.protocol import ErrorCode
+from compat.pipecat import AnthropicInternals
+from vocabulary.errors import ErrorCode
+from vocabulary.frames import coded_error
 
 APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again in a moment?"
 APOLOGY_CONTINUED = " Sorry, I lost my train of thought there. Could you ask me again?"
@@ -58,7 +59,7 @@ def _text_event(text: str) -> BetaRawContentBlockDeltaEvent:
     )
 
 
-class ResilientAnthropicLLMService(AnthropicLLMService):
+class ResilientAnthropicLLMService(AnthropicInternals):
     def __init__(
         self,
         *,
@@ -78,14 +79,18 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
         **kwargs,
     ):
         client = AsyncAnthropic(
-            api_key=api_key, base_url=base_url, max_retries=0,
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
             timeout=anthropic.Timeout(first_token_timeout, connect=min(first_token_timeout, 3.0)),
         )
         super().__init__(
             api_key=api_key,
             client=client,
             settings=AnthropicLLMService.Settings(
-                model=model, system_instruction=system_instruction, max_tokens=max_tokens,
+                model=model,
+                system_instruction=system_instruction,
+                max_tokens=max_tokens,
                 enable_prompt_caching=True,
             ),
             **kwargs,
@@ -101,9 +106,9 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
         self._on_retry = on_retry  # called with ("anthropic", reason) before each retry (/metrics)
         self._fallback_client = None  # AsyncOpenAI for the local LLM, made on first use
 
-    async def _process_context(self, context: LLMContext):
+    async def process_context(self, context: LLMContext) -> None:
         try:
-            await super()._process_context(context)
+            await super().process_context(context)
         finally:
             await self._close_stream()
 
@@ -121,7 +126,7 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
             except Exception as e:  # closing is best effort; the socket goes with the task anyway
                 logger.debug(f"{self}: closing the stream failed: {e}")
 
-    async def _create_message_stream(self, api_call, params):
+    async def create_message_stream(self, api_call, params):
         return self._resilient_events(api_call, params)
 
     def _backoff(self, attempt: int, error: BaseException) -> float:
@@ -198,7 +203,9 @@ class ResilientAnthropicLLMService(AnthropicLLMService):
                         base_url=self._fallback_url, api_key=self._fallback_api_key, max_retries=0
                     )
                 self._stream = await self._fallback_client.chat.completions.create(
-                    model=self._fallback_model, messages=messages, stream=True,
+                    model=self._fallback_model,
+                    messages=messages,
+                    stream=True,
                     max_tokens=params.get("max_tokens") or 300,
                 )
                 async for chunk in self._stream:

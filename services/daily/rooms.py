@@ -22,7 +22,6 @@ Daily's Python SDK (`daily-python`) is not used here: this is plain HTTP through
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -131,8 +130,9 @@ async def create_session_room(
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
         raise
-    return DailyRoomSession(room_url=room.url, room_name=room.name, user_token=user_token, bot_token=bot_token,
-                            expires_at=expires_at)
+    return DailyRoomSession(
+        room_url=room.url, room_name=room.name, user_token=user_token, bot_token=bot_token, expires_at=expires_at
+    )
 
 
 async def delete_room(helper: DailyRESTHelper, room_url: str, *, missing_ok: bool = True) -> bool:
@@ -146,7 +146,7 @@ async def delete_room(helper: DailyRESTHelper, room_url: str, *, missing_ok: boo
         async with helper.aiohttp_session.delete(f"{helper.daily_api_url}/rooms/{name}", headers=headers) as r:
             status = r.status
             text = await r.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise DailyAPIError("delete room", None, "connection-error", _scrub(helper, _describe(e))) from None
     if status == 200:
         return True
@@ -161,15 +161,18 @@ async def delete_room(helper: DailyRESTHelper, room_url: str, *, missing_ok: boo
 
 # ---- internals -------------------------------------------------------------------------------------------------
 
-async def _token(helper: DailyRESTHelper, room_url: str, expires_at: int, *, owner: bool,
-                 user_name: str | None) -> str:
+
+async def _token(helper: DailyRESTHelper, room_url: str, expires_at: int, *, owner: bool, user_name: str | None) -> str:
     # The helper sets exp = int(time.time() + expiry_time) itself; the +0.5 s absorbs the microseconds between
     # here and there (and float rounding) so that its exp comes out exactly `expires_at`.
     expiry_time = expires_at - time.time() + 0.5
     params = DailyMeetingTokenParams(properties=DailyMeetingTokenProperties(user_name=user_name))
     what = "create bot token" if owner else "create user token"
-    return await _call(helper, what, helper.get_token(room_url, expiry_time=expiry_time, eject_at_token_exp=True,
-                                                       owner=owner, params=params))
+    return await _call(
+        helper,
+        what,
+        helper.get_token(room_url, expiry_time=expiry_time, eject_at_token_exp=True, owner=owner, params=params),
+    )
 
 
 async def _call(helper: DailyRESTHelper, operation: str, call: Awaitable[T]) -> T:
@@ -178,7 +181,7 @@ async def _call(helper: DailyRESTHelper, operation: str, call: Awaitable[T]) -> 
         return await call
     except DailyAPIError:
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise DailyAPIError(operation, None, "connection-error", _scrub(helper, _describe(e))) from None
     except Exception as e:  # noqa: BLE001 - the helper raises bare Exception for every API failure
         m = _HELPER_STATUS_RE.search(str(e))
@@ -198,8 +201,11 @@ def _parse_error_body(helper: DailyRESTHelper, text: str) -> tuple[str | None, s
         return None, _scrub(helper, text.strip()) or None, {}
     error = body.get("error")
     info = body.get("info")
-    return (_scrub(helper, str(error)) if error is not None else None,
-            _scrub(helper, str(info)) if info is not None else None, body)
+    return (
+        _scrub(helper, str(error)) if error is not None else None,
+        _scrub(helper, str(info)) if info is not None else None,
+        body,
+    )
 
 
 def _scrub(helper: DailyRESTHelper, text: str) -> str:

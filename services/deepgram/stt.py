@@ -20,47 +20,41 @@ A handshake refused with a 4xx (bad key, bad parameters) still gives up at once,
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 
-import deepgram.listen.v1.client as _deepgram_client
 from deepgram.core import ApiError
 from deepgram.core.events import EventType
 from deepgram.listen.v1.types import ListenV1Finalize, ListenV1Results
 from loguru import logger
 from pipecat.frames.frames import Frame, VADUserStoppedSpeakingFrame
 from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.deepgram.stt import DeepgramSTTService
 
-from processors.errors import coded_error
-from transports.protocol import ErrorCode
+from compat.pipecat import DeepgramInternals, deepgram_without_compression
+from vocabulary.errors import ErrorCode
+from vocabulary.frames import coded_error
 
-# The SDK's socket offers permessage-deflate and has no option to turn it off. Compressing every 20 ms of
-# PCM was ~18% of the server's CPU at 10 sessions in the benchmark's profile, for little saved bandwidth
-# (speech PCM deflates poorly), so the socket is opened without it.
-if not isinstance(_deepgram_client.websockets_client_connect, functools.partial):
-    _deepgram_client.websockets_client_connect = functools.partial(_deepgram_client.websockets_client_connect,
-                                                                   compression=None)
+# Compressing every 20 ms of PCM costs far more CPU than it saves bandwidth (speech PCM deflates poorly).
+deepgram_without_compression()
 
 RECONNECT_DELAYS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 SEND_SECS = 0.08
 
 
-class ResilientDeepgramSTTService(DeepgramSTTService):
+class ResilientDeepgramSTTService(DeepgramInternals):
     def __init__(self, *, replay_secs: float = 30.0, **kwargs):
         super().__init__(**kwargs)
         self._replay_secs = replay_secs
         self._buffer = bytearray()  # audio not yet covered by a final, starting at absolute byte _buffer_base
         self._buffer_base = 0
         self._conn_base = 0  # absolute byte offset where the current connection's stream began
-        self._finalize_pending = False
+        self._finalize_after_replay = False  # a Finalize the VAD asked for while disconnected
         self._unsent = 0  # bytes at the end of _buffer not yet sent
 
     # --- audio in -------------------------------------------------------------------------------------
 
     @property
     def _bytes_per_sec(self) -> int:
-        return self.sample_rate * 2 * self._channels
+        return self.sample_rate * 2 * self.channels
 
     def _keep(self, audio: bytes) -> None:
         self._buffer += audio
@@ -84,23 +78,23 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
 
     async def _send_unsent(self) -> None:
         count, self._unsent = self._unsent, 0
-        connection = self._connection
+        connection = self.live_connection
         if connection is None or not count:
             return  # while disconnected the replay sends it
         try:
             await connection.send_media(bytes(self._buffer[-count:]))
         except Exception as e:  # the connection loop notices the drop and replays this audio
             logger.warning(f"{self}: send failed, reconnecting: {e}")
-            self._connection = None
+            self.live_connection = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, VADUserStoppedSpeakingFrame):
             await self._send_unsent()  # all the audio before the Finalize Pipecat sends next
-            if self._connection is None:
-                self._finalize_pending = True  # sent after the replay, once a connection is back
+            if self.live_connection is None:
+                self._finalize_after_replay = True  # sent after the replay, once a connection is back
         await super().process_frame(frame, direction)
 
-    async def _on_message(self, message):
+    async def on_message(self, message) -> None:
         if isinstance(message, ListenV1Results) and message.is_final:
             end = (message.start or 0.0) + (message.duration or 0.0)
             committed = self._conn_base + int(end * self._bytes_per_sec)
@@ -109,11 +103,11 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
             if drop > 0:
                 del self._buffer[:drop]
                 self._buffer_base += drop
-        await super()._on_message(message)
+        await super().on_message(message)
 
     # --- the connection loop ------------------------------------------------------------------------
 
-    async def _on_error(self, error):
+    async def on_error(self, error) -> None:
         # The SDK reports the drop here and then ends `start_listening`; the loop below reconnects
         # and tells the client once (STT_RECONNECTING), so no second, generic error goes out.
         logger.warning(f"{self}: Deepgram connection error: {error}")
@@ -125,54 +119,55 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
         sent = 0
         chunk = self._bytes_per_sec // 10
         while sent < len(self._buffer):  # run_stt may append while we send
-            piece = bytes(self._buffer[sent:sent + chunk])
+            piece = bytes(self._buffer[sent : sent + chunk])
             await connection.send_media(piece)
             sent += len(piece)
         self._unsent = 0  # the replay sent everything up to here
-        self._connection = connection
+        self.live_connection = connection
         if sent:
             logger.info(f"{self}: replayed {sent / self._bytes_per_sec:.2f}s of audio after reconnecting")
-        if self._finalize_pending:
-            self._finalize_pending = False
+        if self._finalize_after_replay:
+            self._finalize_after_replay = False
             self.request_finalize()
             await connection.send_finalize(ListenV1Finalize(type="Finalize"))
 
-    async def _connection_handler(self):
+    async def connection_loop(self) -> None:
         attempt = 0
         try:
             while True:
                 connected_at = None
                 keepalive_task = listener = None
                 try:
-                    async with self._client.listen.v1.connect(**self._build_connect_kwargs()) as connection:
+                    async with self.connect() as connection:
                         connected_at = time.monotonic()
-                        connection.on(EventType.MESSAGE, self._on_message)
-                        connection.on(EventType.ERROR, self._on_error)
+                        connection.on(EventType.MESSAGE, self.on_message)
+                        connection.on(EventType.ERROR, self.on_error)
                         listener = self.create_task(connection.start_listening(), f"{self}::listen")
                         await self._replay(connection)
-                        self._connection_settled.set()
+                        self.settled()
                         if attempt:
                             logger.info(f"{self}: reconnected to Deepgram (attempt {attempt})")
-                        keepalive_task = self.create_task(self._keepalive_handler(), f"{self}::keepalive")
+                        keepalive_task = self.create_task(self.keepalive(), f"{self}::keepalive")
                         await listener
                 except ApiError as e:
                     if e.status_code is not None and 400 <= e.status_code < 500:
                         await self.push_error(
                             error_msg=f"Deepgram rejected the connection (status {e.status_code}): {e.body}",
-                            exception=e, force_treat_as_permanent=True,
+                            exception=e,
+                            force_treat_as_permanent=True,
                         )
                         return
                     logger.warning(f"{self}: Deepgram connection failed: {e}")
                 except Exception as e:
                     logger.warning(f"{self}: Deepgram connection lost: {type(e).__name__}: {e}")
                 finally:
-                    self._connection = None
+                    self.live_connection = None
                     for task in (keepalive_task, listener):
                         if task is not None and not task.done():
                             await self.cancel_task(task)
 
                 uptime = time.monotonic() - connected_at if connected_at is not None else 0.0
-                if self._quick_failure_tracker.record(uptime).should_give_up:
+                if self.gives_up_after(uptime):
                     await self.push_error(
                         error_msg="Deepgram connection failed to stay up", force_treat_as_permanent=True
                     )
@@ -187,4 +182,4 @@ class ResilientDeepgramSTTService(DeepgramSTTService):
                 )
                 await asyncio.sleep(RECONNECT_DELAYS[min(attempt - 1, len(RECONNECT_DELAYS) - 1)])
         finally:
-            self._connection_settled.set()
+            self.settled()

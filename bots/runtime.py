@@ -1,0 +1,176 @@
+"""Process-wide state: loaded once at start-up, shared by every session.
+
+`Runtime` holds the engines, the local LLM server, the recorder (outbox and store), the monitor, the
+token verifier, the abuse limits and the session count; every door admits sessions through it and
+`build_pipeline` builds each session's pipeline from it. On SIGTERM, `drain` ends the live sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from loguru import logger
+
+from bots.auth import TokenVerifier
+from bots.limits import AbuseLimits
+from config.settings import Settings
+from monitoring.metrics import Monitor
+from services.local.engines import LocalEngines
+from services.local.llama_server import LlamaServer
+from storage import make_recorder
+from storage.outbox import Recorder
+from vocabulary.errors import SHUTTING_DOWN_MESSAGE, ErrorCode
+
+
+class Runtime:
+    """Process-wide state: loaded once at start-up, shared by every session."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        recorder: Recorder | None = None,
+        monitor: Monitor | None = None,
+        limits: AbuseLimits | None = None,
+    ):
+        self.settings = settings
+        self.recorder: Recorder = recorder or make_recorder(settings)
+        self.monitor: Monitor = monitor or Monitor(settings)
+        if monitor is None:
+            self.monitor.attach_recorder(self.recorder)
+        self.limits: AbuseLimits = limits or AbuseLimits(settings)  # per IP / user / pending, every door
+        self.auth: TokenVerifier = TokenVerifier.from_settings(settings)
+        self.engines: LocalEngines | None = None  # set by `load`
+        self.llm_base_url: str | None = None
+        self.llm_model = "local"
+        self.llm_server: LlamaServer | None = None
+        self.ready = asyncio.Event()
+        self.load_error: str | None = None
+        self.sessions = 0  # admitted sessions, every door (the ATLAS_MAX_SESSIONS cap)
+        self.tasks: set[asyncio.Task] = set()  # background sessions (Daily bots)
+        self.live: dict[str, Any] = {}  # running VoiceSessions by id, every door (drained on shutdown)
+        self.twilio_tokens: Any = None  # transports.twilio.tokens.StreamTokens, made on first use
+        self.shutting_down = False
+        self._http: aiohttp.ClientSession | None = None
+
+    def track(self, task: asyncio.Task) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def http(self) -> aiohttp.ClientSession:
+        """One aiohttp session per process for REST calls to vendors (Daily), with a short timeout."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.db_timeout_secs * 2))
+        return self._http
+
+    @property
+    def output_sample_rate(self) -> int:
+        voice = getattr(self.engines, "piper_voice", None)
+        return voice.config.sample_rate if voice is not None else 22050
+
+    def can_admit(self) -> bool:
+        """Whether a new session would be admitted now (at ATLAS_MAX_SESSIONS, shutting down, or the
+        outbox over its disk cap: no)."""
+        if self.shutting_down or self.sessions >= self.settings.max_sessions:
+            return False
+        return not self.recorder.full
+
+    def admit(self) -> bool:
+        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS, shutting down, or
+        its outbox is over ATLAS_OUTBOX_MAX_MB (sessions wait until the store takes the backlog)."""
+        if self.shutting_down:
+            return False
+        if self.sessions >= self.settings.max_sessions:
+            logger.warning(f"session refused: at the limit of {self.settings.max_sessions} sessions")
+            return False
+        if self.recorder.full:
+            logger.warning("session refused: the outbox is over ATLAS_OUTBOX_MAX_MB until the store catches up")
+            return False
+        self.sessions += 1
+        return True
+
+    def release(self) -> None:
+        self.sessions -= 1
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        runtime = cls(settings=settings)
+        await runtime.start_recorder()
+        await runtime.load()
+        return runtime
+
+    async def start_recorder(self) -> None:
+        """Open the outbox and start sending rows (first those a previous run left behind)."""
+        await self.recorder.start()
+        logger.info(
+            f"recording sessions to {self.recorder.sink.name}"
+            + (f" ({self.settings.resolved_sqlite_path})" if self.recorder.sink.name == "sqlite" else "")
+        )
+
+    async def load(self) -> None:
+        """Load engines (in a thread: seconds of model loading) and start the local LLM if used.
+
+        Piper is always loaded: it is every cloud voice's fallback. Whisper only when it is the STT.
+        With Claude, the local LLM is its fallback (ATLAS_LLM_FALLBACK=local, the default).
+        """
+        s = self.settings
+        try:
+            s.check_providers()
+            logger.info(f"providers: stt={s.resolved_stt} llm={s.resolved_llm} tts={s.resolved_tts}")
+            self.engines = await asyncio.to_thread(
+                LocalEngines.load, stt=s.resolved_stt == "whisper", smart_turn=s.smart_turn, cache_dir=s.cache_dir
+            )
+            local_llm = s.resolved_llm != "anthropic" or s.llm_fallback == "local"
+            if s.llm_url and local_llm:
+                self.llm_base_url, self.llm_model = s.llm_url, s.llm_model_name
+            elif s.resolved_llm == "openai":
+                raise ValueError("ATLAS_LLM=openai needs ATLAS_LLM_URL")
+            elif local_llm:
+                from services.local.models import resolve_llm_path
+
+                path = await asyncio.to_thread(resolve_llm_path, s.llm_model_path, s.cache_dir, False)
+                server = LlamaServer(path, threads=s.llm_threads, context_tokens=s.llm_context_tokens)
+                await server.start()
+                self.llm_server, self.llm_base_url, self.llm_model = server, server.base_url, "local"
+            self.ready.set()
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            logger.exception(f"Engine loading failed: {e}")
+            raise
+
+    async def drain(self, grace_secs: float) -> int:
+        """Graceful shutdown, first half: refuse new sessions, end every live one (its client gets
+        `SERVER_SHUTTING_DOWN` and `session_end`, its rows go to the outbox) and wait up to
+        `grace_secs` for them to finish. Returns how many were still running at the deadline."""
+        self.shutting_down = True
+        if self.live:
+            logger.info(f"shutting down: ending {len(self.live)} live session(s) (grace {grace_secs:g} s)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_secs
+        while self.live and loop.time() < deadline:
+            # Again each pass: a session admitted just before the signal joins `live` a moment later.
+            stops = [
+                session.stop("server_shutdown", (ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
+                for session in list(self.live.values())
+                if not session.stopping
+            ]
+            for result in await asyncio.gather(*stops, return_exceptions=True):
+                if isinstance(result, Exception):  # one stuck session must not keep the others from ending
+                    logger.warning(f"a session did not stop cleanly: {result!r}")
+            await asyncio.sleep(0.05)
+        if self.live:
+            logger.warning(f"{len(self.live)} session(s) still running after {grace_secs:g} s; exiting anyway")
+        return len(self.live)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+        if self.llm_server is not None:
+            await self.llm_server.stop()
+        await self.recorder.close(timeout=self.settings.db_timeout_secs)
+        logger.info("shutdown complete")

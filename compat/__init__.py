@@ -1,0 +1,1 @@
+"""Where Atlas relies on Pipecat's internals (pipecat.py), and nowhere else."""

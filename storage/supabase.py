@@ -1,0 +1,89 @@
+"""The Supabase store: rows written through supabase-py's async client with the service role.
+
+- Short timeouts (ATLAS_DB_TIMEOUT_SECS) and HTTP/1.1: supabase-py's default is a 120 s timeout,
+  and its HTTP/2 connection reuse is known to fail with RemoteProtocolError (supabase-py #1064).
+- Every write is an upsert keyed by the server-generated `id`, so a write that timed out after it
+  committed can be sent again without making a second row: `insert` mode ignores duplicates,
+  `upsert` mode merges.
+- Errors are classified for the outbox: network faults, 5xx/503 (PGRST000-003: database
+  unreachable), 401/403 (a key an operator will fix) and undefined tables/columns (a migration not
+  yet applied) are transient; data and constraint errors (SQLSTATE classes 22 and 23) and bodies
+  PostgREST cannot read (PGRST102) are permanent: the outbox dead-letters those rows.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import httpx
+from loguru import logger
+from postgrest import APIError
+from postgrest.types import ReturnMethod
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+
+from storage.records import INSERT
+from storage.sinks import TIME_COLUMN, PermanentWriteError, Sink, TransientWriteError
+
+PAGE = 1000
+
+
+def _is_permanent(e: APIError) -> bool:
+    """Data errors (SQLSTATE classes 22 and 23) and a body PostgREST cannot read (PGRST102): the rows."""
+    code = str(e.code or "")
+    return code[:2] in ("22", "23") or code == "PGRST102"
+
+
+class SupabaseSink(Sink):
+    name = "supabase"
+
+    def __init__(self, url: str, service_key: str, timeout_secs: float = 5.0):
+        self.url = url
+        self._key = service_key
+        self._timeout = timeout_secs
+        self._client: AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def _sb(self) -> AsyncClient:
+        if self._client is None:
+            self._http = httpx.AsyncClient(http2=False, timeout=httpx.Timeout(self._timeout))
+            options = AsyncClientOptions(
+                httpx_client=self._http, postgrest_client_timeout=self._timeout, postgrest_client_retry=False
+            )
+            self._client = await acreate_client(self.url, self._key, options=options)
+        return self._client
+
+    async def write(self, table: str, mode: str, rows: list[dict]) -> None:
+        try:
+            sb = await self._sb()
+            await (
+                sb.table(table)
+                .upsert(rows, on_conflict="id", ignore_duplicates=mode == INSERT, returning=ReturnMethod.minimal)
+                .execute()
+            )
+        except APIError as e:
+            message = f"{table}: {e.code} {e.message}"
+            if _is_permanent(e):
+                raise PermanentWriteError(message) from e
+            raise TransientWriteError(message) from e
+        except (httpx.HTTPError, OSError) as e:
+            raise TransientWriteError(f"{table}: {type(e).__name__}: {e}") from e
+
+    async def fetch(self, table: str, since: str | None = None) -> list[dict]:
+        sb = await self._sb()
+        column = TIME_COLUMN[table]
+        rows: list[dict] = []
+        while True:
+            query = sb.table(table).select("*")
+            if since:
+                query = query.gte(column, since)
+            page = await query.order(column).order("id").range(len(rows), len(rows) + PAGE - 1).execute()
+            rows.extend(cast(list[dict], page.data))
+            if len(page.data) < PAGE:
+                return rows
+
+    async def close(self) -> None:
+        if self._http is not None:
+            try:
+                await self._http.aclose()
+            except Exception as e:
+                logger.debug(f"closing the Supabase client: {e}")

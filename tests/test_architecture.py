@@ -1,0 +1,54 @@
+"""The layers of docs/ARCHITECTURE.md hold: import-linter's contract (pyproject.toml) is kept by the code as
+it is, and broken by an upward import (shown on a copy of the tree with one added)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO
+
+PACKAGES = (
+    "app",
+    "transports",
+    "bots",
+    "processors",
+    "services",
+    "storage",
+    "monitoring",
+    "config",
+    "compat",
+    "vocabulary",
+)
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    linter = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run(
+        [str(linter), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_the_layers_are_kept():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_layers(tmp_path):
+    for name in PACKAGES:
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    # The bottom layer reaching up to a door:
+    with (tmp_path / "vocabulary" / "audio.py").open("a") as f:
+        f.write("\nfrom transports.common import close_quietly  # noqa: E402,F401\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "BROKEN" in result.stdout and "vocabulary.audio -> transports.common" in result.stdout

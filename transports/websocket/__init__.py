@@ -1,0 +1,1 @@
+"""The browser door: `/ws`, the Atlas protocol (docs/PROTOCOL.md)."""

@@ -1,0 +1,333 @@
+"""The browser/WebSocket door: handshake, one Pipecat pipeline per session, clean endings.
+
+Life of a connection:
+1. accept; the origin, per-IP and pending-connection limits; wait (up to
+   ATLAS_SESSION_START_TIMEOUT_SECS) for a valid `session_start`, its token checked when auth is on.
+   Anything else before it gets an `error` (NOT_STARTED, INVALID_JSON, ...) and the wait goes on.
+   Only then is a session slot taken (ATLAS_MAX_SESSIONS) and the per-user limits applied, so a
+   connection that never authenticates holds no slot.
+2. `session_started` with the audio format, `status: listening`; the pipeline runs.
+3. it ends on `session_stop`, on idle timeout, on max duration, on a pipeline failure, or when
+   the client goes away. Whenever the client is still there it gets `session_end` with the metrics
+   (sent from the serializer as the output transport stops, before the socket closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+
+from fastapi import WebSocket, WebSocketDisconnect
+from loguru import logger
+from pipecat.frames.frames import OutputTransportMessageUrgentFrame
+from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
+from starlette.websockets import WebSocketState
+
+from bots.auth import AuthError
+from bots.limits import AudioBudget, KeyedLimit, MessageRate
+from bots.runtime import Runtime
+from bots.session import Caller, VoiceSession
+from processors.client_events import ClientEventsObserver
+from transports.common import close_quietly
+from transports.websocket.messages import session_end_message
+from transports.websocket.protocol import SessionStart, parse_before_start
+from transports.websocket.serializer import AtlasProtocolSerializer
+from transports.websocket.transport import AtlasWebsocketTransport
+from vocabulary.audio import CLIENT_SAMPLE_RATE
+from vocabulary.errors import SHUTTING_DOWN_MESSAGE, CloseCode, ErrorCode, ProtocolError, error_message
+from vocabulary.frames import CodedErrorFrame
+
+CLOSE_NORMAL = CloseCode.NORMAL
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+CLOSE_POLICY = CloseCode.POLICY
+CLOSE_TRY_AGAIN = CloseCode.TRY_AGAIN
+
+
+async def _send_json(websocket: WebSocket, message: dict) -> None:
+    if websocket.client_state == WebSocketState.CONNECTED:
+        try:
+            await websocket.send_text(json.dumps(message))
+        except Exception as e:  # the client may vanish at any moment
+            logger.debug(f"send failed: {e}")
+
+
+async def _send_error(websocket: WebSocket, runtime: Runtime, code: ErrorCode, message: str) -> None:
+    """An `error` outside a running session (those inside go through the serializer), counted in /metrics."""
+    runtime.monitor.error(str(code))
+    await _send_json(websocket, error_message(code, message))
+
+
+async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | None = None) -> SessionStart | None:
+    """Wait for a valid session_start; answer every other message with an error."""
+    s = runtime.settings
+    deadline = time.monotonic() + s.session_start_timeout_secs
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(websocket.receive(), timeout=max(remaining, 0.001))
+        except TimeoutError:
+            await _send_error(
+                websocket,
+                runtime,
+                ErrorCode.SESSION_START_TIMEOUT,
+                f"no session_start within {s.session_start_timeout_secs:g}s",
+            )
+            await websocket.close(CLOSE_POLICY)
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        if rate is not None and not rate.allow():
+            if rate.flooding:
+                await _send_error(
+                    websocket,
+                    runtime,
+                    ErrorCode.MESSAGE_RATE_EXCEEDED,
+                    "over twice the message rate for seconds; the connection is closed",
+                )
+                await close_quietly(websocket, CLOSE_POLICY)
+                return None
+            if rate.should_tell():
+                await _send_error(websocket, runtime, ErrorCode.MESSAGE_RATE_EXCEEDED, rate.refusal().message)
+            continue
+        try:
+            data = message["bytes"] if message.get("bytes") is not None else message.get("text") or ""
+            start = parse_before_start(data, s.max_audio_frame_bytes, s.max_text_message_bytes)
+        except ProtocolError as e:
+            await _send_error(websocket, runtime, e.code, e.message)
+            continue
+        if runtime.auth.enabled:
+            try:
+                start = replace(start, verified_user_id=await runtime.auth.verify(start.auth_token))
+            except AuthError as e:
+                logger.info(f"session refused: {e}")
+                await _send_error(websocket, runtime, ErrorCode.AUTH_FAILED, str(e))
+                await websocket.close(CLOSE_POLICY)
+                return None
+        return start
+
+
+class Session(VoiceSession):
+    """One live conversation over one WebSocket (the Atlas protocol)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        websocket: WebSocket,
+        start: SessionStart,
+        rate: MessageRate | None = None,
+        budget: AudioBudget | None = None,
+    ):
+        ws = websocket
+        super().__init__(
+            runtime,
+            Caller(
+                user_id=start.verified_user_id,
+                client_user_id=start.user_id,
+                conversation_id=start.conversation_id,
+                user_agent=ws.headers.get("user-agent"),
+                ip_address=ws.client.host if ws.client else None,
+            ),
+            transport_name="websocket",
+        )
+        self.websocket = websocket
+        self.start = start
+        self.rate = rate  # the connection's message rate, carried on from the handshake
+        self.budget = budget  # the connection's audio budget (seconds of audio, real time + a burst)
+        self.serializer: AtlasProtocolSerializer | None = None
+
+    def session_end_message(self) -> dict:
+        return session_end_message(self.final())
+
+    async def _send(self, message: dict) -> None:
+        if self.worker is not None and not self.worker.has_finished():
+            await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message=message))
+
+    async def cut_off(self, code: ErrorCode, message: str) -> None:
+        await _send_json(self.websocket, error_message(code, message))
+        if self.serializer is not None and not self.serializer.end_sent:
+            self.serializer.end_sent = True
+            await _send_json(self.websocket, self.session_end_message())
+        await close_quietly(self.websocket, CLOSE_POLICY)
+
+    async def notify_limit(self, code: ErrorCode, message: str) -> None:
+        await _send_json(self.websocket, error_message(code, message))
+        self.count_error(str(code))
+
+    async def on_pipeline_error(self, frame) -> None:
+        # Counted by the serializer when the `error` message goes out.
+        logger.warning(f"session {self.session_id}: pipeline error: {frame.error}")
+        if isinstance(frame, CodedErrorFrame):
+            await self._send(error_message(frame.code, frame.client_message))
+        else:
+            await self._send(error_message(ErrorCode.PIPELINE_ERROR, "a speech engine failed; the session goes on"))
+
+    async def run(self) -> None:
+        rt, s = self.runtime, self.runtime.settings
+        out_rate = rt.output_sample_rate
+
+        async def on_session_stop():
+            # Called from inside the input transport's receive loop: end from another task.
+            self.stop_soon("client_stop")
+
+        serializer = self.serializer = AtlasProtocolSerializer(
+            rate=self.rate,
+            budget=self.budget,
+            on_flood=self.on_flood,
+            max_audio_bytes=s.max_audio_frame_bytes,
+            max_text_bytes=s.max_text_message_bytes,
+            on_session_stop=on_session_stop,
+            on_audio=self.touch_audio,
+            session_end=self.session_end_message,
+            on_error=self.count_error,
+            audio_batch_ms=s.audio_in_batch_ms,
+        )
+        transport = AtlasWebsocketTransport(
+            self.websocket,
+            FastAPIWebsocketParams(
+                audio_in_enabled=True,
+                audio_out_enabled=True,
+                audio_in_sample_rate=CLIENT_SAMPLE_RATE,
+                audio_out_sample_rate=out_rate,
+                serializer=serializer,
+                allowed_origins=[],
+            ),
+        )
+        self.make_worker(transport, observers=[ClientEventsObserver(self._send)], out_rate=out_rate)
+
+        @transport.event_handler("on_client_disconnected")
+        async def _on_disconnected(_transport, _ws):
+            await self.stop("client_disconnected")
+
+        await _send_json(
+            self.websocket,
+            {
+                "type": "session_started",
+                "sessionId": self.session_id,
+                "audioFormat": {"encoding": "pcm_s16le", "sampleRate": out_rate, "channels": 1},
+                "input": {
+                    "encoding": "pcm_s16le",
+                    "sampleRate": CLIENT_SAMPLE_RATE,
+                    "channels": 1,
+                    "maxFrameBytes": s.max_audio_frame_bytes,
+                },
+            },
+        )
+        await _send_json(self.websocket, {"type": "status", "status": "listening"})
+        try:
+            await super().run()
+        finally:
+            if not serializer.end_sent:
+                # Ended before the pipeline had started (e.g. session_stop right after session_started,
+                # while the STT was still connecting): the output transport never saw the cancel.
+                serializer.end_sent = True
+                await _send_json(self.websocket, self.session_end_message())
+            await close_quietly(self.websocket, CLOSE_NORMAL)
+
+
+def _gate(websocket: WebSocket, runtime: Runtime) -> tuple[ErrorCode, str, int] | None:
+    """Why this connection may not have a session at all: (code, message, close code), or None."""
+    s = runtime.settings
+    if s.allowed_origins:
+        origin = websocket.headers.get("origin", "")
+        if origin not in s.allowed_origins:
+            logger.warning(f"websocket from origin {origin[:100]!r} refused")
+            return ErrorCode.ORIGIN_NOT_ALLOWED, "this page's origin may not open a voice session", CLOSE_POLICY
+    if runtime.shutting_down:
+        return ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY
+    if not runtime.ready.is_set():
+        return ErrorCode.SERVER_NOT_READY, "engines are still loading; retry in a few seconds", CLOSE_TRY_AGAIN
+    if not runtime.can_admit():  # full now: say so at once (the slot itself is taken after session_start)
+        return (
+            ErrorCode.SERVER_BUSY,
+            f"this server is at its limit of {s.max_sessions} sessions; retry later",
+            CLOSE_TRY_AGAIN,
+        )
+    return None
+
+
+async def _refuse(websocket: WebSocket, runtime: Runtime, code: ErrorCode, message: str, close: int) -> None:
+    await _send_error(websocket, runtime, code, message)
+    await close_quietly(websocket, close)
+
+
+async def _acquire(websocket: WebSocket, runtime: Runtime, limit: KeyedLimit, key: str) -> bool:
+    """Take `key`'s slot in a per-IP or per-user limit, or refuse the connection with the limit's code."""
+    try:
+        limit.acquire(key)
+        return True
+    except ProtocolError as e:
+        logger.warning(f"session refused for {limit.what} {key[:64]!r}: {e.code}")
+        await _refuse(websocket, runtime, e.code, e.message, CLOSE_POLICY)
+        return False
+
+
+async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
+    await websocket.accept()
+    s, limits = runtime.settings, runtime.limits
+    ip = websocket.client.host if websocket.client else "unknown"
+    admitted = ip_held = pending = False
+    user = None
+    try:
+        refusal = _gate(websocket, runtime)
+        if refusal:
+            await _refuse(websocket, runtime, *refusal)
+            return
+        if not await _acquire(websocket, runtime, limits.by_ip, ip):
+            return
+        ip_held = True
+        try:
+            limits.acquire_pending(ip)
+            pending = True
+        except ProtocolError as e:
+            logger.warning(f"connection from {ip} refused: {e.code} (too many waiting to start)")
+            await _refuse(
+                websocket,
+                runtime,
+                e.code,
+                e.message,
+                CLOSE_TRY_AGAIN if e.code == ErrorCode.SERVER_BUSY else CLOSE_POLICY,
+            )
+            return
+        rate = MessageRate(s.max_messages_per_sec)
+        start = await handshake(websocket, runtime, rate)
+        if start is None:
+            return
+        limits.release_pending(ip)
+        pending = False
+        if runtime.shutting_down:
+            await _refuse(websocket, runtime, ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, CLOSE_GOING_AWAY)
+            return
+        if not runtime.admit():
+            await _refuse(
+                websocket,
+                runtime,
+                ErrorCode.SERVER_BUSY,
+                f"this server is at its limit of {s.max_sessions} sessions; retry later",
+                CLOSE_TRY_AGAIN,
+            )
+            return
+        admitted = True
+        # Per user: the verified id when auth is on. Without auth the client's userId is only a claim,
+        # so it counts per address: nobody can use up another address's sessions by claiming its id.
+        key = start.verified_user_id or f"anon:{ip}:{start.user_id}"
+        if not await _acquire(websocket, runtime, limits.by_user, key):
+            return
+        user = key
+        await Session(runtime, websocket, start, rate, AudioBudget(s.audio_burst_secs)).run()
+    except WebSocketDisconnect:
+        pass
+    except Exception as e:  # never let one session take the server down
+        logger.exception(f"websocket session failed: {e}")
+        await _send_error(websocket, runtime, ErrorCode.INTERNAL_ERROR, "internal error; the session ended")
+        await close_quietly(websocket, CloseCode.INTERNAL)
+    finally:
+        if pending:
+            limits.release_pending(ip)
+        if admitted:
+            runtime.release()
+        if ip_held:
+            limits.by_ip.release(ip)
+        if user is not None:
+            limits.by_user.release(user)
