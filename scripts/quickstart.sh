@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a fresh Debian machine: install everything (system packages included), then
 #   scripts/quickstart.sh serve [--host H --port P]   start the server on the offline engines
-#   scripts/quickstart.sh test  [pytest args]         run the whole test suite
+#   scripts/quickstart.sh test  [pytest args]         the static checks, then the whole test suite
+#                                                     (-m "not slow": the fast tier)
 # Idempotent: a second run skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,8 @@ case "$cmd" in
     exec .venv/bin/atlas-voice serve "$@"
     ;;
   test)
+    step "Static checks: ruff (lint, format) and mypy"
+    bash scripts/check.sh
     step "Running the test suite"
     exec .venv/bin/python -m pytest "$@"
     ;;

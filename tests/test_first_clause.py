@@ -183,7 +183,8 @@ def test_pipeline_has_the_first_clause_step_unless_turned_off(engines, tmp_path,
     from bots.runtime import Runtime
 
     settings = Settings(cache_dir=tmp_path, first_clause_words=words, llm_url="http://127.0.0.1:9/v1")
-    runtime = Runtime(settings=settings, engines=engines, llm_base_url=settings.llm_url)
+    runtime = Runtime(settings=settings)
+    runtime.engines, runtime.llm_base_url = engines, settings.llm_url
     built = build_pipeline(runtime, _Transport())
     steps = [type(p).__name__ for p in built.pipeline.processors]
     after_llm = steps[steps.index(type(built.llm).__name__) + 1 :][:2]
