@@ -8,11 +8,6 @@ The tests use the same `VoiceClient`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
-
 import asyncio
 import base64
 import json
@@ -20,8 +15,14 @@ import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from vocabulary.records import percentile, rounded
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
 
 FRAME_MS = 20
 IN_RATE = 16000
@@ -258,6 +259,10 @@ def _print_event(event: dict) -> None:
     print(json.dumps(shown), flush=True)
 
 
+def pct(values: list[float], q: float) -> float | None:
+    return rounded(percentile(values, q))
+
+
 async def run_talk(url: str, wavs: list[str], repeat: int, out: str | None, timeout: float) -> int:
     client = VoiceClient(url, on_event=_print_event)
     await client.connect()
@@ -281,9 +286,7 @@ async def run_talk(url: str, wavs: list[str], repeat: int, out: str | None, time
         print(f"reply audio saved to {out}")
     v2v = [t.voice_to_voice_ms for t in client.turns if t.voice_to_voice_ms is not None]
     if v2v:
-        from processors.turn_metrics import percentile
-
-        print(f"voice-to-voice over {len(v2v)} turns: p50 {percentile(v2v, 0.5)} ms, p95 {percentile(v2v, 0.95)} ms")
+        print(f"voice-to-voice over {len(v2v)} turns: p50 {pct(v2v, 50)} ms, p95 {pct(v2v, 95)} ms")
     if end:
         breakdown = end["metrics"].get("turnBreakdown", [])
         for b in breakdown:
@@ -300,8 +303,8 @@ async def run_talk(url: str, wavs: list[str], repeat: int, out: str | None, time
         print(
             "server breakdown (ms, p50 / p95): "
             + ", ".join(
-                f"{k} {percentile([b[k] for b in breakdown if b[k] is not None], 0.5)} / "
-                f"{percentile([b[k] for b in breakdown if b[k] is not None], 0.95)}"
+                f"{k} {pct([b[k] for b in breakdown if b[k] is not None], 50)} / "
+                f"{pct([b[k] for b in breakdown if b[k] is not None], 95)}"
                 for k in keys
             )
         )

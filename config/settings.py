@@ -183,7 +183,7 @@ class Settings(BaseSettings):
     audio_in_batch_ms: int = Field(40, ge=10, le=200, validation_alias=_env("ATLAS_AUDIO_IN_BATCH_MS"))
     max_text_message_bytes: int = Field(8192, validation_alias=_env("ATLAS_MAX_TEXT_MESSAGE_BYTES"))
 
-    # --- abuse limits on /ws (bots/limits.py; 0 turns one off) ----------------------------------------
+    # --- abuse limits, every door (bots/limits.py; 0 turns one off) ---------------------------------------
     max_sessions_per_ip: int = Field(20, ge=0, validation_alias=_env("ATLAS_MAX_SESSIONS_PER_IP"))
     # Connections that have not started a session yet (no valid session_start / Twilio `start`), per IP and in all.
     max_pending_per_ip: int = Field(10, ge=0, validation_alias=_env("ATLAS_MAX_PENDING_PER_IP"))

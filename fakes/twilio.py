@@ -45,7 +45,7 @@ client of the bot's WebSocket:
   or WAV-headed payload, a mark without a name) is recorded in `protocol_errors`; messages with a wrong
   `streamSid` are otherwise ignored.
 * per turn (one `say()`): the client-clock time the user's speech ended, the first bot `media` after it, the reply
-  audio (8 kHz PCM16) with arrival times, marks and clears, and `voice_to_voice_ms`, as `bots/talk.py` measures
+  audio (8 kHz PCM16) with arrival times, marks and clears, and `voice_to_voice_ms`, as `app/talk.py` measures
   it for the /ws protocol. The bot ending the call (closing the socket) sets `closed_by_server` / `closed_at`.
 
 Not covered: unidirectional streams, `outbound` / `both_tracks`, Twilio's reconnect/fallback behaviour, the 10-minute
