@@ -1,5 +1,3 @@
-"""`atlas-voice bench`: the load and latency benchmark (see bench/README.md).
-
-It runs from a clone of the repository: the vendor fakes it drives the server against live in
-tests/fakes (test code), and results are written under bench/results/.
+"""`atlas-voice bench`: the load and latency benchmark, the fuzzers and their server harness (see
+bench/README.md). It drives a real server against the vendor fakes (fakes/); results go to bench/results/.
 """

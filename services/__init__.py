@@ -1,0 +1,1 @@
+"""The speech engines: one folder per cloud vendor, the local engines, the factory that picks them."""
