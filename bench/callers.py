@@ -183,25 +183,24 @@ class Caller:
             self.out_rate = started["audioFormat"]["sampleRate"]
         else:
             call_sid = "CA" + uuid.uuid4().hex
-            await self.ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-            await self.ws.send_str(
-                json.dumps(
-                    {
-                        "event": "start",
-                        "sequenceNumber": "1",
-                        "streamSid": self.stream_sid,
-                        "start": {
-                            "accountSid": "AC" + uuid.uuid4().hex,
-                            "streamSid": self.stream_sid,
-                            "callSid": call_sid,
-                            "tracks": ["inbound"],
-                            "customParameters": {"from": f"+1555{self.index:07d}", "to": "+15550000000"},
-                            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                        },
-                    }
-                )
-            )
+            params = {"from": f"+1555{self.index:07d}", "to": "+15550000000"}
+            await self._start_stream("AC" + uuid.uuid4().hex, call_sid, params)
             self.record.session_id = call_sid
+
+    async def _start_stream(self, account_sid: str, call_sid: str, parameters: dict[str, str]) -> None:
+        """Twilio's `connected` and `start` messages for this stream."""
+        await self.ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        start = {
+            "accountSid": account_sid,
+            "streamSid": self.stream_sid,
+            "callSid": call_sid,
+            "tracks": ["inbound"],
+            "customParameters": parameters,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        await self.ws.send_str(
+            json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid, "start": start})
+        )
 
     async def _connect_signed(self) -> None:
         """The call as Twilio places it: the signed voice webhook, then the stream its TwiML names, signed."""
@@ -214,24 +213,7 @@ class Caller:
             raise ConnectionError("the webhook answered without a stream (busy)")
         headers = {"X-Twilio-Signature": twilio_signature(token, plan.stream_url)}
         self.ws = await self.http.ws_connect(self.url, max_msg_size=0, autoping=True, heartbeat=None, headers=headers)
-        await self.ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await self.ws.send_str(
-            json.dumps(
-                {
-                    "event": "start",
-                    "sequenceNumber": "1",
-                    "streamSid": self.stream_sid,
-                    "start": {
-                        "accountSid": account,
-                        "streamSid": self.stream_sid,
-                        "callSid": plan.call_sid,
-                        "tracks": ["inbound"],
-                        "customParameters": plan.parameters,
-                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                    },
-                }
-            )
-        )
+        await self._start_stream(account, plan.call_sid, plan.parameters)
         self.record.session_id = plan.call_sid
 
     # ---- receiving ------------------------------------------------------------------------------------

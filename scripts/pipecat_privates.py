@@ -21,18 +21,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = (
-    "app",
-    "transports",
-    "bots",
-    "processors",
-    "services",
-    "storage",
-    "monitoring",
-    "config",
-    "vocabulary",
-    "compat",
-)
+
+
+def application_packages() -> list[str]:
+    """The packages of the layers (import-linter's root packages in pyproject.toml)."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
 
 
 def _private(name: str) -> bool:
@@ -150,7 +145,7 @@ def uses(paths: list[Path]) -> list[tuple[str, int, str]]:
 
 
 def default_files() -> list[Path]:
-    return sorted(p for pkg in PACKAGES if (REPO / pkg).is_dir() for p in (REPO / pkg).rglob("*.py"))
+    return sorted(p for pkg in application_packages() if (REPO / pkg).is_dir() for p in (REPO / pkg).rglob("*.py"))
 
 
 def main(argv: list[str]) -> int:

@@ -107,3 +107,31 @@ async def recorded(sink, session_id: str, turns: int, timeout: float = 20.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"session {session_id} not recorded in {timeout}s: {sessions} {rows}")
         await asyncio.sleep(0.2)
+
+
+# Debian's Chromium headless, with no background traffic (this machine's network is closed), as root.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_with_microphone(playwright, wav: Path, *extra: str):
+    """Headless Chromium whose fake microphone plays `wav` (in a loop), permission granted."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=[
+            *CHROMIUM_ARGS,
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            *extra,
+        ],
+    )

@@ -10,18 +10,12 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
-PACKAGES = (
-    "app",
-    "transports",
-    "bots",
-    "processors",
-    "services",
-    "storage",
-    "monitoring",
-    "config",
-    "compat",
-    "vocabulary",
-)
+
+def packages() -> list[str]:
+    """The packages of the layers (import-linter's root packages in pyproject.toml)."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -43,7 +37,7 @@ def test_the_layers_are_kept():
 
 
 def test_an_upward_import_breaks_the_layers(tmp_path):
-    for name in PACKAGES:
+    for name in packages():
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     # The bottom layer reaching up to a door:

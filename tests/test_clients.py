@@ -10,7 +10,7 @@ import wave
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, read_wav, running_server, wer, words, write_wav
+from tests.helpers import REPO, chromium_with_microphone, read_wav, running_server, wer, words, write_wav
 
 
 def test_talk_cli_prints_events_latency_and_saves_the_reply(atlas_ws, speech, tmp_path):
@@ -68,23 +68,7 @@ def test_browser_page_hears_the_microphone_and_plays_the_reply(default_server, s
         tmp_path / "mic.wav", np.concatenate([np.zeros(rate // 2, np.int16), pcm, np.zeros(rate * 20, np.int16)]), rate
     )
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={mic}",
-                "--autoplay-policy=no-user-gesture-required",
-            ],
-        )
+        browser = chromium_with_microphone(p, mic, "--autoplay-policy=no-user-gesture-required")
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))

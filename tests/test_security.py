@@ -30,7 +30,7 @@ import websockets
 from fakes.anthropic import default_reply
 from fakes.daily import FakeDailyAPI
 from fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
-from tests.helpers import REPO, metric_samples, read_wav, server_process
+from tests.helpers import REPO, chromium_with_microphone, metric_samples, read_wav, server_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -634,22 +634,7 @@ def test_the_page_passes_a_sign_in_token_and_explains_a_refusal(secure, tmp_path
     base, _ = secure
     mic = write_wav(tmp_path / "silence.wav", np.zeros(16000 * 5, np.int16))
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={mic}",
-            ],
-        )
+        browser = chromium_with_microphone(p, mic)
         try:
             page = browser.new_page()
             page.goto(base + "/")
