@@ -148,6 +148,10 @@ class VoiceSession:
 
     # --- life --------------------------------------------------------------------------------
 
+    async def on_cancel_before_start(self) -> None:
+        """The session ends before its pipeline started (its transport's output never ran); doors whose
+        clients expect a goodbye override this to send it now."""
+
     async def notify_limit(self, code: ErrorCode, message: str) -> None:
         """Tell the client why the session is ending (idle, max duration); doors override."""
         self.count_error(str(code))
@@ -165,13 +169,17 @@ class VoiceSession:
         self.end_reason = reason
         if not self.pipeline_started.is_set():
             # A cancel before the StartFrame has gone through (the STT still connecting) stops the
-            # pipeline before the output transport starts, so it never writes session_end.
+            # pipeline before the output transport starts, so it never writes session_end, and the
+            # transport's cleanup closes the socket: give the start a few seconds, then let the door
+            # say goodbye itself while the socket is still open.
             try:
                 await asyncio.wait_for(self.pipeline_started.wait(), 5.0)
             except TimeoutError:
                 pass
         if limit:
             await self.notify_limit(*limit)
+        if not self.pipeline_started.is_set():
+            await self.on_cancel_before_start()
         await self.worker.cancel(reason=reason)
 
     def stop_soon(self, reason: str, limit: tuple[ErrorCode, str] | None = None) -> None:

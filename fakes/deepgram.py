@@ -237,6 +237,7 @@ class FakeDeepgram(FakeServer):
         self._lock = threading.Lock()
         self._drops = self._fault_queue()
         self._rejects = self._fault_queue()
+        self._stalls = self._fault_queue()
         self.app.router.add_get("/v1/listen", self._listen)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
 
@@ -249,6 +250,10 @@ class FakeDeepgram(FakeServer):
     def reject_next(self, status: int, times: int = 1) -> None:
         """The next `times` handshakes are refused with this HTTP status."""
         self._rejects.add(int(status), times)
+
+    def stall_next(self, seconds: float, times: int = 1) -> None:
+        """The next `times` handshakes are answered only after `seconds` (a slow network or region)."""
+        self._stalls.add(float(seconds), times)
 
     @property
     def finals(self) -> list[str]:
@@ -389,6 +394,10 @@ class FakeDeepgram(FakeServer):
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         rec = self.record(request)
         request_id = str(uuid.uuid4())
+        stall = self._stalls.take()
+        if stall:
+            rec.events.append(f"stalled:{stall:g}")
+            await asyncio.sleep(stall)
         status = self._rejects.take()
         if status is not None:
             rec.status = status

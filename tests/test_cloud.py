@@ -7,6 +7,8 @@ Claude's fallback is the real local LLM (llama.cpp, behind the recording proxy).
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -217,11 +219,14 @@ async def test_tts_failure_mid_reply_is_finished_by_piper(cloud_ws, vendors, spe
     await client.stop()
     assert errors(client).count("TTS_FALLBACK") == 1
     # Every sentence was heard, once: ElevenLabs' part and Piper's part together make the whole reply. Judged
-    # by a word of each sentence and the length (Whisper tiny mishears a word or two where the voices meet,
-    # which a plain WER bound turned into a flaky test on a busy machine).
+    # by most words of each sentence and the length: Whisper tiny mishears a word here and there ("park" as
+    # "part"), and the word ElevenLabs was cut in the middle of is said again whole by Piper.
     reply = claude.reply({})
     text = heard(bytes(client.reply_audio), client.out_rate)
-    assert all(w in words(text) for w in ("names", "cheerful", "maple", "park")), text
+    said = set(words(text))
+    for sentence in reply.split(". "):
+        expected = words(sentence)
+        assert sum(w in said for w in expected) >= 0.6 * len(expected), (sentence, text)
     assert len(words(text)) <= 1.25 * len(words(reply)), text  # nothing said twice
     assert wer(reply, text) <= 0.45, text
     assert turn.reply_bytes / (2 * client.out_rate) > 6  # seconds of reply audio
@@ -261,3 +266,25 @@ async def test_interruption_cancels_the_claude_stream(cloud_ws, vendors, speech)
     assert turn.flushed or any(e["type"] == "audio_flush" for e in client.events)
     first = claude.requests[n]
     assert "client_disconnected" in first.events, first.events
+
+
+async def test_a_session_stopped_while_deepgram_is_still_connecting_still_says_goodbye(cloud_ws, vendors):
+    """The STT's slow handshake holds the pipeline's start; a session_stop then still gets its session_end
+    before the socket closes (the transport's output never ran, so the door says it)."""
+    import json
+
+    import websockets
+
+    vendors["deepgram"].stall_next(8.0)
+    async with websockets.connect(cloud_ws) as ws:
+        await ws.send(json.dumps({"type": "session_start", "userId": "u1", "conversationId": "c1"}))
+        got = []
+        while not got or got[-1].get("type") != "session_started":
+            got.append(json.loads(await ws.recv()))
+        await ws.send(json.dumps({"type": "session_stop"}))
+        while got[-1].get("type") != "session_end":
+            got.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+        assert got[-1]["reason"] == "client_stop"
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 20)
+        assert ws.close_code == 1000

@@ -155,6 +155,13 @@ class Session(VoiceSession):
         await _send_json(self.websocket, error_message(code, message))
         self.count_error(str(code))
 
+    async def on_cancel_before_start(self) -> None:
+        # The output transport never started, so it will not write session_end; its cleanup closes the socket
+        # before `run`'s own fallback could write it.
+        if self.serializer is not None and not self.serializer.end_sent:
+            self.serializer.end_sent = True
+            await _send_json(self.websocket, self.session_end_message())
+
     async def on_pipeline_error(self, frame) -> None:
         # Counted by the serializer when the `error` message goes out.
         logger.warning(f"session {self.session_id}: pipeline error: {frame.error}")
