@@ -1,6 +1,6 @@
-"""The HTTP server: the browser page at `/`, `/healthz`, `/metrics` (Prometheus), `/dashboard` (admin), and
-the voice doors: `/ws` (browsers, the Atlas protocol), `/twilio/voice` + `/twilio/ws` (phone calls) and
-`/daily/start` (a Daily room with the bot in it).
+"""The HTTP server: the browser page at `/`, `/livez`, `/readyz`, `/healthz`, `/metrics` (Prometheus),
+`/dashboard` (admin), and the voice doors: `/ws` (browsers, the Atlas protocol), `/twilio/voice` +
+`/twilio/ws` (phone calls) and `/daily/start` (a Daily room with the bot in it).
 
 Engines load in the background after the server starts listening, so `/healthz` can say
 "loading" (503) and then "ok" (200) rather than the port being closed for a minute. `/healthz` names
@@ -50,6 +50,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Atlas Voice", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
+
+    @app.get("/livez")
+    async def livez():
+        """The process is alive and its event loop answers (a liveness probe: restart it when this fails)."""
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Whether this process takes a new call now (a readiness probe: route new calls elsewhere on 503).
+        503 while loading, draining, at its ATLAS_MAX_SESSIONS capacity or with its outbox over its disk cap;
+        live calls go on either way."""
+        state = runtime.state
+        body = {"status": state, "sessions": runtime.sessions, "capacity": settings.max_sessions}
+        return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
     @app.get("/healthz")
     async def healthz():
@@ -114,22 +128,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class AtlasServer(uvicorn.Server):
-    """uvicorn's server with a graceful shutdown for voice sessions.
+    """uvicorn's server with a drain for voice sessions.
 
     On SIGTERM (or Ctrl-C) uvicorn would close every open WebSocket at once (code 1012) and the
-    sessions would end without `session_end`. First `Runtime.drain` ends each live session the
-    normal way (`SERVER_SHUTTING_DOWN`, `session_end`, close 1000; its rows go to the outbox) within
-    ATLAS_SHUTDOWN_GRACE_SECS, new connections meanwhile get `SERVER_SHUTTING_DOWN` and `/healthz`
-    answers 503; then uvicorn stops, and the app's shutdown flushes the outbox (at most
-    ATLAS_DB_TIMEOUT_SECS per store attempt; rows that cannot land stay on disk for the next start).
+    sessions would end without `session_end`. Instead `Runtime.drain` first takes the process out of
+    rotation (/readyz 503, new connections get `SERVER_SHUTTING_DOWN`) and lets the live sessions go on
+    until they end or ATLAS_DRAIN_SECS pass; then it ends those still live the normal way
+    (`SERVER_SHUTTING_DOWN`, `session_end`, close 1000; rows to the outbox) within ATLAS_SHUTDOWN_GRACE_SECS.
+    A second signal cuts the drain short (straight to ending them). Then uvicorn stops, and the app's
+    shutdown flushes the outbox (at most ATLAS_DB_TIMEOUT_SECS per store attempt; rows that cannot land
+    stay on disk for the next start).
     """
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime):
         super().__init__(config)
         self.runtime = runtime
 
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            self.runtime.end_drain_now()
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets=None) -> None:
-        await self.runtime.drain(self.runtime.settings.shutdown_grace_secs)
+        s = self.runtime.settings
+        await self.runtime.drain(s.drain_secs, s.shutdown_grace_secs)
         await super().shutdown(sockets=sockets)
 
 

@@ -22,6 +22,9 @@ LIMITS_OFF = {
     "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
     "ATLAS_MAX_SESSIONS_PER_USER": "0",
     "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "0",
+    # A stopped test server ends its sessions at once instead of letting them drain for minutes (tests of
+    # the drain set it).
+    "ATLAS_DRAIN_SECS": "0",
 }
 
 

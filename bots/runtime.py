@@ -2,7 +2,8 @@
 
 `Runtime` holds the engines, the local LLM server, the recorder (outbox and store), the monitor, the
 token verifier, the abuse limits and the session count; every door admits sessions through it and
-`build_pipeline` builds each session's pipeline from it. On SIGTERM, `drain` ends the live sessions.
+`build_pipeline` builds each session's pipeline from it. On SIGTERM, `drain` takes the process out of
+rotation and lets the live sessions finish.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Runtime:
         self.live: dict[str, Any] = {}  # running VoiceSessions by id, every door (drained on shutdown)
         self.twilio_tokens: Any = None  # transports.twilio.tokens.StreamTokens, made on first use
         self.shutting_down = False
+        self._drain_cut = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
 
     def track(self, task: asyncio.Task) -> None:
@@ -140,14 +142,49 @@ class Runtime:
             logger.exception(f"Engine loading failed: {e}")
             raise
 
-    async def drain(self, grace_secs: float) -> int:
-        """Graceful shutdown, first half: refuse new sessions, end every live one (its client gets
-        `SERVER_SHUTTING_DOWN` and `session_end`, its rows go to the outbox) and wait up to
-        `grace_secs` for them to finish. Returns how many were still running at the deadline."""
+    @property
+    def state(self) -> str:
+        """For /readyz: `ready` (admits a new session now), else why not: `loading`, `error` (the engines
+        failed; the cause is in the log), `draining`, `full` (at ATLAS_MAX_SESSIONS) or `backlogged` (the
+        outbox is over its disk cap)."""
+        if self.shutting_down:
+            return "draining"
+        if not self.ready.is_set():
+            return "error" if self.load_error else "loading"
+        if self.sessions >= self.settings.max_sessions:
+            return "full"
+        if self.recorder.full:
+            return "backlogged"
+        return "ready"
+
+    def end_drain_now(self) -> None:
+        """A second SIGTERM: stop waiting for the live sessions to end by themselves."""
+        self._drain_cut.set()
+
+    async def drain(self, drain_secs: float, grace_secs: float) -> int:
+        """Graceful shutdown, first half, as a rolling deploy needs it.
+
+        1. Leave rotation: /readyz answers 503 and every door refuses new sessions (`SERVER_SHUTTING_DOWN`).
+        2. Let the live sessions go on until each ends by itself, for at most `drain_secs` (or until
+           `end_drain_now`, a second SIGTERM).
+        3. End those still live: each client gets `SERVER_SHUTTING_DOWN` and `session_end`, its rows go
+           to the outbox; wait up to `grace_secs` for them to finish.
+
+        Returns how many were still running at the end."""
         self.shutting_down = True
-        if self.live:
-            logger.info(f"shutting down: ending {len(self.live)} live session(s) (grace {grace_secs:g} s)")
+        self.monitor.draining(True)
         loop = asyncio.get_running_loop()
+        if self.live and drain_secs > 0 and not self._drain_cut.is_set():
+            logger.info(f"draining: {len(self.live)} live session(s) may go on for up to {drain_secs:g} s")
+            deadline = loop.time() + drain_secs
+            while self.live and loop.time() < deadline and not self._drain_cut.is_set():
+                try:
+                    await asyncio.wait_for(self._drain_cut.wait(), min(0.2, max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    pass
+        if self.live:
+            why = "a second signal" if self._drain_cut.is_set() else "the drain's deadline"
+            logger.info(f"shutting down ({why}): ending {len(self.live)} live session(s) (grace {grace_secs:g} s)")
         deadline = loop.time() + grace_secs
         while self.live and loop.time() < deadline:
             # Again each pass: a session admitted just before the signal joins `live` a moment later.

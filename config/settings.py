@@ -166,7 +166,9 @@ class Settings(BaseSettings):
     alert_window_secs: float = Field(300.0, validation_alias=_env("ATLAS_ALERT_WINDOW_SECS"))
 
     # --- sessions -------------------------------------------------------------------------------
-    max_sessions: int = Field(120, validation_alias=_env("ATLAS_MAX_SESSIONS"))
+    # Sessions one worker process carries at once (its capacity: /readyz says 503 at it). The bench measured
+    # ~25 sessions per process at 0% errors on one core (bench/README.md); a machine carries workers x this.
+    max_sessions: int = Field(25, ge=1, validation_alias=_env("ATLAS_MAX_SESSIONS"))
     session_idle_timeout_secs: float = Field(600.0, validation_alias=_env("ATLAS_SESSION_IDLE_TIMEOUT_SECS"))
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
     session_start_timeout_secs: float = Field(30.0, validation_alias=_env("ATLAS_SESSION_START_TIMEOUT_SECS"))
@@ -197,7 +199,12 @@ class Settings(BaseSettings):
     )
     # A browser sends 50 audio messages a second; 3x that leaves room for controls and batching quirks.
     max_messages_per_sec: int = Field(150, ge=0, validation_alias=_env("ATLAS_MAX_MESSAGES_PER_SEC"))
-    # SIGTERM: live sessions get this long to end (session_end, rows to the outbox) before the exit.
+    # SIGTERM drains: /readyz answers 503 and no new session is admitted, while live sessions go on until they
+    # end by themselves or this many seconds pass (match the orchestrator's termination grace to it). A second
+    # SIGTERM (or Ctrl-C) ends them at once.
+    drain_secs: float = Field(300.0, ge=0, validation_alias=_env("ATLAS_DRAIN_SECS"))
+    # After the drain: the sessions still live are told SERVER_SHUTTING_DOWN and get this long to end
+    # (session_end, rows to the outbox) before the exit.
     shutdown_grace_secs: float = Field(10.0, ge=0, validation_alias=_env("ATLAS_SHUTDOWN_GRACE_SECS"))
 
     @field_validator(

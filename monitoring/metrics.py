@@ -131,6 +131,13 @@ class Monitor:
         self.window_secs = float(settings.alert_window_secs)
 
         self.active_sessions = Gauge("atlas_active_sessions", "Sessions running now.", ["transport"], registry=r)
+        self.capacity = Gauge(
+            "atlas_capacity_sessions", "Sessions this process admits at once (ATLAS_MAX_SESSIONS).", registry=r
+        )
+        self.capacity.set(int(settings.max_sessions))
+        self.draining_gauge = Gauge(
+            "atlas_draining", "1 while this process drains (SIGTERM: out of rotation, live calls finish).", registry=r
+        )
         self.sessions_started = Counter("atlas_sessions_started", "Sessions started.", ["transport"], registry=r)
         self.sessions_ended = Counter(
             "atlas_sessions_ended", "Sessions ended, by why they ended.", ["transport", "end_reason"], registry=r
@@ -217,6 +224,9 @@ class Monitor:
 
     def attach_recorder(self, recorder) -> None:
         self.recorder = recorder
+
+    def draining(self, on: bool) -> None:
+        self.draining_gauge.set(1 if on else 0)
 
     def session_started(self, transport: str) -> None:
         self.sessions_started.labels(transport).inc()

@@ -237,9 +237,10 @@ async def test_a_sustained_message_flood_ends_the_session_and_is_recorded(limite
     assert f"session {started['sessionId']}: message flood; ending it" in text
 
 
-async def test_sigterm_ends_live_sessions_with_session_end_and_exits_in_bound(vendors, artifacts):
+async def test_a_second_sigterm_ends_live_sessions_with_session_end_and_exits_in_bound(vendors, artifacts):
     log = artifacts / "server_sigterm.log"
-    env = {**limited_env(vendors), "ATLAS_SHUTDOWN_GRACE_SECS": "10"}
+    # The drain would let the sessions go on for minutes; the second SIGTERM cuts it short.
+    env = {**limited_env(vendors), "ATLAS_SHUTDOWN_GRACE_SECS": "10", "ATLAS_DRAIN_SECS": "300"}
     with server_process(env, log) as (base, proc):
         sockets = []
         for user in ("sig-1", "sig-2"):
@@ -249,6 +250,9 @@ async def test_sigterm_ends_live_sessions_with_session_end_and_exits_in_bound(ve
         for ws, _ in sockets:
             for _ in range(25):
                 await ws.send(b"\x00" * 640)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        assert httpx.get(base + "/readyz").json()["status"] == "draining"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for ws, session_id in sockets:
