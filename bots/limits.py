@@ -3,9 +3,10 @@ that have not started a session yet, and, inside one connection, the rate of mes
 of audio (`AudioBudget`).
 
 Pipecat has none of these (its FastAPI transport takes whatever arrives), and `ATLAS_MAX_SESSIONS`
-only protects the process as a whole: one client opening 120 sockets would take every slot. The
-limits here are per key (an IP address, a user id), kept in memory per process, and every refusal
-is a documented error code (docs/PROTOCOL.md). A limit of 0 turns it off.
+only protects the process as a whole: one client opening 25 sockets would take every slot. The
+limits here are per key (an IP address, a user id), kept in memory per process or, with REDIS_URL,
+in Redis for every worker and node; every refusal is a documented error code (docs/PROTOCOL.md). A
+limit of 0 turns it off.
 
 Behind a proxy the IP is the proxy's unless uvicorn trusts its X-Forwarded-For
 (`FORWARDED_ALLOW_IPS`); see the README.
@@ -13,9 +14,15 @@ Behind a proxy the IP is the proxy's unless uvicorn trusts its X-Forwarded-For
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
+
+from loguru import logger
+from redis.exceptions import RedisError
 
 from vocabulary.errors import ErrorCode, ProtocolError
 
@@ -45,8 +52,12 @@ class KeyedLimit:
         self._usage: dict[str, _Usage] = {}
         self._swept = clock()
 
-    def acquire(self, key: str) -> None:
+    async def acquire(self, key: str) -> None:
         """Take a slot for `key`, or raise ProtocolError (TOO_MANY_SESSIONS / RATE_LIMITED)."""
+        self.take(key)
+
+    def take(self, key: str) -> None:
+        """`acquire`, synchronously (this process's own counts)."""
         now = self._clock()
         if now - self._swept >= WINDOW_SECS:  # once a minute: drop every key with nothing left
             self._swept = now
@@ -90,28 +101,233 @@ class KeyedLimit:
         return len(self._usage)
 
 
+# Both checks and the take in one atomic step on Redis's clock. KEYS: the key's live leases (a sorted set,
+# score = expiry) and its starts in the window (score = start time). ARGV: max live, max starts per window,
+# the lease id, the lease's lifetime, the window. Returns {1, 0} taken, {0, 0} too many live, {-1, retry secs}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local max_live, per_window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if max_live > 0 and redis.call('ZCARD', KEYS[1]) >= max_live then return {0, 0} end
+if per_window > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[2]) >= per_window then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {-1, math.max(1, math.ceil(window - (now - tonumber(oldest[2]))))}
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  redis.call('EXPIRE', KEYS[2], math.ceil(window) + 1)
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl) * 2)
+return {1, 0}
+"""
+
+# Keeps this process's live leases alive: KEYS[i] holds lease ARGV[i + 1]; ARGV[1] is the lifetime.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  redis.call('EXPIRE', key, math.ceil(ttl) * 2)
+end
+return #KEYS
+"""
+
+
+class SharedKeyedLimit:
+    """`KeyedLimit` held in Redis, so it holds across every worker process and machine (REDIS_URL).
+
+    Each live session is a lease in a sorted set per key, scored by its expiry: a process renews its
+    leases every `LEASE_SECS / 3`, so the slots of a worker killed mid-call (SIGKILL, OOM, a lost node)
+    come free within `LEASE_SECS` instead of leaking forever. The starts of the last minute are a second
+    sorted set. One Lua script checks both and takes the slot atomically, on Redis's clock.
+
+    Written here rather than with the `limits` library: it has moving-window rates on Redis but no
+    concurrent count (a live session is not a hit that expires on its own), and one script does both
+    checks in one round trip, with no start counted for a session refused as one too many.
+
+    When Redis fails or is slower than ATLAS_REDIS_TIMEOUT_SECS, `redis_failure` decides: `open` counts the
+    session in this process's own `KeyedLimit` (still bounded, per process), `closed` refuses it with
+    LIMITS_UNAVAILABLE. Either way it is counted (`atlas_redis_errors_total`) and live sessions go on.
+    """
+
+    LEASE_SECS = 30.0
+    _LOCAL = ""  # a slot held in the local fallback, not in Redis
+
+    def __init__(
+        self,
+        name: str,
+        local: KeyedLimit,
+        client,
+        *,
+        prefix: str,
+        failure: str,
+        timeout: float,
+        monitor=None,
+    ):
+        self.what = local.what
+        self.max_active = local.max_active
+        self.max_per_minute = local.max_per_minute
+        self.local = local
+        self._client = client
+        self._prefix = f"{prefix}:limit:{name}"
+        self._failure = failure
+        self._timeout = timeout
+        self._monitor = monitor
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._held: dict[str, list[str]] = {}  # key -> lease ids (or _LOCAL) this process holds
+        self._tasks: set = set()
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        # Hashed: Redis keys stay short whatever a client sends, and hold no address or phone number.
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return f"{self._prefix}:{digest}:live", f"{self._prefix}:{digest}:starts"
+
+    def _failed(self, op: str, error: BaseException) -> None:
+        logger.warning(f"shared limits: Redis {op} failed ({type(error).__name__}: {error})")
+        if self._monitor is not None:
+            self._monitor.redis_error(op)
+
+    async def acquire(self, key: str) -> None:
+        if not self.max_active and not self.max_per_minute:
+            return
+        lease = uuid.uuid4().hex
+        live, starts = self._keys(key)
+        try:
+            taken, retry = await asyncio.wait_for(
+                self._acquire(
+                    keys=[live, starts],
+                    args=[self.max_active, self.max_per_minute, lease, self.LEASE_SECS, WINDOW_SECS],
+                ),
+                self._timeout,
+            )
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed("acquire", e)
+            if self._failure == "closed":
+                raise ProtocolError(
+                    ErrorCode.LIMITS_UNAVAILABLE, "the server cannot check its limits right now; retry shortly"
+                ) from None
+            self.local.take(key)
+            self._held.setdefault(key, []).append(self._LOCAL)
+            return
+        if self._monitor is not None:
+            self._monitor.redis_ok()
+        if int(taken) == 0:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SESSIONS,
+                f"at most {self.max_active} sessions at once per {self.what}; end one first",
+            )
+        if int(taken) < 0:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"at most {self.max_per_minute} new sessions a minute per {self.what}; retry in {int(retry)} s",
+            )
+        self._held.setdefault(key, []).append(lease)
+
+    def release(self, key: str) -> None:
+        """Give back one of `key`'s slots (synchronous for the callers; Redis is told in the background, and a
+        lease Redis never hears about expires by itself)."""
+        leases = self._held.get(key)
+        if not leases:
+            return
+        lease = leases.pop()
+        if not leases:
+            del self._held[key]
+        if lease == self._LOCAL:
+            self.local.release(key)
+            return
+        task = asyncio.get_running_loop().create_task(self._forget(self._keys(key)[0], lease))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forget(self, live: str, lease: str) -> None:
+        try:
+            await asyncio.wait_for(self._client.zrem(live, lease), self._timeout)
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed("release", e)
+
+    async def renew(self) -> None:
+        """Push this process's leases' expiry on (called every LEASE_SECS / 3)."""
+        pairs = [(self._keys(k)[0], lease) for k, leases in self._held.items() for lease in leases if lease]
+        if not pairs:
+            return
+        try:
+            await asyncio.wait_for(
+                self._renew(keys=[k for k, _ in pairs], args=[self.LEASE_SECS, *[lease for _, lease in pairs]]),
+                self._timeout,
+            )
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed("renew", e)
+
+    @property
+    def tracked_keys(self) -> int:
+        return len(self._held) + self.local.tracked_keys
+
+
 class AbuseLimits:
-    """The per-IP and per-user limits of one process (settings: ATLAS_MAX_SESSIONS_PER_IP, ...).
+    """The per-IP and per-user limits (settings: ATLAS_MAX_SESSIONS_PER_IP, ...): this process's own counts,
+    or with REDIS_URL the counts of every worker and node (`SharedKeyedLimit`).
 
     `pending` counts connections that have not proved who they are yet (no valid `session_start` or
     Twilio `start`): at most ATLAS_MAX_PENDING_PER_IP per address and ATLAS_MAX_PENDING_CONNECTIONS in
     all, so a stranger opening sockets and saying nothing cannot hold the server's session slots (a
     session slot is taken only once the client is authenticated)."""
 
-    def __init__(self, settings, clock=time.monotonic):
+    def __init__(self, settings, clock=time.monotonic, monitor=None):
         s = settings
-        self.by_ip = KeyedLimit("IP address", s.max_sessions_per_ip, s.session_starts_per_minute_per_ip, clock)
-        self.by_user = KeyedLimit("user", s.max_sessions_per_user, s.session_starts_per_minute_per_user, clock)
+        by_ip = KeyedLimit("IP address", s.max_sessions_per_ip, s.session_starts_per_minute_per_ip, clock)
+        by_user = KeyedLimit("user", s.max_sessions_per_user, s.session_starts_per_minute_per_user, clock)
+        self.by_ip: KeyedLimit | SharedKeyedLimit = by_ip
+        self.by_user: KeyedLimit | SharedKeyedLimit = by_user
+        self.redis = None
+        self._renewer: asyncio.Task | None = None
+        redis_url = getattr(s, "redis_url", None)
+        if redis_url is not None and redis_url.get_secret_value():
+            from redis.asyncio import Redis
+
+            self.redis = Redis.from_url(
+                redis_url.get_secret_value(),
+                socket_timeout=s.redis_timeout_secs,
+                socket_connect_timeout=s.redis_timeout_secs,
+            )
+            shared = {"prefix": s.redis_prefix, "failure": s.redis_failure, "timeout": s.redis_timeout_secs}
+            self.by_ip = SharedKeyedLimit("ip", by_ip, self.redis, monitor=monitor, **shared)
+            self.by_user = SharedKeyedLimit("user", by_user, self.redis, monitor=monitor, **shared)
+        # Connections still to start a session are this process's own sockets: counted here only.
         self.pending = KeyedLimit("IP address", s.max_pending_per_ip, 0, clock)
         self.max_pending_total = s.max_pending_connections
         self.pending_total = 0
+
+    def start(self) -> None:
+        """Start renewing the shared leases (with Redis; call from the running event loop)."""
+        if self.redis is not None and self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SharedKeyedLimit.LEASE_SECS / 3)
+            for limit in (self.by_ip, self.by_user):
+                if isinstance(limit, SharedKeyedLimit):
+                    await limit.renew()
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.aclose()
 
     def acquire_pending(self, ip: str) -> None:
         """Count a connection that has not started a session yet, or raise ProtocolError."""
         if self.max_pending_total and self.pending_total >= self.max_pending_total:
             raise ProtocolError(ErrorCode.SERVER_BUSY, "too many connections are waiting to start; retry shortly")
         try:
-            self.pending.acquire(ip)
+            self.pending.take(ip)
         except ProtocolError as e:
             raise ProtocolError(
                 e.code,

@@ -41,7 +41,7 @@ class Runtime:
         self.monitor: Monitor = monitor or Monitor(settings)
         if monitor is None:
             self.monitor.attach_recorder(self.recorder)
-        self.limits: AbuseLimits = limits or AbuseLimits(settings)  # per IP / user / pending, every door
+        self.limits: AbuseLimits = limits or AbuseLimits(settings, monitor=self.monitor)  # per IP / user / pending
         self.auth: TokenVerifier = TokenVerifier.from_settings(settings)
         self.engines: LocalEngines | None = None  # set by `load`
         self.llm_base_url: str | None = None
@@ -106,6 +106,7 @@ class Runtime:
     async def start_recorder(self) -> None:
         """Open the outbox and start sending rows (first those a previous run left behind)."""
         await self.recorder.start()
+        self.limits.start()
         logger.info(
             f"recording sessions to {self.recorder.sink.name}"
             + (f" ({self.settings.resolved_sqlite_path})" if self.recorder.sink.name == "sqlite" else "")
@@ -210,4 +211,5 @@ class Runtime:
         if self.llm_server is not None:
             await self.llm_server.stop()
         await self.recorder.close(timeout=self.settings.db_timeout_secs)
+        await self.limits.close()
         logger.info("shutdown complete")

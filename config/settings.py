@@ -199,6 +199,17 @@ class Settings(BaseSettings):
     )
     # A browser sends 50 audio messages a second; 3x that leaves room for controls and batching quirks.
     max_messages_per_sec: int = Field(150, ge=0, validation_alias=_env("ATLAS_MAX_MESSAGES_PER_SEC"))
+    # --- shared state across worker processes and machines (bots/limits.py) -------------------------
+    # Redis for the per-IP and per-user limits (live sessions and starts per minute), so they hold across every
+    # worker and node; unset = each process keeps its own counts (one process, or one machine with sticky IPs).
+    redis_url: SecretStr | None = Field(None, validation_alias=_env("REDIS_URL"))
+    # When Redis cannot be reached: `open` = each process falls back to its own counts (calls keep coming),
+    # `closed` = new sessions are refused with LIMITS_UNAVAILABLE. Live calls go on either way.
+    redis_failure: Literal["open", "closed"] = Field("open", validation_alias=_env("ATLAS_REDIS_FAILURE"))
+    redis_timeout_secs: float = Field(0.5, gt=0, validation_alias=_env("ATLAS_REDIS_TIMEOUT_SECS"))
+    # Key prefix: several Atlas deployments may share one Redis.
+    redis_prefix: str = Field("atlas", min_length=1, max_length=64, validation_alias=_env("ATLAS_REDIS_PREFIX"))
+
     # SIGTERM drains: /readyz answers 503 and no new session is admitted, while live sessions go on until they
     # end by themselves or this many seconds pass (match the orchestrator's termination grace to it). A second
     # SIGTERM (or Ctrl-C) ends them at once.

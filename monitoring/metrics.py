@@ -138,6 +138,15 @@ class Monitor:
         self.draining_gauge = Gauge(
             "atlas_draining", "1 while this process drains (SIGTERM: out of rotation, live calls finish).", registry=r
         )
+        self.redis_errors = Counter(
+            "atlas_redis_errors", "Shared-limit operations that failed on Redis, by operation.", ["op"], registry=r
+        )
+        self.limits_shared = Gauge(
+            "atlas_limits_shared",
+            "1 while the per-IP/per-user limits are shared through Redis, 0 while this process counts alone.",
+            registry=r,
+        )
+        self.limits_shared.set(1 if getattr(settings, "redis_url", None) else 0)
         self.sessions_started = Counter("atlas_sessions_started", "Sessions started.", ["transport"], registry=r)
         self.sessions_ended = Counter(
             "atlas_sessions_ended", "Sessions ended, by why they ended.", ["transport", "end_reason"], registry=r
@@ -224,6 +233,13 @@ class Monitor:
 
     def attach_recorder(self, recorder) -> None:
         self.recorder = recorder
+
+    def redis_error(self, op: str) -> None:
+        self.redis_errors.labels(op).inc()
+        self.limits_shared.set(0)
+
+    def redis_ok(self) -> None:
+        self.limits_shared.set(1)
 
     def draining(self, on: bool) -> None:
         self.draining_gauge.set(1 if on else 0)

@@ -40,29 +40,29 @@ class Clock:
 def test_keyed_limit_counts_live_sessions_and_starts_per_minute_and_forgets_idle_keys():
     clock = Clock()
     limit = KeyedLimit("IP address", max_active=2, max_per_minute=3, clock=clock)
-    limit.acquire("a")
-    limit.acquire("a")
+    limit.take("a")
+    limit.take("a")
     with pytest.raises(ProtocolError) as e:
-        limit.acquire("a")
+        limit.take("a")
     assert e.value.code == ErrorCode.TOO_MANY_SESSIONS
-    limit.acquire("b")  # another key has its own budget
+    limit.take("b")  # another key has its own budget
     limit.release("a")
-    limit.acquire("a")  # the third start of "a" within the minute
+    limit.take("a")  # the third start of "a" within the minute
     limit.release("a")
     with pytest.raises(ProtocolError) as e:
-        limit.acquire("a")
+        limit.take("a")
     assert e.value.code == ErrorCode.RATE_LIMITED and "retry in 60 s" in e.value.message
     clock.t += 30
     with pytest.raises(ProtocolError):
-        limit.acquire("a")  # the window is a minute
+        limit.take("a")  # the window is a minute
     clock.t += 31
-    limit.acquire("a")  # the first starts left the window
+    limit.take("a")  # the first starts left the window
     for _ in range(2):
         limit.release("a")
     limit.release("b")
     clock.t += 61
     limit.release("nobody")  # releasing an unknown key is harmless
-    limit.acquire("c")
+    limit.take("c")
     limit.release("c")
     clock.t += 61
     limit.release("c")
@@ -72,7 +72,7 @@ def test_keyed_limit_counts_live_sessions_and_starts_per_minute_and_forgets_idle
 def test_a_zero_limit_is_off():
     limit = KeyedLimit("user", max_active=0, max_per_minute=0)
     for _ in range(1000):
-        limit.acquire("u")
+        limit.take("u")
     assert MessageRate(0).allow()
 
 

@@ -117,3 +117,161 @@ async def test_a_drain_with_no_live_call_exits_at_once(vendors, artifacts):
         await asyncio.to_thread(proc.wait, 40)
         assert time.monotonic() - t0 < 15  # not the 300 s bound: nothing was live
     assert "shutdown complete" in log.read_text()
+
+
+# --- limits shared through Redis ---------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A real `redis-server` (Debian's) on a private port, no persistence; stop() and start() again at will."""
+
+    def __init__(self, workdir):
+        from tests.helpers import free_port
+
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import shutil
+        import subprocess
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (scripts/quickstart.sh installs it)"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def shared_settings(redis_url: str, **over):
+    from config.settings import Settings
+
+    values = {
+        "REDIS_URL": redis_url,
+        "ATLAS_MAX_SESSIONS_PER_USER": "2",
+        "ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER": "4",
+        "ATLAS_MAX_SESSIONS_PER_IP": "0",
+        "ATLAS_SESSION_STARTS_PER_MINUTE_PER_IP": "0",
+        **over,
+    }
+    return Settings(_env_file=None, **{k: v for k, v in values.items()})
+
+
+async def test_two_processes_share_live_sessions_and_starts_per_minute_through_redis(redis_server):
+    from bots.limits import AbuseLimits
+    from vocabulary.errors import ProtocolError
+
+    settings = shared_settings(redis_server.url)
+    a, b = AbuseLimits(settings), AbuseLimits(settings)  # as two workers, or two nodes
+    try:
+        await a.by_user.acquire("ann")
+        await b.by_user.acquire("ann")
+        with pytest.raises(ProtocolError) as e:
+            await a.by_user.acquire("ann")  # two live on the other worker already
+        assert e.value.code == "TOO_MANY_SESSIONS"
+        await b.by_user.acquire("bob")  # another user has their own
+        a.by_user.release("ann")
+        await asyncio.sleep(0.2)  # Redis hears about the release in the background
+        await b.by_user.acquire("ann")  # the third start of the minute
+        b.by_user.release("ann")
+        b.by_user.release("ann")
+        await asyncio.sleep(0.2)
+        await a.by_user.acquire("ann")  # the fourth
+        with pytest.raises(ProtocolError) as e:
+            await b.by_user.acquire("ann")  # a fifth start within the minute, from either worker
+        assert e.value.code == "RATE_LIMITED" and "retry in" in e.value.message
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_killed_workers_slots_come_free_and_a_live_workers_are_kept(redis_server):
+    from bots.limits import AbuseLimits, SharedKeyedLimit
+    from vocabulary.errors import ProtocolError
+
+    settings = shared_settings(redis_server.url, ATLAS_SESSION_STARTS_PER_MINUTE_PER_USER="0")
+    killed, alive = AbuseLimits(settings), AbuseLimits(settings)
+    for limits in (killed, alive):
+        assert isinstance(limits.by_user, SharedKeyedLimit)
+        limits.by_user.LEASE_SECS = 1.5  # the instance's lease, short for the test
+    try:
+        await killed.by_user.acquire("cy")  # then the worker dies: never released, never renewed
+        await alive.by_user.acquire("cy")
+        with pytest.raises(ProtocolError):
+            await alive.by_user.acquire("cy")
+        for _ in range(4):  # the live worker renews its lease; the dead one's runs out
+            await asyncio.sleep(0.5)
+            await alive.by_user.renew()
+        await alive.by_user.acquire("cy")  # the dead worker's slot is free again
+        with pytest.raises(ProtocolError):
+            await alive.by_user.acquire("cy")  # and the live worker's two are still counted
+    finally:
+        await killed.close()
+        await alive.close()
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+async def test_redis_down_fails_open_to_local_counts_or_closed_and_is_counted(redis_server, failure):
+    from bots.limits import AbuseLimits
+    from monitoring.metrics import Monitor
+    from tests.helpers import metric_samples
+    from vocabulary.errors import ProtocolError
+
+    settings = shared_settings(redis_server.url, ATLAS_REDIS_FAILURE=failure, ATLAS_REDIS_TIMEOUT_SECS="0.3")
+    monitor = Monitor(settings)
+    limits = AbuseLimits(settings, monitor=monitor)
+    try:
+        await limits.by_user.acquire("dee")  # shared, while Redis is up
+        redis_server.stop()
+        t0 = time.monotonic()
+        if failure == "open":
+            await limits.by_user.acquire("dee")  # counted by this process alone
+            with pytest.raises(ProtocolError) as e:
+                await limits.by_user.acquire("dee")
+                await limits.by_user.acquire("dee")
+            assert e.value.code == "TOO_MANY_SESSIONS"  # the local counts still bound it
+        else:
+            with pytest.raises(ProtocolError) as e:
+                await limits.by_user.acquire("dee")
+            assert e.value.code == "LIMITS_UNAVAILABLE"
+        assert time.monotonic() - t0 < 5  # a dead Redis costs a timeout, not a hang
+        limits.by_user.release("dee")  # releasing while Redis is down is harmless
+        await asyncio.sleep(0.5)
+        samples = metric_samples(monitor.render()[0].decode())
+        assert samples[("atlas_redis_errors_total", (("op", "acquire"),))] >= 1
+        assert samples[("atlas_limits_shared", ())] == 0
+    finally:
+        await limits.close()

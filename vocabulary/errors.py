@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     SESSION_MAX_DURATION = "SESSION_MAX_DURATION"  # the session reached ATLAS_SESSION_MAX_SECS
     SERVER_NOT_READY = "SERVER_NOT_READY"  # engines still loading
     SERVER_BUSY = "SERVER_BUSY"  # the server is at ATLAS_MAX_SESSIONS; retry later
+    LIMITS_UNAVAILABLE = "LIMITS_UNAVAILABLE"  # the shared limits' Redis is down and ATLAS_REDIS_FAILURE=closed
     SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"  # the server is stopping (SIGTERM); reconnect elsewhere
     AUTH_FAILED = "AUTH_FAILED"  # session_start without a valid access token (auth on)
     ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"  # a browser Origin not in ATLAS_ALLOWED_ORIGINS

@@ -157,14 +157,14 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
 
     for limit, key in ((limits.by_ip, ip), (limits.by_user, caller.user_id or f"anon:{ip}")):
         try:
-            limit.acquire(key)
+            await limit.acquire(key)
         except ProtocolError as e:
             release_limits()
             runtime.monitor.error(str(e.code))
             logger.warning(f"/daily/start refused for {limit.what} {key[:64]!r}: {e.code}")
             return JSONResponse(
                 {"type": "error", "code": str(e.code), "message": e.message},
-                status_code=429,
+                status_code=503 if e.code == ErrorCode.LIMITS_UNAVAILABLE else 429,
                 headers={"Retry-After": "60"},
             )
         held.append((limit, key))

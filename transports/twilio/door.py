@@ -400,11 +400,11 @@ async def serve_twilio(websocket: WebSocket, runtime: Runtime) -> None:
         admitted = True
         key = f"phone:{start.caller or start.call_sid}"
         try:
-            limits.by_user.acquire(key)
+            await limits.by_user.acquire(key)
         except ProtocolError as e:
             logger.warning(f"call {start.call_sid} refused: {e.code} for caller {masked(start.caller)}")
             runtime.monitor.error(str(e.code))
-            await websocket.close(CloseCode.POLICY)
+            await websocket.close(CloseCode.TRY_AGAIN if e.code == ErrorCode.LIMITS_UNAVAILABLE else CloseCode.POLICY)
             return
         user = key
         await TwilioSession(runtime, websocket, start).run()

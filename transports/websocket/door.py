@@ -26,7 +26,7 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from starlette.websockets import WebSocketState
 
 from bots.auth import AuthError
-from bots.limits import AudioBudget, KeyedLimit, MessageRate
+from bots.limits import AudioBudget, KeyedLimit, MessageRate, SharedKeyedLimit
 from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession
 from processors.client_events import ClientEventsObserver
@@ -259,14 +259,15 @@ async def _refuse(websocket: WebSocket, runtime: Runtime, code: ErrorCode, messa
     await close_quietly(websocket, close)
 
 
-async def _acquire(websocket: WebSocket, runtime: Runtime, limit: KeyedLimit, key: str) -> bool:
+async def _acquire(websocket: WebSocket, runtime: Runtime, limit: KeyedLimit | SharedKeyedLimit, key: str) -> bool:
     """Take `key`'s slot in a per-IP or per-user limit, or refuse the connection with the limit's code."""
     try:
-        limit.acquire(key)
+        await limit.acquire(key)
         return True
     except ProtocolError as e:
         logger.warning(f"session refused for {limit.what} {key[:64]!r}: {e.code}")
-        await _refuse(websocket, runtime, e.code, e.message, CLOSE_POLICY)
+        close = CLOSE_TRY_AGAIN if e.code == ErrorCode.LIMITS_UNAVAILABLE else CLOSE_POLICY
+        await _refuse(websocket, runtime, e.code, e.message, close)
         return False
 
 
