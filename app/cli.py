@@ -26,7 +26,14 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         print(f"atlas-voice serve: {e}", file=sys.stderr)
         return 2
-    serve(settings, host, args.port or settings.port)
+    port = args.port or settings.port
+    workers = args.workers if args.workers is not None else settings.resolved_workers
+    if workers > 1:
+        from app.workers import serve_workers
+
+        serve_workers(settings, host, port, workers)
+    else:
+        serve(settings, host, port)
     return 0
 
 
@@ -173,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the server (browser page at /, voice at /ws)")
     p.add_argument("--host", default=None, help="default ATLAS_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default ATLAS_PORT or 8000")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default ATLAS_WORKERS, or one per CPU core)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("talk", help="speak WAV files to a server and measure voice-to-voice latency")

@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         503 while loading, draining, at its ATLAS_MAX_SESSIONS capacity or with its outbox over its disk cap;
         live calls go on either way."""
         state = runtime.state
-        body = {"status": state, "sessions": runtime.sessions, "capacity": settings.max_sessions}
+        sessions, capacity = runtime.load_figures()
+        body = {"status": state, "sessions": sessions, "capacity": capacity}
         return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
     @app.get("/healthz")
@@ -161,10 +162,16 @@ def ws_max_size(settings: Settings) -> int:
     return max(64 * 1024, 2 * max(settings.max_audio_frame_bytes, settings.max_text_message_bytes))
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    settings.check_exposure(host)
+def make_server(settings: Settings, host: str, port: int) -> AtlasServer:
+    """One process's server: the app, its Runtime and uvicorn's server around them."""
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=1
     )
-    AtlasServer(config, app.state.runtime).run()
+    return AtlasServer(config, app.state.runtime)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """One process serving the port (`--workers 1`); app/workers.py runs several."""
+    settings.check_exposure(host)
+    make_server(settings, host, port).run()

@@ -25,6 +25,8 @@ LIMITS_OFF = {
     # A stopped test server ends its sessions at once instead of letting them drain for minutes (tests of
     # the drain set it).
     "ATLAS_DRAIN_SECS": "0",
+    # One process unless a test or scenario asks for workers: the tests read one process's logs and counts.
+    "ATLAS_WORKERS": "1",
 }
 
 
@@ -45,7 +47,8 @@ def server_process(env: dict[str, str], log_path: Path, timeout: float = 240.0):
     }
     for name, path in stores.items():
         if name not in env:
-            for leftover in path.parent.glob(path.name + "*"):
+            # With workers each has its own outbox: <stem>.worker<N>.sqlite3.
+            for leftover in [*path.parent.glob(path.name + "*"), *path.parent.glob(path.stem + ".worker*")]:
                 leftover.unlink()
     full_env = {**os.environ, "ATLAS_LOG_LEVEL": "DEBUG", **LIMITS_OFF, **{k: str(v) for k, v in stores.items()}, **env}
     log = open(log_path, "w")

@@ -138,6 +138,7 @@ class Runtime:
                 await server.start()
                 self.llm_server, self.llm_base_url, self.llm_model = server, server.base_url, "local"
             self.ready.set()
+            self.monitor.ready()
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             logger.exception(f"Engine loading failed: {e}")
@@ -154,9 +155,24 @@ class Runtime:
             return "error" if self.load_error else "loading"
         if self.sessions >= self.settings.max_sessions:
             return "full"
+        if self.monitor.multiprocess:
+            # The port's next connection may land on any worker: the machine is ready when all of them are
+            # (every worker up and loaded, none full). Workers fill evenly, so little capacity waits unused.
+            workers = self.monitor.workers().values()
+            if len(workers) < self.settings.resolved_workers or not all(ready for ready, _ in workers):
+                return "loading"
+            if any(sessions >= self.settings.max_sessions for _, sessions in workers):
+                return "full"
         if self.recorder.full:
             return "backlogged"
         return "ready"
+
+    def load_figures(self) -> tuple[int, int]:
+        """(sessions running, sessions admitted at once) for the machine: every worker's when there are several."""
+        if self.monitor.multiprocess:
+            sessions = [n for _, n in self.monitor.workers().values()]
+            return sum(sessions), self.settings.max_sessions * max(1, len(sessions))
+        return self.sessions, self.settings.max_sessions
 
     def end_drain_now(self) -> None:
         """A second SIGTERM: stop waiting for the live sessions to end by themselves."""

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # --- server -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=_env("ATLAS_HOST"))
     port: int = Field(8000, validation_alias=_env("ATLAS_PORT"))
+    # Worker processes serving the port (`serve --workers`): 0 = one per CPU core. Each has its own engines,
+    # pipelines and outbox; one local LLM server serves them all.
+    workers: int = Field(0, ge=0, le=64, validation_alias=_env("ATLAS_WORKERS"))
+    # Set by the supervisor in each worker (0, 1, ...): names the worker's own outbox file. Not for users.
+    worker_index: int | None = Field(None, ge=0, validation_alias=_env("ATLAS_WORKER_INDEX"))
     log_level: str = Field("INFO", validation_alias=_env("ATLAS_LOG_LEVEL"))
     # Comma-separated in the environment (NoDecode: pydantic-settings would otherwise demand JSON).
     allowed_origins: Annotated[list[str], NoDecode] = Field(
@@ -278,7 +283,16 @@ class Settings(BaseSettings):
 
     @property
     def resolved_outbox_path(self) -> Path:
-        return self.outbox_path or self.cache_dir / "outbox.sqlite3"
+        """The outbox file; each worker process has its own (`outbox.worker1.sqlite3`), which the worker
+        restarted in its place drains."""
+        path = self.outbox_path or self.cache_dir / "outbox.sqlite3"
+        if self.worker_index is None:
+            return path
+        return path.with_name(f"{path.stem}.worker{self.worker_index}{path.suffix}")
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
     def check_providers(self) -> None:
         """Fail at start-up, with the variable to set, when a chosen cloud provider has no key."""

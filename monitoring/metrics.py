@@ -20,6 +20,7 @@ full list of metrics and alerts; monitoring/alert_rules.yml has the same alerts 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from vocabulary.records import STAGES, SessionSummary, TurnRecord, sorted_percentile
@@ -116,11 +118,50 @@ class _OutboxCollector:
         yield from families
 
 
+class _OutboxMirror:
+    """The outbox numbers as ordinary metrics, for multiprocess mode (a custom collector would show only
+    the worker that answers the scrape): gauges summed over the live workers, counters over all."""
+
+    GAUGES = ("pending", "dead", "bytes", "full")
+    COUNTERS = ("written", "failures", "dead_lettered", "pruned")
+
+    def __init__(self, registry):
+        help_ = {f.name: f.documentation for f in _OutboxCollector(None)._families()}  # type: ignore[arg-type]
+        self.gauges = {
+            a: Gauge(
+                f"atlas_outbox_{a}",
+                help_[f"atlas_outbox_{a}"],
+                ["sink"],
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+            for a in self.GAUGES
+        }
+        self.counters = {
+            a: Counter(f"atlas_outbox_{a}", help_[f"atlas_outbox_{a}"], ["sink"], registry=registry)
+            for a in self.COUNTERS
+        }
+        self._seen = dict.fromkeys(self.COUNTERS, 0.0)
+
+    def update(self, recorder) -> None:
+        sink = str(getattr(getattr(recorder, "sink", None), "name", None) or "unknown")
+        for attr, gauge in self.gauges.items():
+            gauge.labels(sink).set(_num(getattr(recorder, attr, 0)))
+        for attr, counter in self.counters.items():
+            value = _num(getattr(recorder, attr, 0))
+            if value > self._seen[attr]:
+                counter.labels(sink).inc(value - self._seen[attr])
+                self._seen[attr] = value
+
+
 class Monitor:
     def __init__(self, settings, *, clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.clock = clock
         self.recorder = None
+        # Several worker processes (`atlas-voice serve --workers N`, which sets PROMETHEUS_MULTIPROC_DIR): the
+        # metrics live in files shared by the workers and /metrics shows the machine's totals.
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
 
@@ -130,21 +171,49 @@ class Monitor:
         self.active_threshold = int(settings.alert_active_sessions)
         self.window_secs = float(settings.alert_window_secs)
 
-        self.active_sessions = Gauge("atlas_active_sessions", "Sessions running now.", ["transport"], registry=r)
+        # With several workers (multiprocess mode) every gauge says how the workers' values combine: `livesum`
+        # (the machine's total), `livemax` (any worker), `liveall` (one series per worker, labelled `pid`).
+        self.active_sessions = Gauge(
+            "atlas_active_sessions", "Sessions running now.", ["transport"], registry=r, multiprocess_mode="livesum"
+        )
+        self.worker_sessions = Gauge(
+            "atlas_worker_sessions",
+            "Sessions running now in each worker process (label pid; one series with a single process).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.worker_ready = Gauge(
+            "atlas_worker_ready",
+            "1 once a worker process has loaded its engines (label pid; one series with a single process).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.worker_starts = Counter(
+            "atlas_worker_starts",
+            "Worker processes that have loaded their engines: more than the workers means some were restarted.",
+            registry=r,
+        )
         self.capacity = Gauge(
-            "atlas_capacity_sessions", "Sessions this process admits at once (ATLAS_MAX_SESSIONS).", registry=r
+            "atlas_capacity_sessions",
+            "Sessions admitted at once: ATLAS_MAX_SESSIONS per worker, summed over the workers.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.capacity.set(int(settings.max_sessions))
         self.draining_gauge = Gauge(
-            "atlas_draining", "1 while this process drains (SIGTERM: out of rotation, live calls finish).", registry=r
+            "atlas_draining",
+            "1 while the server drains (SIGTERM: out of rotation, live calls finish).",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.redis_errors = Counter(
             "atlas_redis_errors", "Shared-limit operations that failed on Redis, by operation.", ["op"], registry=r
         )
         self.limits_shared = Gauge(
             "atlas_limits_shared",
-            "1 while the per-IP/per-user limits are shared through Redis, 0 while this process counts alone.",
+            "1 while the per-IP/per-user limits are shared through Redis, 0 while a process counts alone.",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.limits_shared.set(1 if getattr(settings, "redis_url", None) else 0)
         self.sessions_started = Counter("atlas_sessions_started", "Sessions started.", ["transport"], registry=r)
@@ -186,7 +255,11 @@ class Monitor:
         self.llm_output_tokens = Counter("atlas_llm_output_tokens", "LLM output tokens (ended sessions).", registry=r)
         self.tts_characters = Counter("atlas_tts_characters", "Characters sent to TTS (ended sessions).", registry=r)
         self.alert_active = Gauge(
-            "atlas_alert_active", "1 while the alert is firing in this process, else 0.", ["alert"], registry=r
+            "atlas_alert_active",
+            "1 while the alert is firing (in any worker), else 0.",
+            ["alert"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.alerts_fired = Counter(
             "atlas_alerts", "Times the alert started firing in this process.", ["alert"], registry=r
@@ -197,9 +270,15 @@ class Monitor:
             "cost_per_session in USD, active_sessions in sessions).",
             ["alert"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        r.register(_OutboxCollector(self))
-        ProcessCollector(registry=r)
+        if self.multiprocess:
+            # Each worker's outbox numbers, written to the shared files by `refresh_outbox` (every second and
+            # at each scrape): the exposition sums them over the workers.
+            self._outbox = _OutboxMirror(r)
+        else:
+            r.register(_OutboxCollector(self))
+            ProcessCollector(registry=r)
 
         # Every label value known in advance is exported from the start (at 0), so rate() and the
         # alert rules see the series before the first event.
@@ -223,6 +302,7 @@ class Monitor:
             self.alert_threshold.labels(name).set(thresholds[name])
 
         self._lock = threading.Lock()
+        self._ready = False
         self._active: dict[str, int] = {}
         self._alerts: dict[str, str] = {}  # firing alert -> message
         self._window: deque[tuple[float, float | None, bool]] = deque()  # (t, v2v ms, errored), oldest first
@@ -247,6 +327,7 @@ class Monitor:
     def session_started(self, transport: str) -> None:
         self.sessions_started.labels(transport).inc()
         self.active_sessions.labels(transport).inc()
+        self.worker_sessions.inc()
         with self._lock:
             self._active[transport] = self._active.get(transport, 0) + 1
             self._evaluate_active()
@@ -265,6 +346,7 @@ class Monitor:
             if self._active.get(transport, 0) > 0:
                 self._active[transport] -= 1
                 self.active_sessions.labels(transport).dec()
+                self.worker_sessions.dec()
             else:
                 logger.warning(f"monitor: session_ended({transport!r}) without a session_started; gauge not changed")
             if cost > self.cost_threshold_usd:
@@ -312,7 +394,40 @@ class Monitor:
     def render(self) -> tuple[bytes, str]:
         with self._lock:
             self._evaluate_window(self.clock())  # windows expire even when no events come
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.refresh_outbox()
+        machine = CollectorRegistry()
+        MultiProcessCollector(machine)
+        return generate_latest(machine), CONTENT_TYPE_LATEST
+
+    def refresh_outbox(self) -> None:
+        """Multiprocess mode: copy this worker's outbox numbers to the shared files."""
+        if self.multiprocess and self.recorder is not None:
+            self._outbox.update(self.recorder)
+
+    def ready(self) -> None:
+        self._ready = True
+        self.worker_ready.set(1)
+        self.worker_starts.inc()
+
+    def workers(self) -> dict[str, tuple[bool, int]]:
+        """Each live worker's (engines loaded, sessions running), by pid: every worker's in multiprocess mode,
+        read from the shared files; this process's alone otherwise."""
+        if not self.multiprocess:
+            return {str(os.getpid()): (self._ready, int(sum(self._active.values())))}
+        machine = CollectorRegistry()
+        MultiProcessCollector(machine)
+        found: dict[str, list] = {}
+        for family in machine.collect():
+            if family.name in ("atlas_worker_ready", "atlas_worker_sessions"):
+                for sample in family.samples:
+                    entry = found.setdefault(sample.labels.get("pid", ""), [False, 0])
+                    if family.name == "atlas_worker_ready":
+                        entry[0] = sample.value >= 1
+                    else:
+                        entry[1] = int(sample.value)
+        return {pid: (ready, sessions) for pid, (ready, sessions) in found.items()}
 
     def active_alerts(self) -> dict[str, str]:
         """Firing alerts -> their last message (the windowed ones are re-evaluated first)."""

@@ -43,6 +43,15 @@ async def start_raw(ws_url: str, user: str) -> tuple[websockets.ClientConnection
     return ws, json.loads(await asyncio.wait_for(ws.recv(), 30))
 
 
+async def refused_at_connect(ws_url: str) -> tuple[str, int | None]:
+    """A connection the server refuses as it opens, before any session_start: (error code, close code)."""
+    async with websockets.connect(ws_url) as ws:
+        refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        return refused["code"], ws.close_code
+
+
 async def test_readyz_says_full_at_capacity_and_ready_again_when_a_call_ends(vendors, artifacts):
     env = {**cloud_fakes_env(vendors), "ATLAS_MAX_SESSIONS": "2"}
     with server_process(env, artifacts / "server_capacity.log") as (base, _proc):
@@ -54,9 +63,7 @@ async def test_readyz_says_full_at_capacity_and_ready_again_when_a_call_ends(ven
         full = httpx.get(base + "/readyz")
         assert full.status_code == 503 and full.json()["status"] == "full"
         assert httpx.get(base + "/livez").status_code == 200  # full is not dead: no restart
-        ws, refused = await start_raw(ws_url, "third")
-        assert refused["type"] == "error" and refused["code"] == "SERVER_BUSY"
-        await ws.close()
+        assert await refused_at_connect(ws_url) == ("SERVER_BUSY", 1013)
         await first.stop()
         deadline = time.monotonic() + 10
         while httpx.get(base + "/readyz").status_code != 200:
@@ -69,7 +76,7 @@ async def test_sigterm_drains_live_calls_go_on_new_ones_are_refused(vendors, spe
     """SIGTERM: out of rotation at once; a live call keeps talking and ends by itself; a call still live at
     ATLAS_DRAIN_SECS is ended with session_end; no row is lost."""
     log = artifacts / "server_drain.log"
-    drain = 12.0
+    drain = 20.0
     env = {**cloud_fakes_env(vendors), "ATLAS_DRAIN_SECS": str(drain), "ATLAS_SHUTDOWN_GRACE_SECS": "10"}
     with server_process(env, log) as (base, proc):
         ws_url = base.replace("http://", "ws://") + "/ws"
@@ -82,15 +89,10 @@ async def test_sigterm_drains_live_calls_go_on_new_ones_are_refused(vendors, spe
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
         assert httpx.get(base + "/livez").status_code == 200
         assert httpx.get(base + "/healthz").status_code == 503
-        async with websockets.connect(ws_url) as ws:  # refused as it connects, before any session_start
-            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            assert refused["code"] == "SERVER_SHUTTING_DOWN"
-            with pytest.raises(websockets.ConnectionClosed):
-                await asyncio.wait_for(ws.recv(), 10)
-            assert ws.close_code == 1001
+        assert await refused_at_connect(ws_url) == ("SERVER_SHUTTING_DOWN", 1001)
         # The live call goes on: a whole turn, heard and answered, during the drain.
         turn = await talker.say(speech["dinner"])
-        await talker.wait_reply_done(timeout=drain - 3)
+        await talker.wait_reply_done(timeout=drain - 6)
         assert turn.reply_bytes > talker.out_rate  # over half a second of reply audio
         end = await talker.stop()
         assert end is not None and end["reason"] == "client_stop"
@@ -250,7 +252,7 @@ async def test_redis_down_fails_open_to_local_counts_or_closed_and_is_counted(re
     from tests.helpers import metric_samples
     from vocabulary.errors import ProtocolError
 
-    settings = shared_settings(redis_server.url, ATLAS_REDIS_FAILURE=failure, ATLAS_REDIS_TIMEOUT_SECS="0.3")
+    settings = shared_settings(redis_server.url, ATLAS_REDIS_FAILURE=failure, ATLAS_REDIS_TIMEOUT_SECS="1.0")
     monitor = Monitor(settings)
     limits = AbuseLimits(settings, monitor=monitor)
     try:
@@ -275,3 +277,255 @@ async def test_redis_down_fails_open_to_local_counts_or_closed_and_is_counted(re
         assert samples[("atlas_limits_shared", ())] == 0
     finally:
         await limits.close()
+
+
+# --- two nodes behind a real load balancer ----------------------------------------------------------------
+
+
+class HAProxy:
+    """Debian's HAProxy in front of Atlas nodes, as a deployment would run it: least connections (calls are
+    long-lived), a health check on /readyz every 300 ms (a node draining or at capacity leaves rotation at its
+    first 503 and comes back at its first 200) and WebSocket tunnels kept for an hour."""
+
+    def __init__(self, workdir, backends: dict[str, int]):
+        from tests.helpers import free_port
+
+        self.port = free_port()
+        servers = "\n".join(
+            f"  server {name} 127.0.0.1:{port} check inter 300ms fall 1 rise 1" for name, port in backends.items()
+        )
+        self.config = workdir / "haproxy.cfg"
+        self.config.write_text(
+            f"""global
+  maxconn 2000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  timeout tunnel 1h
+frontend atlas
+  bind 127.0.0.1:{self.port}
+  default_backend nodes
+backend nodes
+  balance leastconn
+  option httpchk GET /readyz
+  http-check expect status 200
+{servers}
+"""
+        )
+        self.proc = None
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def __enter__(self) -> HAProxy:
+        import shutil
+        import subprocess
+
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        check = subprocess.run([binary, "-c", "-f", str(self.config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.proc = subprocess.Popen(
+            [binary, "-db", "-f", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/livez", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "haproxy did not come up"
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def node_sessions(base: str) -> int:
+    return httpx.get(base + "/readyz").json()["sessions"]
+
+
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_two_nodes_behind_haproxy_spread_share_limits_leave_rotation_and_drain(
+    vendors, speech, artifacts, tmp_path, redis_server
+):
+    from contextlib import ExitStack
+
+    common = {
+        **cloud_fakes_env(vendors),
+        "REDIS_URL": redis_server.url,
+        "ATLAS_MAX_SESSIONS_PER_USER": "1",
+        "ATLAS_DRAIN_SECS": "120",
+    }
+    with ExitStack() as stack:
+        a_base, _ = stack.enter_context(
+            server_process({**common, "ATLAS_MAX_SESSIONS": "3"}, artifacts / "server_node_a.log")
+        )
+        b_base, b_proc = stack.enter_context(
+            server_process({**common, "ATLAS_MAX_SESSIONS": "8"}, artifacts / "server_node_b.log")
+        )
+        lb = stack.enter_context(
+            HAProxy(tmp_path, {"a": int(a_base.rsplit(":", 1)[1]), "b": int(b_base.rsplit(":", 1)[1])})
+        )
+        await asyncio.sleep(1.0)  # both nodes seen healthy
+        on = {"a": [], "b": []}
+        users = iter(f"caller-{i}" for i in range(100))
+
+        async def call() -> str:
+            """A new call through the load balancer; returns the node it landed on."""
+            before = (node_sessions(a_base), node_sessions(b_base))
+            client = await connected_client_as(lb.ws_url, next(users))
+            after = (node_sessions(a_base), node_sessions(b_base))
+            node = "a" if after[0] > before[0] else "b"
+            assert after[0] + after[1] == before[0] + before[1] + 1
+            on[node].append(client)
+            return node
+
+        # Calls spread over both nodes.
+        landed = [await call() for _ in range(4)]
+        assert set(landed) == {"a", "b"}, landed
+
+        # A per-user limit holds across nodes: caller-0 is live on one node; neither node takes a second call.
+        for base in (a_base, b_base):
+            ws, refused = await start_raw(base.replace("http://", "ws://") + "/ws", "caller-0")
+            assert refused["type"] == "error" and refused["code"] == "TOO_MANY_SESSIONS", refused
+            await ws.close()
+
+        # Node a at capacity leaves rotation: new calls go to b and none is refused.
+        while node_sessions(a_base) < 3:
+            await call()
+        assert httpx.get(a_base + "/readyz").json()["status"] == "full"
+        await asyncio.sleep(1.0)
+        assert [await call() for _ in range(2)] == ["b", "b"]
+        # One of a's calls ends: a is back in rotation and takes the next call.
+        await on["a"].pop().stop()
+        await wait_until(lambda: httpx.get(a_base + "/readyz").status_code == 200, what="a ready again")
+        await asyncio.sleep(1.0)
+        assert await call() == "a"
+        await on["a"].pop().stop()  # room for one more on a
+
+        # SIGTERM to b while its calls are live: out of rotation, new calls go to a, b's calls talk to the end.
+        b_proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        assert httpx.get(b_base + "/readyz").json()["status"] == "draining"
+        assert await call() == "a"
+        talker = on["b"][0]
+        turn = await talker.say(speech["dinner"])
+        await talker.wait_reply_done(timeout=30)
+        assert turn.reply_bytes > talker.out_rate
+        b_ids = [c.session_id for c in on["b"]]
+        for client in on["b"]:
+            end = await client.stop()
+            assert end is not None and end["reason"] == "client_stop"
+        # Its last call over, b exits by itself, long before its 120 s drain bound.
+        rc = await asyncio.to_thread(b_proc.wait, 30)
+        assert rc in (0, -signal.SIGTERM)
+        for client in on["a"]:
+            await client.stop()
+    rows = ended_rows(artifacts / "server_node_b.sqlite3")
+    assert all(rows.get(sid) == "client_stop" for sid in b_ids), rows
+
+
+async def connected_client_as(url: str, user: str):
+    from app.talk import VoiceClient
+
+    client = VoiceClient(url, user_id=user)
+    await client.connect()
+    await client.send_silence(0.3)
+    return client
+
+
+# --- several workers on one port ---------------------------------------------------------------------------
+
+
+def scrape(base: str) -> dict[tuple, float]:
+    from tests.helpers import metric_samples
+
+    return metric_samples(httpx.get(base + "/metrics").text)
+
+
+def per_worker(samples: dict[tuple, float], name: str) -> dict[str, float]:
+    return {dict(labels)["pid"]: value for (n, labels), value in samples.items() if n == name}
+
+
+async def test_two_workers_share_one_port_report_machine_totals_and_survive_a_killed_worker(vendors, artifacts):
+    import os
+
+    log = artifacts / "server_workers.log"
+    env = {**cloud_fakes_env(vendors), "ATLAS_WORKERS": "2", "ATLAS_MAX_SESSIONS": "8", "ATLAS_DRAIN_SECS": "300"}
+    with server_process(env, log) as (base, proc):
+        ws_url = base.replace("http://", "ws://") + "/ws"
+        await wait_until(lambda: httpx.get(base + "/readyz").status_code == 200, 120, "both workers ready")
+        ready = httpx.get(base + "/readyz").json()
+        assert ready["capacity"] == 16  # 2 workers x 8
+        samples = scrape(base)
+        workers = per_worker(samples, "atlas_worker_ready")
+        assert len(workers) == 2 and set(workers.values()) == {1.0}, workers
+        assert str(proc.pid) not in workers  # the supervisor runs no calls itself
+
+        # Calls spread over both workers (the kernel hands each connection to one of them).
+        clients = []
+        while len(clients) < 12:
+            clients.append(await connected_client_as(ws_url, f"w-{len(clients)}"))
+            on = per_worker(scrape(base), "atlas_worker_sessions")
+            if len(clients) >= 4 and all(v >= 1 for v in on.values()):
+                break
+        assert all(v >= 1 for v in on.values()), on
+        # Whichever worker answers, /metrics and /readyz give the machine's totals.
+        for _ in range(6):
+            samples = scrape(base)
+            assert samples[("atlas_active_sessions", (("transport", "websocket"),))] == len(clients)
+            assert samples[("atlas_capacity_sessions", ())] == 16
+            assert httpx.get(base + "/readyz").json()["sessions"] == len(clients)
+
+        # SIGKILL one worker mid-call: its callers are cut off, the other worker's go on, and the supervisor
+        # starts another worker in its place (same index, same outbox).
+        victim = max(on, key=lambda pid: on[pid])
+        os.kill(int(victim), signal.SIGKILL)
+        await asyncio.sleep(1.0)
+        cut = [c for c in clients if c._reader is not None and c._reader.done()]
+        alive = [c for c in clients if c not in cut]
+        assert len(cut) == int(on[victim]) and alive, (len(cut), on)
+        await wait_until(
+            lambda: (
+                httpx.get(base + "/readyz").status_code == 200
+                and victim not in per_worker(scrape(base), "atlas_worker_ready")
+            ),
+            120,
+            "the replacement worker ready",
+        )
+        samples = scrape(base)
+        assert len(per_worker(samples, "atlas_worker_ready")) == 2
+        assert samples[("atlas_worker_starts_total", ())] == 3  # two, and one restart
+        assert samples[("atlas_active_sessions", (("transport", "websocket"),))] == len(alive)
+        for client in alive:  # the surviving worker's calls were never touched
+            end = await client.stop()
+            assert end is not None and end["reason"] == "client_stop"
+        last = await connected_client_as(ws_url, "after")  # and new calls are taken
+
+        # SIGTERM to the supervisor: every worker drains; the live call goes on to its own end.
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: httpx.get(base + "/readyz").json()["status"] == "draining", 10, "draining")
+        await last.send_silence(1.0)
+        end = await last.stop()
+        assert end is not None and end["reason"] == "client_stop"
+        rc = await asyncio.to_thread(proc.wait, 30)  # long before the 300 s drain bound
+        assert rc in (0, -signal.SIGTERM)
+        clients.append(last)
+    text = log.read_text()
+    assert "died (exit code -9); restarting it" in text
+    # Every call left its row, the killed worker's too (its start was stored before the kill).
+    with sqlite3.connect(log.with_suffix(".sqlite3")) as conn:
+        stored = {row[0] for row in conn.execute("select id from voice_sessions")}
+    assert {c.session_id for c in clients} <= stored
