@@ -191,6 +191,8 @@ class Server:
             "ATLAS_SQLITE_PATH": str(self.sqlite),
             "ATLAS_OUTBOX_PATH": str(workdir / f"{scenario.name}.outbox"),
             "ATLAS_ALERT_ACTIVE_SESSIONS": "100000",
+            "ATLAS_WORKERS": "1",  # one process unless the scenario says otherwise (--workers-compare)
+            "ATLAS_DRAIN_SECS": "0",
             "SUPABASE_URL": "",
             # every simulated caller comes from 127.0.0.1: the per-IP abuse limits would refuse them
             "ATLAS_MAX_SESSIONS_PER_IP": "0",
@@ -205,7 +207,8 @@ class Server:
             **env,
             **scenario.env,
         }
-        if scenario.server == "bare":
+        self.bare = scenario.server == "bare"
+        if self.bare:
             cmd = [sys.executable, "-m", "bench.bare_pipecat", "--port", str(self.port)]
         else:
             cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)]
@@ -220,7 +223,9 @@ class Server:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log}")
                 try:
-                    async with http.get(self.url + "/healthz") as r:
+                    # Atlas's /readyz waits for every worker; bare Pipecat has /healthz only.
+                    path = "/healthz" if self.bare else "/readyz"
+                    async with http.get(self.url + path) as r:
                         if r.status == 200:
                             return
                 except aiohttp.ClientError:
@@ -501,6 +506,17 @@ def build_scenarios(args) -> list[Scenario]:
                 out.append(
                     Scenario("atlas", door, n, args.duration, env=limits, label=f"atlas-{door}-{n}-flood", flood=True)
                 )
+            for workers in args.workers_compare:
+                out.append(
+                    Scenario(
+                        "atlas",
+                        door,
+                        n,
+                        args.duration,
+                        env={"ATLAS_WORKERS": str(workers)},
+                        label=f"atlas-{door}-{n}-w{workers}",
+                    )
+                )
             if args.first_clause_compare:
                 out.append(
                     Scenario(
@@ -675,6 +691,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run each Atlas scenario with a client flooding /ws with audio as fast as it can, "
         "reconnecting whenever it is cut off (bench/flood.py), and compare the honest callers' "
         "latency",
+    )
+    parser.add_argument(
+        "--workers-compare",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        metavar="N[,N...]",
+        help="also run each Atlas scenario with `serve --workers N` (e.g. 2); the others run one process",
     )
     parser.add_argument(
         "--soak",
