@@ -529,3 +529,32 @@ async def test_two_workers_share_one_port_report_machine_totals_and_survive_a_ki
     with sqlite3.connect(log.with_suffix(".sqlite3")) as conn:
         stored = {row[0] for row in conn.execute("select id from voice_sessions")}
     assert {c.session_id for c in clients} <= stored
+
+
+async def test_redis_going_away_mid_call_leaves_live_calls_talking_and_new_ones_counted_locally(
+    vendors, speech, artifacts, redis_server
+):
+    env = {**cloud_fakes_env(vendors), "REDIS_URL": redis_server.url, "ATLAS_MAX_SESSIONS_PER_USER": "1"}
+    with server_process(env, artifacts / "server_redis_down.log") as (base, _proc):
+        ws_url = base.replace("http://", "ws://") + "/ws"
+        talker = await connected_client_as(ws_url, "rita")
+        assert scrape(base)[("atlas_limits_shared", ())] == 1
+        redis_server.stop()
+        turn = await talker.say(speech["dinner"])  # the live call goes on
+        await talker.wait_reply_done(timeout=30)
+        assert turn.reply_bytes > talker.out_rate
+        other = await connected_client_as(ws_url, "sam")  # fails open: counted by this process alone
+        assert await refused_at_session_start(ws_url, "sam") == "TOO_MANY_SESSIONS"  # and still bounded
+        samples = scrape(base)
+        assert samples[("atlas_redis_errors_total", (("op", "acquire"),))] >= 2
+        assert samples[("atlas_limits_shared", ())] == 0
+        for client in (talker, other):
+            end = await client.stop()
+            assert end is not None and end["reason"] == "client_stop"
+
+
+async def refused_at_session_start(ws_url: str, user: str) -> str:
+    ws, answer = await start_raw(ws_url, user)
+    await ws.close()
+    assert answer["type"] == "error", answer
+    return answer["code"]
