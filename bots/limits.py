@@ -125,13 +125,14 @@ redis.call('EXPIRE', KEYS[1], math.ceil(ttl) * 2)
 return {1, 0}
 """
 
-# Keeps this process's live leases alive: KEYS[i] holds lease ARGV[i + 1]; ARGV[1] is the lifetime.
+# Keeps this process's live leases alive: KEYS[i] holds lease ARGV[i + 1]; ARGV[1] is the lifetime. A lease
+# that ran out while Redis was unreachable is added back: the session it counts is still live.
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
   redis.call('EXPIRE', key, math.ceil(ttl) * 2)
 end
 return #KEYS

@@ -175,8 +175,12 @@ class Runtime:
         return self.sessions, self.settings.max_sessions
 
     def end_drain_now(self) -> None:
-        """A second SIGTERM: stop waiting for the live sessions to end by themselves."""
-        self._drain_cut.set()
+        """A second SIGTERM: stop waiting for the live sessions to end by themselves. Called from a signal
+        handler, so the event is set by the loop itself."""
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(self._drain_cut.set)
+        except RuntimeError:  # no loop running: nothing is draining yet
+            self._drain_cut.set()
 
     async def drain(self, drain_secs: float, grace_secs: float) -> int:
         """Graceful shutdown, first half, as a rolling deploy needs it.

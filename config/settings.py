@@ -242,6 +242,8 @@ class Settings(BaseSettings):
         "daily_api_key",
         "jwt_issuer",
         "metrics_token",
+        "redis_url",
+        "worker_index",
         mode="before",
     )
     @classmethod
