@@ -48,8 +48,11 @@ def cmd_models(args) -> int:
     from services.local import models
 
     settings = get_settings()
-    path = models.resolve_llm_path(settings.llm_model_path, settings.cache_dir, progress=True)
-    print(f"LLM: {path} (sha256 ok)")
+    if args.no_llm:
+        print("LLM: none (--no-llm: a cloud LLM only)")
+    else:
+        path = models.resolve_llm_path(settings.llm_model_path, settings.cache_dir, progress=True)
+        print(f"LLM: {path} (sha256 ok)")
     print(f"Whisper: {models.verified_whisper_dir(settings.cache_dir)} (sha256 ok)")
     print(f"Piper voice: {models.verified_piper_dir(settings.cache_dir) / (models.PIPER_VOICE + '.onnx')} (sha256 ok)")
     return 0
@@ -197,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_daily)
 
     p = sub.add_parser("models", help="assemble and verify the offline models (with progress)")
+    p.add_argument(
+        "--no-llm", action="store_true", help="leave out the local LLM (installed without it: ATLAS_LOCAL_LLM=0)"
+    )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("report", help="print session, latency, cost and error figures and write a PNG chart")

@@ -294,7 +294,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or usable_cores()
 
     def check_providers(self) -> None:
         """Fail at start-up, with the variable to set, when a chosen cloud provider has no key."""
@@ -347,6 +347,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's CPU
+    limit), not the machine's count that `os.cpu_count()` gives."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(-(-int(quota) // int(period)))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 @lru_cache(maxsize=1)
