@@ -15,7 +15,6 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args) -> int:
-    from app.server import serve
     from config.settings import get_settings
 
     settings = get_settings()
@@ -28,11 +27,13 @@ def cmd_serve(args) -> int:
         return 2
     port = args.port or settings.port
     workers = args.workers if args.workers is not None else settings.resolved_workers
-    if workers > 1:
+    if workers > 1:  # the supervisor imports no engine, Pipecat or app code: each worker does
         from app.workers import serve_workers
 
         serve_workers(settings, host, port, workers)
     else:
+        from app.server import serve
+
         serve(settings, host, port)
     return 0
 

@@ -35,8 +35,8 @@ def markdown(results: dict) -> str:
         f"(turn-end wait + first token + first audio).",
         "",
         "| scenario | turns | v2v p50 | v2v p95 | v2v p99 | overhead p50 | overhead p95 | overhead p99 "
-        "| CPU %/session | RSS MiB/session | replies with gaps | gap ms max | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU %/session | RSS MiB/session | replies with gaps | gap ms max | errors | callers / fakes CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["scenarios"]:
         v, o = r["voice_to_voice_ms"], r["overhead_ms"] or {}
@@ -44,7 +44,8 @@ def markdown(results: dict) -> str:
             f"| {r['scenario']} | {r['turns']} | {_f(v['p50'])} | {_f(v['p95'])} | {_f(v['p99'])} "
             f"| {_f(o.get('p50'))} | {_f(o.get('p95'))} | {_f(o.get('p99'))} | {_f(r['cpu_pct_per_session'], 2)} "
             f"| {_f(r['rss_per_session_mib'], 1)} | {r['replies_with_gaps']} | {_f(r['gap_ms_max'], 0)} "
-            f"| {r['error_rate']:.2%} |"
+            f"| {r['error_rate']:.2%} "
+            f"| {_f(r.get('callers_cpu_pct_of_core'), 0)} / {_f(r.get('fakes_cpu_pct_of_core'), 0)} |"
         )
     lines += [
         "",

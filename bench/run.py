@@ -269,6 +269,7 @@ async def run_scenario(
     turn_wait: dict,
     progress=None,
     profile: bool = False,
+    fakes_pid: int | None = None,
 ) -> dict:
     from bench.callers import Caller, frames_for
 
@@ -310,6 +311,9 @@ async def run_scenario(
                 if sc.sessions > 1:
                     await asyncio.sleep(ramp / sc.sessions)
             steady_from = time.monotonic()
+            # The callers (this process) and the vendor fakes share the machine with the server: their CPU too.
+            fakes = ProcSampler(fakes_pid) if fakes_pid else None
+            others_from = (time.process_time(), fakes.sample()[0] if fakes else 0.0)
             profiler = start_profile(server, workdir / f"{sc.name}.pyspy.txt", until - steady_from) if profile else None
             samples = []  # (t, cpu seconds, rss MiB)
             while not all(t.done() for t in tasks):
@@ -319,6 +323,11 @@ async def run_scenario(
                     progress(sum(len(c.record.turns) for c in callers))
                 await asyncio.wait(tasks, timeout=1.0)
             records = [t.result() for t in tasks]
+            span = max(1e-6, time.monotonic() - steady_from)
+            others = {
+                "callers_cpu_pct_of_core": round((time.process_time() - others_from[0]) / span * 100, 1),
+                "fakes_cpu_pct_of_core": round((fakes.sample()[0] - others_from[1]) / span * 100, 1) if fakes else None,
+            }
             flood_stats = None
             if flooder is not None:
                 out, _ = await asyncio.to_thread(flooder.communicate, timeout=60)
@@ -336,6 +345,7 @@ async def run_scenario(
         turn_wait,
         atlas_stages(server.sqlite, since) if sc.server != "bare" else {},
     )
+    result.update(others)
     if profiler is not None:
         profiler.wait(60)
         result["profile"] = profile_summary(workdir / f"{sc.name}.pyspy.txt")
@@ -367,6 +377,7 @@ def start_profile(server: Server, out: Path, seconds: float) -> subprocess.Popen
             "-o",
             str(out),
             "--nonblocking",
+            "--subprocesses",  # with --workers: every worker
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -585,7 +596,15 @@ async def run(args) -> dict:
                 else:
                     env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology"}
                     res = await run_scenario(
-                        sc, env, utterances, workdir, asdict(script), turn_wait, progress, args.profile
+                        sc,
+                        env,
+                        utterances,
+                        workdir,
+                        asdict(script),
+                        turn_wait,
+                        progress,
+                        args.profile,
+                        vendors.proc.pid,
                     )
                 bar.close()
                 results["scenarios"].append(res)
@@ -654,7 +673,8 @@ def _one_line(r: dict) -> str:
     return (
         f"  {r['scenario']}: {r['turns']} turns, v2v p50 {v['p50']} p95 {v['p95']} ms, overhead p95 "
         f"{o.get('p95')} ms, cpu {r['cpu_pct_per_session']}%/session, rss {r['rss_per_session_mib']} MiB/session, "
-        f"gaps {r['gaps']}, errors {r['error_rate']:.2%}"
+        f"gaps {r['gaps']}, errors {r['error_rate']:.2%}; the callers took {r.get('callers_cpu_pct_of_core')}% and "
+        f"the fakes {r.get('fakes_cpu_pct_of_core')}% of a core"
     )
 
 
