@@ -287,6 +287,10 @@ class AbuseLimits:
         self.by_user: KeyedLimit | SharedKeyedLimit = by_user
         self.redis = None
         self._renewer: asyncio.Task | None = None
+        self._prefix = getattr(s, "redis_prefix", "atlas")
+        self._failure = getattr(s, "redis_failure", "open")
+        self._timeout = getattr(s, "redis_timeout_secs", 0.5)
+        self._monitor = monitor
         redis_url = getattr(s, "redis_url", None)
         if redis_url is not None and redis_url.get_secret_value():
             from redis.asyncio import Redis
@@ -303,6 +307,24 @@ class AbuseLimits:
         self.pending = KeyedLimit("IP address", s.max_pending_per_ip, 0, clock)
         self.max_pending_total = s.max_pending_connections
         self.pending_total = 0
+
+    async def first_use(self, name: str, ttl_secs: float = 3600.0) -> bool:
+        """Whether this is the first use of `name` on any worker or node (with Redis; without it the caller's
+        own per-process check is all there is, and this says True). Remembered for `ttl_secs`. Redis down:
+        True with ATLAS_REDIS_FAILURE=open (the per-process check still holds), False with `closed`."""
+        if self.redis is None:
+            return True
+        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        try:
+            first = await asyncio.wait_for(
+                self.redis.set(f"{self._prefix}:once:{digest}", 1, nx=True, ex=max(1, int(ttl_secs))), self._timeout
+            )
+        except (RedisError, OSError, TimeoutError) as e:
+            logger.warning(f"shared limits: Redis first_use failed ({type(e).__name__}: {e})")
+            if self._monitor is not None:
+                self._monitor.redis_error("first_use")
+            return self._failure == "open"
+        return bool(first)
 
     def start(self) -> None:
         """Start renewing the shared leases (with Redis; call from the running event loop)."""

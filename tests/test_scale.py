@@ -245,6 +245,29 @@ async def test_a_killed_workers_slots_come_free_and_a_live_workers_are_kept(redi
         await alive.close()
 
 
+async def test_a_twilio_stream_token_opens_one_stream_on_any_worker_or_node(redis_server):
+    """The stream token's jti is remembered in Redis: a replay on another worker or node is refused (the
+    door calls `first_use` after its own per-process check)."""
+    from bots.limits import AbuseLimits
+
+    settings = shared_settings(redis_server.url)
+    a, b = AbuseLimits(settings), AbuseLimits(settings)
+    try:
+        assert await a.first_use("twilio-token:jti-1")
+        assert not await b.first_use("twilio-token:jti-1")  # the replay, on another worker
+        assert not await a.first_use("twilio-token:jti-1")
+        assert await b.first_use("twilio-token:jti-2")
+        redis_server.stop()
+        assert await a.first_use("twilio-token:jti-3")  # Redis down, failing open: the door's own check holds
+        closed = AbuseLimits(shared_settings(redis_server.url, ATLAS_REDIS_FAILURE="closed"))
+        assert not await closed.first_use("twilio-token:jti-4")  # failing closed: refused
+        await closed.close()
+    finally:
+        await a.close()
+        await b.close()
+    assert await AbuseLimits(shared_settings("")).first_use("x")  # without Redis: the per-process check only
+
+
 @pytest.mark.parametrize("failure", ["open", "closed"])
 async def test_redis_down_fails_open_to_local_counts_or_closed_and_is_counted(redis_server, failure):
     from bots.limits import AbuseLimits

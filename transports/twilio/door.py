@@ -231,9 +231,11 @@ class StreamStart:
             raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "malformed customParameters")
         tokens = stream_tokens(runtime)
         self.verified = tokens is not None
+        self.token_id: str | None = None  # the stream token's jti: single use on every worker and node too
         if tokens is not None:
             claims = tokens.redeem(params.get(TOKEN_PARAMETER), call_sid)
             self.caller = clean_text(claims.get("from"), 64)
+            self.token_id = str(claims["jti"])
         else:  # the unsigned door (local testing): the parameters as sent
             self.caller = clean_text(params.get("from"), 64)
 
@@ -386,6 +388,8 @@ async def serve_twilio(websocket: WebSocket, runtime: Runtime) -> None:
             return
         try:
             start = StreamStart(raw, runtime)
+            if start.token_id is not None and not await limits.first_use(f"twilio-token:{start.token_id}"):
+                raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "the stream token was used already")
         except ProtocolError as e:
             logger.warning(f"twilio media stream refused: {e.message}")
             runtime.monitor.error(str(e.code))
