@@ -149,6 +149,8 @@ class _SharedLLM:
         return self.server.base_url
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
         try:
             asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=20)
         finally:
@@ -172,9 +174,17 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> Non
     os.environ["ATLAS_WORKERS"] = str(workers)  # each worker's /readyz waits for all of them
     llm = None
     if needs_shared_llm(settings):
-        llm = _SharedLLM(settings)
-        os.environ["ATLAS_LLM_URL"] = llm.start()
-        os.environ["ATLAS_LLM_MODEL_NAME"] = "local"
+        try:
+            llm = _SharedLLM(settings)
+            os.environ["ATLAS_LLM_URL"] = llm.start()
+            os.environ["ATLAS_LLM_MODEL_NAME"] = "local"
+        except Exception as e:
+            # The workers start anyway and try the LLM themselves: each fails its load the same way and
+            # /healthz and /readyz say `error`, as one process does (the cause is in the log, not the answer).
+            logger.exception(f"the shared local LLM did not start: {e}")
+            if llm is not None:
+                llm.stop()
+            llm = None
     # The health check's answer comes from a thread of the worker; a worker busy with its calls may still
     # take a while to be scheduled, and killing it would end them.
     config = uvicorn.Config(
