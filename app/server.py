@@ -61,8 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Whether this process takes a new call now (a readiness probe: route new calls elsewhere on 503).
         503 while loading, draining, at its ATLAS_MAX_SESSIONS capacity or with its outbox over its disk cap;
         live calls go on either way."""
-        state = runtime.state
-        sessions, capacity = runtime.load_figures()
+        state, sessions, capacity = runtime.readiness()
         body = {"status": state, "sessions": sessions, "capacity": capacity}
         return JSONResponse(body, status_code=200 if state == "ready" else 503)
 

@@ -144,11 +144,22 @@ class Runtime:
             logger.exception(f"Engine loading failed: {e}")
             raise
 
-    @property
-    def state(self) -> str:
-        """For /readyz: `ready` (admits a new session now), else why not: `loading`, `error` (the engines
-        failed; the cause is in the log), `draining`, `full` (at ATLAS_MAX_SESSIONS) or `backlogged` (the
-        outbox is over its disk cap)."""
+    def readiness(self) -> tuple[str, int, int]:
+        """For /readyz: (state, sessions running, sessions admitted at once), for the machine when there are
+        several workers (their shared metric files are read once).
+
+        The state is `ready` (admits a new session now), else why not: `loading`, `error` (the engines failed;
+        the cause is in the log), `draining`, `full` (at ATLAS_MAX_SESSIONS) or `backlogged` (the outbox is
+        over its disk cap)."""
+        max_sessions = self.settings.max_sessions
+        workers = list(self.monitor.workers().values()) if self.monitor.multiprocess else []
+        if workers:
+            sessions, capacity = sum(n for _, n in workers), max_sessions * len(workers)
+        else:
+            sessions, capacity = self.sessions, max_sessions
+        return self._state(workers), sessions, capacity
+
+    def _state(self, workers: list[tuple[bool, int]]) -> str:
         if self.shutting_down:
             return "draining"
         if not self.ready.is_set():
@@ -158,7 +169,6 @@ class Runtime:
         if self.monitor.multiprocess:
             # The port's next connection may land on any worker: the machine is ready when all of them are
             # (every worker up and loaded, none full). Workers fill evenly, so little capacity waits unused.
-            workers = self.monitor.workers().values()
             if len(workers) < self.settings.resolved_workers or not all(ready for ready, _ in workers):
                 return "loading"
             if any(sessions >= self.settings.max_sessions for _, sessions in workers):
@@ -166,13 +176,6 @@ class Runtime:
         if self.recorder.full:
             return "backlogged"
         return "ready"
-
-    def load_figures(self) -> tuple[int, int]:
-        """(sessions running, sessions admitted at once) for the machine: every worker's when there are several."""
-        if self.monitor.multiprocess:
-            sessions = [n for _, n in self.monitor.workers().values()]
-            return sum(sessions), self.settings.max_sessions * max(1, len(sessions))
-        return self.sessions, self.settings.max_sessions
 
     def end_drain_now(self) -> None:
         """A second SIGTERM: stop waiting for the live sessions to end by themselves. Called from a signal
