@@ -57,7 +57,8 @@ def create_app() -> FastAPI:
     from config.settings import get_settings
 
     env, s = os.environ, get_settings()
-    vad = VADParams(stop_secs=s.vad_stop_secs, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume)
+    # Pipecat's own stop strategies: the VAD stop of Atlas's fixed turn end (0.5 s) then its speech timeout
+    vad = VADParams(stop_secs=s.vad_stop_secs or 0.5, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume)
     app = FastAPI()
 
     @app.get("/healthz")

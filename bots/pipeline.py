@@ -1,7 +1,7 @@
 """The one pipeline builder every door (WebSocket, Twilio, Daily) shares.
 
-transport in -> STT -> user aggregator (Silero VAD, then the speech timeout or smart-turn; the
-caller's audio goes no further) -> context window (last N
+transport in -> STT -> user aggregator (Silero VAD, then the turn-end rule with preemptive replies,
+or the speech timeout or smart-turn; the caller's audio goes no further) -> context window (last N
 messages; the system prompt lives in the LLM settings) -> LLM -> first clause (a reply's first
 clause as its own chunk) -> TTS (sentence aggregation) -> transport out -> assistant aggregator
 (keeps only what was actually sent to be spoken).
@@ -42,6 +42,7 @@ from compat.pipecat import become
 from processors.context_window import ContextWindow
 from processors.first_clause import FirstClauseTextProcessor
 from processors.sentence_marker import SentenceMarker
+from processors.turn_end import PreemptiveTurnStopStrategy, TurnEndRule
 from services.factory import make_llm, make_stt, make_tts
 from services.local.engines import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzerV3
 from vocabulary.audio import RECEIVED_AT
@@ -102,16 +103,33 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
     llm = make_llm(s, runtime.llm_base_url, runtime.llm_model, runtime.monitor.provider_retry)
     tts = make_tts(s, engines)
 
+    vad_stop = s.resolved_vad_stop_secs
+    rule = TurnEndRule(done_secs=s.turn_done_secs, unsure_secs=s.turn_unsure_secs, open_secs=s.turn_open_secs)
+    smart = s.smart_turn and engines.smart_turn_session is not None
+    if s.turn_end == "rule":
+        longest_wait = rule.longest
+    else:
+        longest_wait = s.smart_turn_stop_secs if smart else s.user_speech_timeout_secs
     vad = SharedSileroVADAnalyzer(
         engines.silero_session,
-        params=VADParams(stop_secs=s.vad_stop_secs, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume),
+        params=VADParams(stop_secs=vad_stop, start_secs=s.vad_start_secs, min_volume=s.vad_min_volume),
         gate_dbfs=s.vad_gate_dbfs,
         max_speech_secs=s.max_user_turn_secs,
         # long enough for the turn strategy to end the turn on the forced stop
-        hold_secs=(s.smart_turn_stop_secs if s.smart_turn else s.user_speech_timeout_secs) + 0.5,
+        hold_secs=longest_wait + 0.5,
     )
     stop: list[BaseUserTurnStopStrategy]
-    if s.smart_turn and engines.smart_turn_session is not None:
+    if s.turn_end == "rule":
+        # smart-turn's own silence timeout never decides here: the rule's timer does
+        analyzer = (
+            SharedSmartTurnAnalyzerV3(engines.smart_turn_session, params=SmartTurnParams(stop_secs=rule.longest + 1.0))
+            if smart
+            else None
+        )
+        stop = [
+            PreemptiveTurnStopStrategy(rule=rule, vad_stop_secs=vad_stop, preempt=s.preempt, turn_analyzer=analyzer)
+        ]
+    elif smart:
         stop = [
             TurnAnalyzerUserTurnStopStrategy(
                 turn_analyzer=SharedSmartTurnAnalyzerV3(
@@ -130,7 +148,7 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
     become(aggregators.user(), UserAggregator)
     user = cast(UserAggregator, aggregators.user())
     user.on_backlog, user.max_lag_secs = on_backlog, s.max_audio_lag_secs
-    window = ContextWindow(max_messages=s.context_messages)
+    window = ContextWindow(max_messages=s.context_messages, context=context)
     # Each reply's first clause goes to TTS on its own; the TTS aggregates the rest by sentence.
     first_clause = [FirstClauseTextProcessor(min_words=s.first_clause_words)] if s.first_clause_words else []
     pipeline = Pipeline(

@@ -105,11 +105,21 @@ class Settings(BaseSettings):
     # ahead of the rest of its sentence; 0 speaks whole sentences only.
     first_clause_words: int = Field(4, ge=0, validation_alias=_env("ATLAS_FIRST_CLAUSE_WORDS"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
-    # Turn end (bench/results/turns.md: 35 utterances with 350-600 ms pauses, browser and phone audio):
-    # the VAD's stop, then the user-speech timeout (the turn ends unless speech resumes, and not before the
-    # transcript). 0.5 + 0.5 cuts no one off on either door and survives 750 ms pauses; shorter settings
-    # cut users off mid-sentence, and smart-turn v3 called most mid-sentence pauses complete.
-    vad_stop_secs: float = Field(0.5, gt=0, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
+    # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s) and the turn
+    # ends after the silence TurnEndRule asks for, from the words so far (unfinished: "to", "and", a
+    # number, a bare "hi Atlas"), smart-turn's verdict (with ATLAS_SMART_TURN) and the pause; tuned in
+    # `bench turns --rule` (bench/results/turn-rule-2026-12-05.md). "fixed": the VAD stop (0.5 s) then
+    # the user-speech timeout (0.5 s), as before (bench/results/turns.md).
+    turn_end: Literal["rule", "fixed"] = Field("rule", validation_alias=_env("ATLAS_TURN_END"))
+    turn_done_secs: float = Field(0.6, gt=0, validation_alias=_env("ATLAS_TURN_DONE_SECS"))
+    turn_unsure_secs: float = Field(0.8, gt=0, validation_alias=_env("ATLAS_TURN_UNSURE_SECS"))
+    turn_open_secs: float = Field(1.2, gt=0, validation_alias=_env("ATLAS_TURN_OPEN_SECS"))
+    # Preemptive replies (turn end "rule" only): the LLM starts on the transcript at each pause and its
+    # reply is held until the turn ends; a caller who goes on withdraws it (its tokens are counted in
+    # voice_turns.preempt_cancelled / preempt_input_tokens and /metrics).
+    preempt: bool = Field(True, validation_alias=_env("ATLAS_PREEMPT"))
+    # Unset: 0.2 s with the rule, 0.5 s with the fixed turn end.
+    vad_stop_secs: float | None = Field(None, gt=0, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
     user_speech_timeout_secs: float = Field(0.5, ge=0, validation_alias=_env("ATLAS_USER_SPEECH_TIMEOUT_SECS"))
     vad_start_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_START_SECS"))
     # Pipecat's 0.6 volume gate held quiet speech back ~0.5 s past its onset (barge-in at ~750 ms);
@@ -256,6 +266,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @property
+    def resolved_vad_stop_secs(self) -> float:
+        if self.vad_stop_secs is not None:
+            return self.vad_stop_secs
+        return 0.2 if self.turn_end == "rule" else 0.5
 
     @property
     def resolved_stt(self) -> str:

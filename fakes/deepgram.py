@@ -16,7 +16,8 @@ since the start of the connection's stream, and consecutive finals tile that tim
 `start` is the previous final's `start + duration`), as on Deepgram.
 
 Faults, settable from any thread: `drop_after(seconds_of_audio)` aborts the TCP connection (no close
-frame) once a connection has received that much audio; `reject_next(status)` refuses handshakes.
+frame) once a connection has received that much audio; `reject_next(status)` refuses handshakes;
+`late_final_next(text, delay)` sends one more final after the next one (words committed late).
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ class FakeDeepgram(FakeServer):
         self._drops = self._fault_queue()
         self._rejects = self._fault_queue()
         self._stalls = self._fault_queue()
+        self._late_finals = self._fault_queue()
         self.app.router.add_get("/v1/listen", self._listen)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
 
@@ -254,6 +256,11 @@ class FakeDeepgram(FakeServer):
     def stall_next(self, seconds: float, times: int = 1) -> None:
         """The next `times` handshakes are answered only after `seconds` (a slow network or region)."""
         self._stalls.add(float(seconds), times)
+
+    def late_final_next(self, text: str, delay: float, times: int = 1) -> None:
+        """After the next `times` non-empty finals, one more final (`is_final`, not `speech_final`) with
+        `text`, `delay` seconds later: words Deepgram commits after a final the client took as complete."""
+        self._late_finals.add((str(text), float(delay)), times)
 
     @property
     def finals(self) -> list[str]:
@@ -695,10 +702,30 @@ class _Stream:
                 self.conn.sent.append(message)
                 if job.kind == "final" and message["channel"]["alternatives"][0]["transcript"]:
                     self.conn.finals.append(message["channel"]["alternatives"][0]["transcript"])
+                    late = self.fake._late_finals.take()
+                    if late is not None:
+                        self.loop.create_task(self._late_final(message, *late))
                 if job.kind == "metadata":
                     self.conn.events.append("closed_after_closestream")
                     await self.ws.close(code=1000)
                     return
+
+    async def _late_final(self, after: dict, text: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        end = after["start"] + after["duration"]
+        words = self._words(text, 0.99, end, end + 0.5)[1]
+        message = {
+            **after,
+            "start": round(end, 3),
+            "duration": 0.5,
+            "speech_final": False,
+            "from_finalize": False,
+            "channel": {"alternatives": [{"transcript": text, "confidence": 0.99, "words": words}]},
+        }
+        if not self.ws.closed:
+            await self.ws.send_str(json.dumps(message))
+            self.conn.sent.append(message)
+            self.conn.finals.append(text)
 
     async def _transcript(self, job: _Job) -> tuple[str, float]:
         if not job.has_speech:

@@ -235,6 +235,19 @@ class Monitor:
             "atlas_interruptions", "Turns the user interrupted (barge-in).", ["transport"], registry=r
         )
         self.errors = Counter("atlas_errors", "`error` messages sent to clients, by code.", ["code"], registry=r)
+        self.preempt_requests = Counter(
+            "atlas_preempt_requests",
+            "Preemptive LLM requests (asked for at a pause, before the turn ended), by outcome: `kept` (the reply "
+            "spoken) or `withdrawn` (the caller went on).",
+            ["transport", "outcome"],
+            registry=r,
+        )
+        self.preempt_withdrawn_tokens = Counter(
+            "atlas_preempt_withdrawn_input_tokens",
+            "Input tokens carried by withdrawn preemptive requests (estimated from their messages).",
+            ["transport"],
+            registry=r,
+        )
         self.provider_retries = Counter(
             "atlas_provider_retries",
             "Provider requests retried (the retry may still succeed), by why.",
@@ -370,6 +383,11 @@ class Monitor:
                 self.stage_latency.labels(stage.name, transport).observe(max(0.0, float(ms)) / 1000.0)
         if turn.interrupted:
             self.interruptions.labels(transport).inc()
+        if turn.preempted:
+            self.preempt_requests.labels(transport, "kept").inc()
+        if turn.preempt_cancelled:
+            self.preempt_requests.labels(transport, "withdrawn").inc(turn.preempt_cancelled)
+            self.preempt_withdrawn_tokens.labels(transport).inc(turn.preempt_input_tokens)
         errored = turn.error_code is not None
         if errored:
             self.turns_errored.labels(transport).inc()

@@ -9,6 +9,11 @@ tool result from the call that produced it, and the kept window always opens wit
 (as the spec's "last 10 messages" does): Claude's Messages API expects the user to speak first,
 and a window opening on a reply to a question it no longer shows confuses any model. So a window
 of 10 holds 9 messages when the 10th-newest is the bot's: four exchanges and the new question.
+
+A preemptive reply (processors/turn_end.py) is asked for with a provisional copy of the context (the
+shared one plus the words so far), and a turn it answers writes to the shared context without another
+request passing here; so the shared context (`context`) is trimmed too whenever a copy passes, or it
+would grow for as long as preemptive replies keep being kept.
 """
 
 from __future__ import annotations
@@ -38,18 +43,23 @@ def trim_messages(messages: list, keep: int) -> list:
 
 
 class ContextWindow(FrameProcessor):
-    def __init__(self, max_messages: int = 10, **kwargs):
+    def __init__(self, max_messages: int = 10, context=None, **kwargs):
         super().__init__(**kwargs)
         self.max_messages = max_messages
+        self.context = context  # the session's shared LLMContext
         self.trimmed_total = 0
+
+    def _trim(self, context) -> None:
+        messages = context.get_messages()
+        kept = trim_messages(messages, self.max_messages)
+        if len(kept) != len(messages):
+            self.trimmed_total += len(messages) - len(kept)
+            context.set_messages(kept)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, LLMContextFrame):
-            context = frame.context
-            messages = context.get_messages()
-            kept = trim_messages(messages, self.max_messages)
-            if len(kept) != len(messages):
-                self.trimmed_total += len(messages) - len(kept)
-                context.set_messages(kept)
+            self._trim(frame.context)
+            if self.context is not None and frame.context is not self.context:
+                self._trim(self.context)
         await self.push_frame(frame, direction)

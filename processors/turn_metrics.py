@@ -18,6 +18,15 @@ Turn timeline (seconds on the pipeline clock):
   tts_start   = the first TTSStartedFrame (the first sentence reached TTS)
   tts_audio   = the first TTSAudioRawFrame out of TTS
   bot_audio   = BotStartedSpeakingFrame (the first audio chunk leaves the server)
+With a preemptive reply (processors/turn_end.py) the LLM started before the turn ended and its first
+token is held until then, so llm_token is ~turn_end: the stage times say what the caller waited for.
+
+Preemptive requests: an `LLMContextFrame` marked `speculation` is a request for a turn not yet ended;
+an `EagerEndOfTurnCancelFrame` withdraws it (counted in the next turn's `preempt_cancelled`, with the
+input tokens it carried in `preempt_input_tokens`: estimated from its messages as Pipecat estimates
+tokens, words x 1.3, since a stream closed early reports no usage; the system prompt, read from the
+prompt cache, is left out); a turn that ends while one is in flight keeps it (`preempted`). Usage the
+vendor does report for a request of a turn not yet ended is held and goes to that turn.
 
 Usage (tokens, TTS characters) and errors (`count_error`, called by the serializer for every
 `error` message the client gets) are attributed to the turn being answered when they
@@ -37,7 +46,9 @@ from dataclasses import dataclass, field
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    EagerEndOfTurnCancelFrame,
     InterruptionFrame,
+    LLMContextFrame,
     LLMTextFrame,
     MetricsFrame,
     TranscriptionFrame,
@@ -56,6 +67,17 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.stt_service import STTService
 
 from vocabulary.records import SessionSummary, TurnRecord, Usage, percentile, rounded
+
+
+def estimate_tokens(messages) -> int:
+    """Input tokens of a request's messages, estimated as Pipecat's services estimate (words x 1.3)."""
+    words = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        if isinstance(content, list):
+            content = " ".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+        words += len(str(content or "").split())
+    return int(words * 1.3)
 
 
 def _ms(a: float | None, b: float | None) -> float | None:
@@ -84,6 +106,9 @@ class Turn:
     llm_cache_write_tokens: int = 0
     tts_characters: int = 0
     error_code: str | None = None
+    preempted: bool = False
+    preempt_cancelled: int = 0
+    preempt_input_tokens: int = 0
     wall_offset: float = 0.0  # wall clock (Unix s) = pipeline clock + wall_offset
 
     @property
@@ -112,6 +137,9 @@ class Turn:
                 self.tts_characters,
             ),
             error_code=self.error_code,
+            preempted=self.preempted,
+            preempt_cancelled=self.preempt_cancelled,
+            preempt_input_tokens=self.preempt_input_tokens,
             user_stopped_at=self.wall(self.speech_end),
             first_audio_at=self.wall(self.bot_audio),
             ended_at=self.wall(self.turn_end),
@@ -144,6 +172,8 @@ class TurnMetricsObserver(BaseObserver):
     FRAME_TYPES = (
         MetricsFrame,
         InterruptionFrame,
+        LLMContextFrame,
+        EagerEndOfTurnCancelFrame,
         VADUserStoppedSpeakingFrame,
         TranscriptionFrame,
         UserStoppedSpeakingFrame,
@@ -167,6 +197,11 @@ class TurnMetricsObserver(BaseObserver):
         self._last_transcript: float | None = None
         self._user_text = ""
         self._bot_speaking_turn: Turn | None = None
+        # the turn not yet ended: its preemptive request in flight (estimated input tokens), the ones
+        # withdrawn, and usage reported for them; usage goes there while `_usage_ahead`
+        self._speculation_tokens: int | None = None
+        self._ahead = Turn(index=-1)
+        self._usage_ahead = False
 
     async def on_push_frame(self, data: FramePushed):
         frame, t = data.frame, data.timestamp / 1e9
@@ -182,6 +217,15 @@ class TurnMetricsObserver(BaseObserver):
             if turn is not None and not turn.interrupted:
                 turn.interrupted = True
                 self.totals.interruptions += 1
+        elif isinstance(frame, LLMContextFrame):
+            if frame.speculation:
+                self._speculation_tokens = estimate_tokens(frame.context.get_messages())
+            self._usage_ahead = frame.speculation
+        elif isinstance(frame, EagerEndOfTurnCancelFrame):
+            if self._speculation_tokens is not None:
+                self._ahead.preempt_cancelled += 1
+                self._ahead.preempt_input_tokens += self._speculation_tokens
+                self._speculation_tokens = None
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._last_vad_stop, self._last_vad_stop_secs = t, frame.stop_secs
         elif isinstance(frame, TranscriptionFrame) and isinstance(data.source, STTService):
@@ -199,7 +243,15 @@ class TurnMetricsObserver(BaseObserver):
                 turn_end=t,
                 user_text=self._user_text,
                 wall_offset=self._wall_offset or 0.0,
+                preempted=self._speculation_tokens is not None,
+                preempt_cancelled=self._ahead.preempt_cancelled,
+                preempt_input_tokens=self._ahead.preempt_input_tokens,
+                llm_input_tokens=self._ahead.llm_input_tokens,
+                llm_output_tokens=self._ahead.llm_output_tokens,
+                llm_cache_read_tokens=self._ahead.llm_cache_read_tokens,
+                llm_cache_write_tokens=self._ahead.llm_cache_write_tokens,
             )
+            self._speculation_tokens, self._ahead, self._usage_ahead = None, Turn(index=-1), False
             self.turns.append(turn)
             self._responding = turn
             self._user_text = ""
@@ -233,7 +285,8 @@ class TurnMetricsObserver(BaseObserver):
             turn.error_code = code
 
     def _usage(self, frame: MetricsFrame) -> None:
-        turn, totals = self._responding, self.totals
+        totals = self.totals
+        llm_turn = self._ahead if self._usage_ahead else self._responding
         for d in frame.data:
             if isinstance(d, STTUsageMetricsData):
                 totals.stt_audio_seconds += d.value.audio_seconds
@@ -245,7 +298,7 @@ class TurnMetricsObserver(BaseObserver):
                     u.cache_read_input_tokens or 0,
                     u.cache_creation_input_tokens or 0,
                 )
-                for target in (totals, turn):
+                for target in (totals, llm_turn):
                     if target is not None:
                         target.llm_input_tokens += usage[0]
                         target.llm_output_tokens += usage[1]
@@ -253,8 +306,8 @@ class TurnMetricsObserver(BaseObserver):
                         target.llm_cache_write_tokens += usage[3]
             elif isinstance(d, TTSUsageMetricsData):
                 totals.tts_characters += d.value
-                if turn is not None:
-                    turn.tts_characters += d.value
+                if self._responding is not None:
+                    self._responding.tts_characters += d.value
 
     def close_turns(self) -> None:
         """Hand every turn not yet closed to `on_turn_closed` (the session end closes the last one)."""

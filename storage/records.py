@@ -152,5 +152,8 @@ def turn_row(session: SessionInfo, turn: TurnRecord) -> dict:
         "tts_characters": u.tts_characters,
         "interrupted": turn.interrupted,
         "error_code": turn.error_code,
+        "preempted": turn.preempted,
+        "preempt_cancelled": turn.preempt_cancelled,
+        "preempt_input_tokens": turn.preempt_input_tokens,
         "created_at": iso(turn.ended_at),
     }

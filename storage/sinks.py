@@ -18,6 +18,15 @@ from pathlib import Path
 from storage.records import INSERT, SESSIONS, TURNS
 
 SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
+# Columns added since a store's file may have been made (`CREATE TABLE IF NOT EXISTS` leaves an old table
+# as it is): added on open, as supabase/migrations adds them to Postgres.
+ADDED_COLUMNS = {
+    "voice_turns": {
+        "preempted": "INTEGER NOT NULL DEFAULT 0",
+        "preempt_cancelled": "INTEGER NOT NULL DEFAULT 0",
+        "preempt_input_tokens": "INTEGER NOT NULL DEFAULT 0",
+    },
+}
 TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}
 _COLUMN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -66,6 +75,11 @@ class SQLiteSink(Sink):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(SCHEMA.read_text())
+            for table, columns in ADDED_COLUMNS.items():
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns.items():
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
             self._conn = conn
         return self._conn
 
@@ -114,6 +128,7 @@ class SQLiteSink(Sink):
         if table == TURNS:
             for r in rows:
                 r["interrupted"] = bool(r["interrupted"])
+                r["preempted"] = bool(r["preempted"])
         return rows
 
     async def fetch(self, table: str, since: str | None = None) -> list[dict]:

@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS voice_turns (
   tts_characters INTEGER NOT NULL DEFAULT 0,
   interrupted INTEGER NOT NULL DEFAULT 0,
   error_code TEXT,
+  preempted INTEGER NOT NULL DEFAULT 0,
+  preempt_cancelled INTEGER NOT NULL DEFAULT 0,
+  preempt_input_tokens INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL,
   UNIQUE (session_id, turn_index)
 );

@@ -83,6 +83,9 @@ class TurnRecord:
     user_stopped_at: float | None  # the user went quiet
     first_audio_at: float | None  # the reply's first audio left the server
     ended_at: float | None  # the turn ended (the row's created_at)
+    preempted: bool = False  # the reply was asked for before the turn ended (processors/turn_end.py)
+    preempt_cancelled: int = 0  # preemptive requests withdrawn during the turn (the caller went on)
+    preempt_input_tokens: int = 0  # the input tokens they carried (estimated)
 
     def stage(self, stage: Stage) -> float | None:
         return getattr(self, stage.field)
