@@ -127,7 +127,13 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
             else None
         )
         stop = [
-            PreemptiveTurnStopStrategy(rule=rule, vad_stop_secs=vad_stop, preempt=s.preempt, turn_analyzer=analyzer)
+            PreemptiveTurnStopStrategy(
+                rule=rule,
+                vad_stop_secs=vad_stop,
+                preempt=s.preempt,
+                lead_secs=s.preempt_lead_secs,
+                turn_analyzer=analyzer,
+            )
         ]
     elif smart:
         stop = [

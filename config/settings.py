@@ -106,18 +106,22 @@ class Settings(BaseSettings):
     first_clause_words: int = Field(4, ge=0, validation_alias=_env("ATLAS_FIRST_CLAUSE_WORDS"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
     # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s) and the turn
-    # ends after the silence TurnEndRule asks for, from the words so far (unfinished: "to", "and", a
-    # number, a bare "hi Atlas"), smart-turn's verdict (with ATLAS_SMART_TURN) and the pause; tuned in
-    # `bench turns --rule` (bench/results/turn-rule-2026-12-05.md). "fixed": the VAD stop (0.5 s) then
-    # the user-speech timeout (0.5 s), as before (bench/results/turns.md).
+    # ends after the silence TurnEndRule asks for, from the words so far: 1.5 s after unfinished words ("to",
+    # "and", "um", a number, a bare "hi Atlas"), else 0.9 s. Tuned in `bench turns --rule`
+    # (bench/results/turn-rule-2026-12-05.md): no shorter rule, with or without smart-turn (ATLAS_SMART_TURN
+    # adds its verdict to the rule), cut no one off on browser and phone audio; 0.9 s ends a finished
+    # sentence ~100 ms sooner than the fixed 1.0 s, and survives a "hmm" the VAD does not hear.
+    # "fixed": the VAD stop (0.5 s) then the user-speech timeout (0.5 s), as before (bench/results/turns.md).
     turn_end: Literal["rule", "fixed"] = Field("rule", validation_alias=_env("ATLAS_TURN_END"))
-    turn_done_secs: float = Field(0.6, gt=0, validation_alias=_env("ATLAS_TURN_DONE_SECS"))
-    turn_unsure_secs: float = Field(0.8, gt=0, validation_alias=_env("ATLAS_TURN_UNSURE_SECS"))
-    turn_open_secs: float = Field(1.2, gt=0, validation_alias=_env("ATLAS_TURN_OPEN_SECS"))
-    # Preemptive replies (turn end "rule" only): the LLM starts on the transcript at each pause and its
-    # reply is held until the turn ends; a caller who goes on withdraws it (its tokens are counted in
-    # voice_turns.preempt_cancelled / preempt_input_tokens and /metrics).
+    turn_done_secs: float = Field(0.9, gt=0, validation_alias=_env("ATLAS_TURN_DONE_SECS"))
+    turn_unsure_secs: float = Field(0.9, gt=0, validation_alias=_env("ATLAS_TURN_UNSURE_SECS"))
+    turn_open_secs: float = Field(1.5, gt=0, validation_alias=_env("ATLAS_TURN_OPEN_SECS"))
+    # Preemptive replies (turn end "rule" only): the LLM starts on the transcript at a pause, `lead` seconds
+    # before the turn would end (the LLM's usual time to a first token), and its reply is held until the
+    # turn ends; a caller who goes on withdraws it (counted in voice_turns.preempt_cancelled /
+    # preempt_input_tokens and /metrics).
     preempt: bool = Field(True, validation_alias=_env("ATLAS_PREEMPT"))
+    preempt_lead_secs: float = Field(0.6, ge=0, validation_alias=_env("ATLAS_PREEMPT_LEAD_SECS"))
     # Unset: 0.2 s with the rule, 0.5 s with the fixed turn end.
     vad_stop_secs: float | None = Field(None, gt=0, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
     user_speech_timeout_secs: float = Field(0.5, ge=0, validation_alias=_env("ATLAS_USER_SPEECH_TIMEOUT_SECS"))

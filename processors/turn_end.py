@@ -7,7 +7,9 @@ speculates at a pause for Nova, Whisper or any STT without one. `PreemptiveTurnS
 strategy that does both, on Pipecat's own speculation path:
 
 - At the pause (the VAD's stop, which also makes Pipecat ask Deepgram to finalize), once the
-  transcript for the speech so far is in, it starts a speculative inference on it
+  transcript for the speech so far is in and no earlier than `lead_secs` before the turn would end (so
+  the reply is ready as the turn ends, and a pause broken sooner costs no request), it starts a
+  speculative inference on it
   (`trigger_user_turn_inference_triggered(speculation=...)`): the user aggregator runs the LLM on a
   provisional copy of the context, and the LLM service's gate holds everything the reply produces.
 - The turn ends after the silence `TurnEndRule.wait` asks for, chosen from what is known at the pause:
@@ -103,9 +105,9 @@ class TurnEndRule:
     smart-turn says. Tuned on the recorded-speech set (bench/turns.py, `atlas-voice bench turns`).
     """
 
-    done_secs: float = 0.6
-    unsure_secs: float = 0.8
-    open_secs: float = 1.2
+    done_secs: float = 0.9
+    unsure_secs: float = 0.9
+    open_secs: float = 1.5
 
     def silence(self, verdict: Verdict, smart_complete: bool | None) -> float:
         if verdict == "open":
@@ -122,7 +124,9 @@ class TurnEndRule:
 class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
     """Ends a turn by `TurnEndRule` and, with `preempt`, speculates on the transcript at each pause.
 
-    `vad_stop_secs` is the VAD's stop (the silence already behind a VAD stop event); `turn_analyzer`
+    `lead_secs`: how long before the turn would end the speculation starts (the LLM's time to a first
+    token: the reply is ready as the turn ends); `vad_stop_secs` is the VAD's stop (the silence already
+    behind a VAD stop event); `turn_analyzer`
     (smart-turn) is optional; `stt_wait_secs` bounds the wait for the transcript after a pause (the turn
     then goes on with the words in hand, as Pipecat's STT timeout does). `on_decision(info)` is told every
     turn end (silence waited, verdicts): for logs and the bench.
@@ -134,6 +138,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         rule: TurnEndRule,
         vad_stop_secs: float,
         preempt: bool = True,
+        lead_secs: float = 0.6,
         turn_analyzer: BaseTurnAnalyzer | None = None,
         stt_wait_secs: float = 1.5,
         on_decision=None,
@@ -142,6 +147,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         super().__init__(**kwargs)
         self.rule = rule
         self.preempt = preempt
+        self.lead_secs = lead_secs
         self._vad_stop_secs = vad_stop_secs
         self._analyzer = turn_analyzer
         self._stt_wait_secs = stt_wait_secs
@@ -232,25 +238,34 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         return self.rule.silence(words_verdict(self._text), self._smart)
 
     async def _decide(self):
-        """At a pause: speculate once the words are in, and (re)arm the turn-end timer."""
+        """At a pause: (re)arm the timers for the speculation and the turn end, counted from the pause."""
         if self._speaking or self._stopped_at is None:
             return
-        if self._heard and self._text and self.preempt and self._speculation is None:
-            self._speculation = UserTurnSpeculation(text=self._text)
-            self.speculations += 1
-            logger.debug(f"{self}: speculating at the pause on [{self._text}]")
-            await self.trigger_user_turn_inference_triggered(speculation=self._speculation)
         await self._cancel_timer()
         # Seconds from the VAD stop; without the transcript yet, no earlier than the STT wait allows.
-        wait = self.silence_needed() - self._vad_stop_secs
-        waited = time.monotonic() - self._stopped_at
+        end = self.silence_needed() - self._vad_stop_secs
         if not self._heard:
-            wait = max(wait, min(self._stt_wait_secs, self.rule.longest))
-        self._timer = self.task_manager.create_task(self._expire(max(0.0, wait - waited)), f"{self}::turn_end")
+            end = max(end, min(self._stt_wait_secs, self.rule.longest))
+        waited = time.monotonic() - self._stopped_at
+        # The speculation starts `lead_secs` (the LLM's usual time to a first token) before the turn would
+        # end: its reply is ready as the turn ends, and a pause the caller breaks sooner costs nothing.
+        speculate = None
+        if self._heard and self._text and self.preempt and self._speculation is None:
+            speculate = max(0.0, end - self.lead_secs - waited)
+        self._timer = self.task_manager.create_task(
+            self._run_pause(speculate, max(0.0, end - waited)), f"{self}::turn_end"
+        )
 
-    async def _expire(self, delay: float):
+    async def _run_pause(self, speculate: float | None, end: float):
         try:
-            await asyncio.sleep(delay)
+            if speculate is not None:
+                await asyncio.sleep(speculate)
+                end -= speculate
+                self._speculation = UserTurnSpeculation(text=self._text)
+                self.speculations += 1
+                logger.debug(f"{self}: speculating at the pause on [{self._text}]")
+                await self.trigger_user_turn_inference_triggered(speculation=self._speculation)
+            await asyncio.sleep(max(0.0, end))
         except asyncio.CancelledError:
             return
         self._timer = None

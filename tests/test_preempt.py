@@ -25,6 +25,9 @@ pytestmark = pytest.mark.timeout(600)
 # what happens around the pause, not about the tuned waits.
 OPEN_SECS = "2.0"
 DONE_SECS = "1.0"
+# A preemptive request at every pause as soon as its words are in (the default starts one only 0.6 s
+# before the turn would end, which a 0.9 s pause after an unfinished phrase never reaches).
+LEAD_SECS = "5.0"
 PAUSE = 0.9
 
 
@@ -51,6 +54,7 @@ def preempt_server(vendors, llm_record, artifacts, tmp_path_factory):
         "ATLAS_TURN_OPEN_SECS": OPEN_SECS,
         "ATLAS_TURN_DONE_SECS": DONE_SECS,
         "ATLAS_TURN_UNSURE_SECS": DONE_SECS,
+        "ATLAS_PREEMPT_LEAD_SECS": LEAD_SECS,
     }
     with running_server(env, artifacts / "server_preempt.log") as base:
         yield base.replace("http://", "ws://") + "/ws", db

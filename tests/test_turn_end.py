@@ -1,0 +1,178 @@
+"""The turn-end rule and when preemptive requests start, on the strategy itself (processors/turn_end.py):
+Pipecat's frames in, the events a user aggregator acts on out, in real time (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from pipecat.clocks.system_clock import SystemClock
+from pipecat.frames.frames import TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
+from pipecat.processors.frame_processor import FrameProcessorSetup
+from pipecat.utils.asyncio.task_manager import TaskManager
+
+from processors.turn_end import PreemptiveTurnStopStrategy, TurnEndRule, words_verdict
+
+VAD_STOP = 0.2
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("What time is it?", "done"),
+        ("Tell me a joke about penguins.", "done"),
+        ("Set a timer for,", "open"),
+        ("I want to fly from Boston to", "open"),
+        ("I need milk and", "open"),
+        ("Um,", "open"),
+        ("uh", "open"),
+        ("Hi Atlas.", "open"),
+        ("Okay", "open"),
+        ("My number is five five five", "open"),
+        ("Book a table for 2", "open"),
+        ("So I was thinking", "unsure"),
+        ("", "unsure"),
+    ],
+)
+def test_words_verdict(text, verdict):
+    assert words_verdict(text) == verdict
+
+
+def test_rule_waits_longest_on_unfinished_words():
+    rule = TurnEndRule(done_secs=0.9, unsure_secs=0.9, open_secs=1.5)
+    assert rule.silence("open", True) == 1.5
+    assert rule.silence("done", None) == 0.9
+    assert rule.silence("done", False) == rule.unsure_secs  # smart-turn hears an unfinished sentence
+    assert rule.longest == 1.5
+
+
+class Harness:
+    """The strategy wired as a user aggregator wires it: each event is logged with its time."""
+
+    def __init__(self, **kwargs):
+        self.events: list[tuple[float, str, object]] = []
+        self.t0 = time.monotonic()
+        rule = kwargs.pop("rule", TurnEndRule(done_secs=0.6, unsure_secs=0.6, open_secs=1.2))
+        self.strategy = PreemptiveTurnStopStrategy(rule=rule, vad_stop_secs=VAD_STOP, **kwargs)
+
+        def log(name):
+            async def handler(_strategy, *args):
+                self.events.append((time.monotonic() - self.t0, name, args[0] if args else None))
+                if name == "stopped":
+                    await self.strategy.handle_user_turn_stopped()
+
+            return handler
+
+        self.strategy.add_event_handler("on_user_turn_inference_triggered", log("inference"))
+        self.strategy.add_event_handler("on_user_turn_speculation_cancelled", log("withdrawn"))
+        self.strategy.add_event_handler("on_user_turn_stopped", log("stopped"))
+
+    async def start(self):
+        clock = SystemClock()
+        await self.strategy.setup(
+            FrameProcessorSetup(clock=clock, task_manager=TaskManager(), pipeline_worker=None)  # type: ignore[arg-type]
+        )
+
+    async def send(self, *frames):
+        for frame in frames:
+            await self.strategy.process_frame(frame)
+
+    def names(self) -> list[str]:
+        return [name for _, name, _ in self.events]
+
+    def at(self, name: str) -> float:
+        return next(t for t, n, _ in self.events if n == name)
+
+
+def final(text: str) -> TranscriptionFrame:
+    return TranscriptionFrame(text, "user", "2026-12-05T00:00:00Z", finalized=True)
+
+
+async def test_a_finished_question_is_speculated_on_and_confirmed():
+    h = Harness(lead_secs=0.6)
+    await h.start()
+    await h.send(
+        VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("What time is it?")
+    )
+    await asyncio.sleep(0.8)
+    assert h.names() == ["inference", "stopped"]
+    speculation = h.events[0][2]
+    assert speculation is not None and speculation.text == "What time is it?"
+    assert h.events[1][2].confirms_speculation  # no second request: the held reply is released
+    # the turn ends 0.6 s after the end of speech: 0.4 s after the VAD stop
+    assert 0.3 <= h.at("stopped") <= 0.6, h.events
+    await h.strategy.cleanup()
+
+
+async def test_going_on_after_a_pause_withdraws_and_the_turn_answers_everything():
+    h = Harness(lead_secs=5.0)  # speculate as soon as the words are in
+    await h.start()
+    await h.send(
+        VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("I need milk and")
+    )
+    await asyncio.sleep(0.1)
+    await h.send(VADUserStartedSpeakingFrame())
+    await h.send(VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("some bread please."))
+    await asyncio.sleep(0.7)
+    assert h.names() == ["inference", "withdrawn", "inference", "stopped"], h.events
+    assert h.events[2][2].text == "I need milk and some bread please."
+    assert h.events[3][2].confirms_speculation
+    assert (h.strategy.speculations, h.strategy.withdrawn) == (2, 1)
+    await h.strategy.cleanup()
+
+
+async def test_a_pause_broken_before_the_lead_starts_no_request():
+    """With the default lead (0.6 s), unfinished words (1.2 s) speculate only 0.4 s after the VAD stop."""
+    h = Harness(lead_secs=0.6)
+    await h.start()
+    await h.send(
+        VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("Set a timer for")
+    )
+    await asyncio.sleep(0.25)
+    await h.send(VADUserStartedSpeakingFrame())
+    assert h.names() == []
+    await h.send(VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("twenty minutes."))
+    await asyncio.sleep(0.7)
+    assert h.names() == ["inference", "stopped"], h.events
+    await h.strategy.cleanup()
+
+
+async def test_words_that_arrive_after_the_speculation_withdraw_it():
+    h = Harness(lead_secs=5.0)
+    await h.start()
+    await h.send(
+        VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("What is the weather")
+    )
+    await asyncio.sleep(0.05)
+    await h.send(final("in Paris?"))
+    await asyncio.sleep(0.8)
+    assert h.names() == ["inference", "withdrawn", "inference", "stopped"], h.events
+    assert h.events[2][2].text == "What is the weather in Paris?"
+    await h.strategy.cleanup()
+
+
+async def test_no_preemption_ends_the_turn_with_one_ordinary_request():
+    h = Harness(preempt=False)
+    await h.start()
+    await h.send(
+        VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("What time is it?")
+    )
+    await asyncio.sleep(0.7)
+    assert h.names() == ["inference", "stopped"]
+    assert h.events[0][2] is None  # an ordinary request, run when the turn ends
+    assert not h.events[1][2].confirms_speculation
+    await h.strategy.cleanup()
+
+
+async def test_the_turn_waits_for_the_transcript():
+    """No words at the pause: the turn does not end on silence alone, and ends once the words come."""
+    h = Harness(stt_wait_secs=0.3)
+    await h.start()
+    await h.send(VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP))
+    await asyncio.sleep(1.0)
+    assert h.names() == []
+    await h.send(final("Hello there, how are you?"))
+    await asyncio.sleep(0.1)
+    assert h.names() == ["inference", "stopped"], h.events
+    await h.strategy.cleanup()
