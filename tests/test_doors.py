@@ -236,6 +236,13 @@ async def test_caller_hangs_up_cleanly_and_phone_vs_websocket_latency(doors, ven
     # The caller hung up first: no hang-up request for a call that is already over.
     assert not [h for h in twilio_rest.hangups if h.call_sid in {r["conversation_id"] for r in ended}]
     assert all(v is not None for v in phone + web)
+    # The phone door's replies are asked for at the pause too (processors/turn_end.py), as /ws's are.
+    with sqlite3.connect(db) as conn:
+        preempted = conn.execute(
+            "select s.transport, count(*) from voice_turns t join voice_sessions s on s.id = t.session_id"
+            " where t.preempted = 1 group by s.transport"
+        ).fetchall()
+    assert {transport for transport, n in preempted if n} == {"twilio", "websocket"}, preempted
     result = {
         "phone_v2v_ms": phone,
         "websocket_v2v_ms": web,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from pipecat.clocks.system_clock import SystemClock
@@ -176,3 +177,106 @@ async def test_the_turn_waits_for_the_transcript():
     await asyncio.sleep(0.1)
     assert h.names() == ["inference", "stopped"], h.events
     await h.strategy.cleanup()
+
+
+# --- what a turn record says about preemption (processors/turn_metrics.py) ----------------------------
+
+
+def _pushed(frame, t: float):
+    from pipecat.observers.base_observer import FramePushed
+    from pipecat.processors.frame_processor import FrameDirection
+
+    return FramePushed(
+        source=None, destination=None, frame=frame, direction=FrameDirection.DOWNSTREAM, timestamp=int(t * 1e9)
+    )
+
+
+def _usage(prompt: int, completion: int):
+    from pipecat.frames.frames import MetricsFrame
+    from pipecat.metrics.metrics import LLMTokenUsage, LLMUsageMetricsData
+
+    usage = LLMTokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return MetricsFrame(data=[LLMUsageMetricsData(processor="llm", value=usage)])
+
+
+async def test_turn_record_counts_withdrawn_preemptive_requests_and_keeps_their_usage_with_the_turn():
+    from pipecat.frames.frames import EagerEndOfTurnCancelFrame, LLMContextFrame, UserStoppedSpeakingFrame
+    from pipecat.processors.aggregators.llm_context import LLMContext
+
+    from processors.turn_metrics import TurnMetricsObserver
+
+    closed = []
+    observer = TurnMetricsObserver(on_turn_closed=closed.append)
+    history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi, how can I help?"}]
+
+    def ask(text: str, speculation: bool):
+        context = LLMContext(messages=[*history, {"role": "user", "content": text}])
+        return LLMContextFrame(context=context, speculation=speculation)
+
+    frames = [
+        ask("I need milk and", True),  # withdrawn: the caller went on
+        _usage(40, 0),  # what the vendor billed for it before its stream was closed
+        EagerEndOfTurnCancelFrame(),
+        ask("I need milk and some bread please", True),  # kept: the turn ends while it is in flight
+        UserStoppedSpeakingFrame(),
+        _usage(45, 12),
+    ]
+    for i, frame in enumerate(frames):
+        await observer.on_push_frame(_pushed(frame, 1.0 + i * 0.1))
+    observer.close_turns()
+    turn = observer.turns[0]
+    assert turn.preempted is True
+    assert turn.preempt_cancelled == 1
+    # "Hello there" + "Hi, how can I help?" + "I need milk and": 2 + 5 + 4 words, x 1.3
+    assert turn.preempt_input_tokens == int(11 * 1.3)
+    # both requests' usage belongs to this turn (neither to the turn before, which had no reply)
+    assert (turn.llm_input_tokens, turn.llm_output_tokens) == (85, 12)
+    assert observer.totals.llm_input_tokens == 85
+    record = turn.record()
+    assert (record.preempted, record.preempt_cancelled) == (True, 1)
+
+
+async def test_sqlite_store_adds_the_preemption_columns_to_an_older_file(tmp_path):
+    import sqlite3
+
+    from storage.sinks import SQLiteSink
+
+    db = tmp_path / "old.sqlite3"
+    schema = (Path(__file__).parents[1] / "storage" / "sqlite_schema.sql").read_text()
+    for column in ("preempted", "preempt_cancelled", "preempt_input_tokens"):
+        schema = "\n".join(line for line in schema.splitlines() if not line.strip().startswith(column + " "))
+    with sqlite3.connect(db) as conn:
+        conn.executescript(schema)
+        assert "preempted" not in {r[1] for r in conn.execute("pragma table_info(voice_turns)")}
+    sink = SQLiteSink(db)
+    await sink.fetch("voice_turns")
+    await sink.close()
+    with sqlite3.connect(db) as conn:
+        columns = {r[1] for r in conn.execute("pragma table_info(voice_turns)")}
+    assert {"preempted", "preempt_cancelled", "preempt_input_tokens"} <= columns
+
+
+async def test_context_window_trims_the_shared_context_when_a_provisional_copy_passes():
+    """A kept preemptive reply writes to the shared context with no request of its own passing the window:
+    the shared context is trimmed when the next provisional copy passes, so it stays bounded."""
+    from pipecat.frames.frames import LLMContextFrame
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.frame_processor import FrameDirection
+
+    from processors.context_window import ContextWindow
+
+    shared = LLMContext(
+        messages=[{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(30)]
+    )
+    window = ContextWindow(max_messages=10, context=shared)
+    pushed = []
+
+    async def push(frame, direction=FrameDirection.DOWNSTREAM):
+        pushed.append(frame)
+
+    window.push_frame = push
+    provisional = LLMContext(messages=[*shared.get_messages(), {"role": "user", "content": "new"}])
+    await window.process_frame(LLMContextFrame(context=provisional, speculation=True), FrameDirection.DOWNSTREAM)
+    assert len(provisional.get_messages()) <= 10 and provisional.get_messages()[-1]["content"] == "new"
+    assert len(shared.get_messages()) <= 10 and shared.get_messages()[0]["role"] == "user"
+    assert shared.get_messages()[-1]["content"] == "m29"
