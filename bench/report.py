@@ -12,8 +12,13 @@ def _f(value, digits: int = 0) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _turn_end(results: dict) -> str:
-    t = results["turn_end"]
+def _turn_end(t: dict) -> str:
+    if t.get("mode") == "rule":
+        preempt = ", reply asked for at the pause (preemptive)" if t.get("preempt") else ", no preemption"
+        return (
+            f"VAD stop {t['vad_stop']} s, turn-end rule ({t['silence']} s of silence for the scripted question)"
+            + preempt
+        )
     if t["smart_turn"]:
         return f"VAD stop {t['vad_stop']} s, smart-turn, then the STT final"
     return (
@@ -31,8 +36,9 @@ def markdown(results: dict) -> str:
         "",
         f"Scripted vendors: Deepgram final {s['stt_delay']} s after finalize, Claude first token {s['llm_delay']} s "
         f"then {s['llm_tps']:g} tokens/s, ElevenLabs first audio {s['tts_delay']} s, jitter {s['jitter']:g}. "
-        f"Turn end: {_turn_end(results)}. Overhead = voice-to-voice - "
-        f"(turn-end wait + first token + first audio).",
+        f"Turn end (default): {_turn_end(results['turn_end'])}. Overhead = voice-to-voice - "
+        "(the vendors' share of the turn under the scenario's turn end: turn-end wait + first token + first audio, "
+        "or with a preemptive reply the later of the turn end and the first token, + first audio).",
         "",
         "| scenario | turns | v2v p50 | v2v p95 | v2v p99 | overhead p50 | overhead p95 | overhead p99 "
         "| CPU %/session | RSS MiB/session | replies with gaps | gap ms max | errors | callers / fakes CPU % |",
@@ -63,6 +69,25 @@ def markdown(results: dict) -> str:
             for k in ("stt", "llm_ttfb", "tts_ttfa", "server_v2v")
         ]
         lines.append(f"| {r['scenario']} | " + " | ".join(cells) + " |")
+    ends = [r for r in results["scenarios"] if r.get("turn_end")]
+    if ends:
+        lines += [
+            "",
+            "Turn end and preemptive replies per scenario (preemption figures from Atlas's voice_turns: replies asked "
+            "for before the turn ended, withdrawn requests, and their input tokens against the replies'):",
+            "",
+            "| scenario | turn end | vendors' share ms | preempted | withdrawn per 100 turns | extra input tokens |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ends:
+            pre = r.get("preemption") or {}
+            share = pre.get("preempted_share")
+            extra = pre.get("extra_input_tokens_pct")
+            lines.append(
+                f"| {r['scenario']} | {_turn_end(r['turn_end'])} | {_f(r.get('injected_ms'))} "
+                f"| {'-' if share is None else f'{share:.0%}'} | {_f(pre.get('withdrawn_per_100_turns'), 1)} "
+                f"| {'-' if extra is None else f'{extra}%'} |"
+            )
     if results.get("atlas_vs_bare"):
         lines += [
             "",

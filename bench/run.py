@@ -260,6 +260,31 @@ def atlas_stages(path: Path, since: str) -> dict:
     return {name: _stats(col) for name, col in zip(("stt", "llm_ttfb", "tts_ttfa", "server_v2v"), cols, strict=False)}
 
 
+def atlas_preemption(path: Path, since: str) -> dict | None:
+    """What preemptive replies did and cost (voice_turns, turns created after `since`): replies asked for
+    before the turn ended, withdrawn requests per 100 turns, and their input tokens against the input
+    tokens of the replies."""
+    if not path.exists():
+        return None
+    with sqlite3.connect(path) as db:
+        turns, kept, withdrawn, extra, tokens = db.execute(
+            "SELECT count(*), coalesce(sum(preempted), 0), coalesce(sum(preempt_cancelled), 0), "
+            "coalesce(sum(preempt_input_tokens), 0), coalesce(sum(llm_input_tokens), 0) "
+            "FROM voice_turns WHERE created_at >= ?",
+            (since,),
+        ).fetchone()
+    if not turns:
+        return None
+    return {
+        "turns": turns,
+        "preempted_share": round(kept / turns, 3),
+        "withdrawn_per_100_turns": round(100 * withdrawn / turns, 1),
+        "withdrawn_input_tokens": extra,
+        "input_tokens": tokens,
+        "extra_input_tokens_pct": round(100 * extra / tokens, 1) if tokens else None,
+    }
+
+
 async def run_scenario(
     sc: Scenario,
     env: dict[str, str],
@@ -344,6 +369,7 @@ async def run_scenario(
         script,
         turn_wait,
         atlas_stages(server.sqlite, since) if sc.server != "bare" else {},
+        atlas_preemption(server.sqlite, since) if sc.server != "bare" else None,
     )
     result.update(others)
     if profiler is not None:
@@ -430,6 +456,7 @@ def summarize(
     script: dict | None,
     turn_wait: dict,
     stages: dict,
+    preemption: dict | None = None,
 ) -> dict:
     from bench.vendors import VendorScript
 
@@ -467,6 +494,8 @@ def summarize(
         "injected_ms": injected,
         "overhead_ms": _stats(overhead) if overhead else None,
         "stages_ms": stages,
+        "turn_end": turn_wait,
+        "preemption": preemption,
         "cpu_pct_of_core": round(cpu_pct, 1) if cpu_pct is not None else None,
         "cpu_pct_per_session": round(cpu_pct / sc.sessions, 2) if cpu_pct is not None else None,
         "rss_idle_mib": round(idle_rss, 1),
@@ -528,6 +557,9 @@ def build_scenarios(args) -> list[Scenario]:
                         label=f"atlas-{door}-{n}-w{workers}",
                     )
                 )
+            if args.turn_compare:
+                for env, suffix in ((FIXED_TURN_END, "fixed"), ({"ATLAS_PREEMPT": "0"}, "no-preempt")):
+                    out.append(Scenario("atlas", door, n, args.duration, env=env, label=f"atlas-{door}-{n}-{suffix}"))
             if args.first_clause_compare:
                 out.append(
                     Scenario(
@@ -543,16 +575,24 @@ def build_scenarios(args) -> list[Scenario]:
             out.append(Scenario("bare", "twilio", n, args.duration))
     if args.offline:
         out.append(Scenario("offline", "ws", 1, max(args.duration, 60)))
+        if args.turn_compare:
+            out.append(
+                Scenario("offline", "ws", 1, max(args.duration, 60), env=FIXED_TURN_END, label="offline-ws-1-fixed")
+            )
     if args.soak:
         out.append(Scenario("atlas", "ws", args.soak_sessions, args.soak * 60, label=f"soak-ws-{args.soak_sessions}"))
     return out
+
+
+# Today's turn end before preemption (the fixed 1.0 s), for `--turn-compare`.
+FIXED_TURN_END = {"ATLAS_TURN_END": "fixed", "ATLAS_PREEMPT": "0"}
 
 
 async def run(args) -> dict:
     from tqdm import tqdm
 
     from bench.callers import make_utterances
-    from bench.vendors import VendorScript, vendor_env
+    from bench.vendors import VendorScript, turn_end_setting, vendor_env
     from config.settings import Settings
 
     script = VendorScript(
@@ -562,12 +602,7 @@ async def run(args) -> dict:
         tts_delay=args.tts_delay,
         jitter=args.jitter,
     )
-    settings = Settings()
-    turn_wait = {
-        "vad_stop": settings.vad_stop_secs,
-        "smart_turn": settings.smart_turn,
-        "speech_timeout": settings.user_speech_timeout_secs,
-    }
+    turn_wait = turn_end_setting(Settings())
     scenarios = build_scenarios(args)
     utterances = await asyncio.to_thread(make_utterances, QUESTIONS)
     results = {
@@ -590,9 +625,12 @@ async def run(args) -> dict:
                     bar.n = n
                     bar.refresh()
 
+                # the scenario's own turn end (its env may change it), for the vendors' share of each turn
+                # (the bare Pipecat bot has Pipecat's own stop strategy: the fixed turn end)
+                sc_turn = turn_end_setting(Settings(**(FIXED_TURN_END if sc.server == "bare" else sc.env)))
                 if sc.server == "offline":
                     env = {"ATLAS_STT": "whisper", "ATLAS_LLM": "llama", "ATLAS_TTS": "piper"}
-                    res = await run_scenario(sc, env, utterances, workdir, None, turn_wait, progress, args.profile)
+                    res = await run_scenario(sc, env, utterances, workdir, None, sc_turn, progress, args.profile)
                 else:
                     env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology"}
                     res = await run_scenario(
@@ -601,7 +639,7 @@ async def run(args) -> dict:
                         utterances,
                         workdir,
                         asdict(script),
-                        turn_wait,
+                        sc_turn,
                         progress,
                         args.profile,
                         vendors.proc.pid,
@@ -694,6 +732,12 @@ def main(argv: list[str] | None = None) -> int:
         "--doors", type=lambda s: s.split(","), default=["ws", "twilio"], help="ws, twilio or both (default ws,twilio)"
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds each scenario runs (default 60)")
+    parser.add_argument(
+        "--turn-compare",
+        action="store_true",
+        help="also run each Atlas scenario (and the offline one) with the fixed 1.0 s turn end and no preemptive "
+        "replies (`-fixed`), and with the turn-end rule but no preemption (`-no-preempt`)",
+    )
     parser.add_argument(
         "--no-bare", dest="bare", action="store_false", help="skip the bare Pipecat comparison (on the Twilio door)"
     )

@@ -68,13 +68,40 @@ class VendorScript:
     def injected(self, turn_end: dict) -> float:
         """What a turn must wait for, server aside: the turn end, then first token and first audio.
 
-        `turn_end` is the server's setting ({vad_stop, smart_turn, speech_timeout}). The VAD's stop comes
-        first; Deepgram's final follows `stt_delay` after the Finalize sent then. With the speech timeout
-        the turn ends when both it and the final are in (they run side by side); smart-turn ends it on the
-        final when it judges the turn complete.
+        `turn_end` is the server's setting (`turn_end_setting`). The VAD's stop comes first; Deepgram's final
+        follows `stt_delay` after the Finalize sent then. Fixed turn end: with the speech timeout the turn
+        ends when both it and the final are in (they run side by side); smart-turn ends it on the final when
+        it judges the turn complete. The rule: the turn ends after `silence` (from the end of speech), not
+        before the final; with preemption the LLM starts on the final and its reply is held until the turn
+        ends, so first audio waits for the later of the two.
         """
-        after_stop = self.stt_delay if turn_end["smart_turn"] else max(turn_end["speech_timeout"], self.stt_delay)
-        return turn_end["vad_stop"] + after_stop + self.llm_delay + self.tts_delay
+        vad, stt, llm, tts = turn_end["vad_stop"], self.stt_delay, self.llm_delay, self.tts_delay
+        if turn_end.get("mode") == "rule":
+            ended = max(turn_end["silence"], vad + stt)
+            if turn_end.get("preempt"):
+                return max(ended, vad + stt + llm) + tts
+            return ended + llm + tts
+        after_stop = stt if turn_end["smart_turn"] else max(turn_end["speech_timeout"], stt)
+        return vad + after_stop + llm + tts
+
+
+def turn_end_setting(settings, transcript: str = TRANSCRIPT) -> dict:
+    """The turn-end figures `injected` needs, from a server's Settings (the rule's silence for `transcript`,
+    which the scripted Deepgram returns for every utterance)."""
+    from processors.turn_end import TurnEndRule, words_verdict
+
+    out = {
+        "mode": settings.turn_end,
+        "vad_stop": settings.resolved_vad_stop_secs,
+        "smart_turn": settings.smart_turn,
+        "speech_timeout": settings.user_speech_timeout_secs,
+        "preempt": settings.turn_end == "rule" and settings.preempt,
+    }
+    if settings.turn_end == "rule":
+        rule = TurnEndRule(settings.turn_done_secs, settings.turn_unsure_secs, settings.turn_open_secs)
+        # smart-turn's verdict on the bench's speech is not known here: taken as complete
+        out["silence"] = rule.silence(words_verdict(transcript), True if settings.smart_turn else None)
+    return out
 
 
 class RandomFaults(FaultQueue):

@@ -280,3 +280,45 @@ async def test_context_window_trims_the_shared_context_when_a_provisional_copy_p
     assert len(provisional.get_messages()) <= 10 and provisional.get_messages()[-1]["content"] == "new"
     assert len(shared.get_messages()) <= 10 and shared.get_messages()[0]["role"] == "user"
     assert shared.get_messages()[-1]["content"] == "m29"
+
+
+def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
+    """`atlas-voice bench` subtracts this from voice-to-voice to get the server's overhead."""
+    from argparse import Namespace
+
+    from bench.run import FIXED_TURN_END, build_scenarios
+    from bench.vendors import VendorScript, turn_end_setting
+    from config.settings import Settings
+
+    script = VendorScript(stt_delay=0.3, llm_delay=0.6, tts_delay=0.2)
+    rule = turn_end_setting(Settings(**{"ATLAS_TURN_END": "rule"}))
+    assert rule["silence"] == 0.9  # the scripted question is a finished sentence
+    # preemptive: the request starts on the final (0.2 + 0.3), its first token (1.1 s) outlasts the turn end
+    assert round(script.injected(rule), 3) == 1.3
+    no_preempt = turn_end_setting(Settings(**{"ATLAS_TURN_END": "rule", "ATLAS_PREEMPT": "0"}))
+    assert round(script.injected(no_preempt), 3) == 1.7  # 0.9 + 0.6 + 0.2
+    assert round(script.injected(turn_end_setting(Settings(**FIXED_TURN_END))), 3) == 1.8  # 0.5 + 0.5 + 0.6 + 0.2
+    slow = turn_end_setting(Settings(**{"ATLAS_TURN_DONE_SECS": "1.5"}))
+    assert round(script.injected(slow), 3) == 1.7  # the held reply waits for the turn end: 1.5 + 0.2
+
+    args = Namespace(
+        sessions=[1],
+        doors=["ws"],
+        duration=10.0,
+        flood_compare=False,
+        workers_compare=[],
+        first_clause_compare=False,
+        turn_compare=True,
+        bare=False,
+        offline=True,
+        soak=0,
+        soak_sessions=20,
+    )
+    scenarios = {sc.name: sc.env for sc in build_scenarios(args)}
+    assert scenarios == {
+        "atlas-ws-1": {},
+        "atlas-ws-1-fixed": FIXED_TURN_END,
+        "atlas-ws-1-no-preempt": {"ATLAS_PREEMPT": "0"},
+        "offline-ws-1": {},
+        "offline-ws-1-fixed": FIXED_TURN_END,
+    }
