@@ -132,6 +132,7 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
                 vad_stop_secs=vad_stop,
                 preempt=s.preempt,
                 lead_secs=s.preempt_lead_secs,
+                max_per_turn=s.preempt_max_per_turn,
                 turn_analyzer=analyzer,
             )
         ]

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     # preempt_input_tokens and /metrics).
     preempt: bool = Field(True, validation_alias=_env("ATLAS_PREEMPT"))
     preempt_lead_secs: float = Field(0.6, ge=0, validation_alias=_env("ATLAS_PREEMPT_LEAD_SECS"))
+    preempt_max_per_turn: int = Field(3, ge=1, validation_alias=_env("ATLAS_PREEMPT_MAX_PER_TURN"))
     # Unset: 0.2 s with the rule, 0.5 s with the fixed turn end.
     vad_stop_secs: float | None = Field(None, gt=0, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
     user_speech_timeout_secs: float = Field(0.5, ge=0, validation_alias=_env("ATLAS_USER_SPEECH_TIMEOUT_SECS"))

@@ -125,7 +125,9 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
     """Ends a turn by `TurnEndRule` and, with `preempt`, speculates on the transcript at each pause.
 
     `lead_secs`: how long before the turn would end the speculation starts (the LLM's time to a first
-    token: the reply is ready as the turn ends); `vad_stop_secs` is the VAD's stop (the silence already
+    token: the reply is ready as the turn ends); `max_per_turn` bounds the speculations of one turn (a
+    caller who keeps pausing costs at most that many withdrawn requests; past it the turn is answered
+    when it ends, as LiveKit's `max_retries` does); `vad_stop_secs` is the VAD's stop (the silence already
     behind a VAD stop event); `turn_analyzer`
     (smart-turn) is optional; `stt_wait_secs` bounds the wait for the transcript after a pause (the turn
     then goes on with the words in hand, as Pipecat's STT timeout does). `on_decision(info)` is told every
@@ -139,6 +141,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         vad_stop_secs: float,
         preempt: bool = True,
         lead_secs: float = 0.6,
+        max_per_turn: int = 3,
         turn_analyzer: BaseTurnAnalyzer | None = None,
         stt_wait_secs: float = 1.5,
         on_decision=None,
@@ -148,6 +151,8 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         self.rule = rule
         self.preempt = preempt
         self.lead_secs = lead_secs
+        self.max_per_turn = max_per_turn
+        self._this_turn = 0  # speculations started in the current turn
         self._vad_stop_secs = vad_stop_secs
         self._analyzer = turn_analyzer
         self._stt_wait_secs = stt_wait_secs
@@ -186,6 +191,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
 
     async def _reset(self):
         self._text = ""
+        self._this_turn = 0
         self._stopped_at, self._heard, self._smart = None, False, None
         await self._cancel_timer()
         await self._withdraw("the turn ended without it")
@@ -250,7 +256,13 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         # The speculation starts `lead_secs` (the LLM's usual time to a first token) before the turn would
         # end: its reply is ready as the turn ends, and a pause the caller breaks sooner costs nothing.
         speculate = None
-        if self._heard and self._text and self.preempt and self._speculation is None:
+        if (
+            self._heard
+            and self._text
+            and self.preempt
+            and self._speculation is None
+            and self._this_turn < self.max_per_turn
+        ):
             speculate = max(0.0, end - self.lead_secs - waited)
         self._timer = self.task_manager.create_task(
             self._run_pause(speculate, max(0.0, end - waited)), f"{self}::turn_end"
@@ -263,6 +275,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
                 end -= speculate
                 self._speculation = UserTurnSpeculation(text=self._text)
                 self.speculations += 1
+                self._this_turn += 1
                 logger.debug(f"{self}: speculating at the pause on [{self._text}]")
                 await self.trigger_user_turn_inference_triggered(speculation=self._speculation)
             await asyncio.sleep(max(0.0, end))

@@ -322,3 +322,19 @@ def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
         "offline-ws-1": {},
         "offline-ws-1-fixed": FIXED_TURN_END,
     }
+
+
+async def test_a_caller_who_keeps_pausing_costs_at_most_max_per_turn_requests():
+    h = Harness(lead_secs=5.0, max_per_turn=2)
+    await h.start()
+    await h.send(VADUserStartedSpeakingFrame())
+    for words in ("I need milk and", "eggs and", "butter and"):
+        await h.send(VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final(words))
+        await asyncio.sleep(0.05)
+        await h.send(VADUserStartedSpeakingFrame())
+    await h.send(VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP), final("bread."))
+    await asyncio.sleep(0.7)
+    # two speculations withdrawn, then the turn is answered by an ordinary request when it ends
+    assert h.names() == ["inference", "withdrawn", "inference", "withdrawn", "inference", "stopped"], h.events
+    assert h.events[4][2] is None and not h.events[5][2].confirms_speculation
+    await h.strategy.cleanup()
