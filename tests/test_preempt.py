@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from app.talk import load_wav
 from fakes.anthropic import default_reply, last_user_text
 from storage.sinks import SQLiteSink
 from tests.conftest import cloud_env
-from tests.helpers import Speaker, connected_client, recorded, running_server
+from tests.helpers import Speaker, connected_client, metric_samples, recorded, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -57,7 +58,7 @@ def preempt_server(vendors, llm_record, artifacts, tmp_path_factory):
         "ATLAS_PREEMPT_LEAD_SECS": LEAD_SECS,
     }
     with running_server(env, artifacts / "server_preempt.log") as base:
-        yield base.replace("http://", "ws://") + "/ws", db
+        yield base.replace("http://", "ws://") + "/ws", db, base
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +88,9 @@ def requests_since(claude, n: int) -> list:
 
 async def test_pausing_and_going_on_gets_one_reply_to_everything(preempt_server, vendors, phrases):
     """Two pauses after unfinished phrases: each starts a preemptive request that is withdrawn (its HTTP
-    stream closed) when the caller goes on; the reply answers all three phrases, once."""
-    url, db = preempt_server
+    stream closed) when the caller goes on; the reply answers all three phrases, once; the context and
+    /metrics keep what happened."""
+    url, db, base = preempt_server
     claude = vendors["anthropic"]
     claude.first_token_delay = 1.5  # still thinking when the caller goes on
     n = len(claude.requests)
@@ -104,16 +106,28 @@ async def test_pausing_and_going_on_gets_one_reply_to_everything(preempt_server,
     assert len(sent) >= 2, asked  # at least one withdrawn preemptive request, then the one spoken
     assert "bread" not in asked[0] and "milk" in asked[0], asked
     assert any("client_disconnected" in r.events for r in sent[:-1]), [r.events for r in sent]
+    # The next turn's request holds the one reply that was spoken, nothing of the withdrawn ones.
+    claude.first_token_delay = 0.0
+    await client.say("weather", phrases["weather"])
+    await client.wait_reply_done(timeout=60)
+    history = list(claude.requests)[-1].body["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"], history
+    assert "bread" in last_user_text(history[:1]).lower()
     end = await client.stop()
-    assert end["metrics"]["turns"] == 1
-    _, rows = await recorded(SQLiteSink(db), client.session_id, 1)
-    assert rows[0]["preempt_cancelled"] == len(sent) - 1 >= 1
-    assert rows[0]["preempt_input_tokens"] > 0
+    assert end["metrics"]["turns"] == 2
+    _, rows = await recorded(SQLiteSink(db), client.session_id, 2)
+    first = min(rows, key=lambda r: r["turn_index"])
+    assert first["preempt_cancelled"] == len(sent) - 1 >= 1
+    assert first["preempt_input_tokens"] > 0
+    scraped = metric_samples(httpx.get(base + "/metrics").text)
+    withdrawn = scraped[("atlas_preempt_requests_total", (("outcome", "withdrawn"), ("transport", "websocket")))]
+    assert withdrawn >= first["preempt_cancelled"]
+    assert scraped[("atlas_preempt_withdrawn_input_tokens_total", (("transport", "websocket"),))] > 0
 
 
 async def test_a_finished_question_is_answered_by_its_preemptive_request(preempt_server, vendors, phrases):
     """No second request: the one asked at the pause is the one spoken, and the turn row says so."""
-    url, db = preempt_server
+    url, db, _ = preempt_server
     claude = vendors["anthropic"]
     claude.first_token_delay = 0.3
     n = len(claude.requests)
@@ -130,7 +144,7 @@ async def test_a_finished_question_is_answered_by_its_preemptive_request(preempt
 async def test_barge_in_during_a_preemptive_reply(preempt_server, vendors, phrases):
     """The caller talks over a reply that was asked for at the pause: it stops, and the new turn gets one
     reply of its own."""
-    url, db = preempt_server
+    url, db, _ = preempt_server
     claude = vendors["anthropic"]
     claude.tokens_per_second = 8  # a long, slow reply: still speaking when the caller barges in
     claude.reply = lambda body: default_reply(body) + " " + " ".join(["And there is a great deal more to say."] * 6)
@@ -156,7 +170,7 @@ async def test_barge_in_during_a_preemptive_reply(preempt_server, vendors, phras
 async def test_an_error_on_the_preemptive_request_still_gets_one_reply(preempt_server, vendors, phrases):
     """Claude is overloaded (529) for the request asked for at the pause: the retry answers in its place,
     held like the request it replaces, and the caller hears it once."""
-    url, db = preempt_server
+    url, db, _ = preempt_server
     claude = vendors["anthropic"]
     claude.fail_next(529)
     n = len(claude.requests)
@@ -177,7 +191,7 @@ async def test_an_error_on_the_preemptive_request_still_gets_one_reply(preempt_s
 async def test_words_committed_after_the_final_withdraw_and_ask_again(preempt_server, vendors, phrases):
     """Deepgram sends one more final after the one the preemptive request was asked with: that request is
     withdrawn and the reply answers the longer transcript."""
-    url, db = preempt_server
+    url, db, _ = preempt_server
     claude, dg = vendors["anthropic"], vendors["deepgram"]
     claude.first_token_delay = 0.8
     dg.late_final_next("in the spring", delay=0.15)
