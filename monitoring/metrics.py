@@ -301,6 +301,9 @@ class Monitor:
             self.turns.labels(transport)
             self.turns_errored.labels(transport)
             self.interruptions.labels(transport)
+            self.preempt_withdrawn_tokens.labels(transport)
+            for outcome in ("kept", "withdrawn"):
+                self.preempt_requests.labels(transport, outcome)
             for stage in STAGES:
                 self.stage_latency.labels(stage.name, transport)
         thresholds = {
