@@ -128,10 +128,9 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
     token: the reply is ready as the turn ends); `max_per_turn` bounds the speculations of one turn (a
     caller who keeps pausing costs at most that many withdrawn requests; past it the turn is answered
     when it ends, as LiveKit's `max_retries` does); `vad_stop_secs` is the VAD's stop (the silence already
-    behind a VAD stop event); `turn_analyzer`
-    (smart-turn) is optional; `stt_wait_secs` bounds the wait for the transcript after a pause (the turn
-    then goes on with the words in hand, as Pipecat's STT timeout does). `on_decision(info)` is told every
-    turn end (silence waited, verdicts): for logs and the bench.
+    behind a VAD stop event); `turn_analyzer` (smart-turn) is optional; `stt_wait_secs` bounds the wait for
+    the transcript after a pause (the turn then goes on with the words in hand, as Pipecat's STT timeout
+    does).
     """
 
     def __init__(
@@ -144,7 +143,6 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         max_per_turn: int = 3,
         turn_analyzer: BaseTurnAnalyzer | None = None,
         stt_wait_secs: float = 1.5,
-        on_decision=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -156,7 +154,6 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
         self._vad_stop_secs = vad_stop_secs
         self._analyzer = turn_analyzer
         self._stt_wait_secs = stt_wait_secs
-        self._on_decision = on_decision
         self._match = NormalizedMatch()
         self._text = ""  # final transcripts of this turn
         self._speaking = False
@@ -289,15 +286,10 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
     async def _end_turn(self):
         speculation, self._speculation = self._speculation, None
         verdict = words_verdict(self._text)
-        if self._on_decision is not None:
-            self._on_decision(
-                {
-                    "verdict": verdict,
-                    "smart_turn": self._smart,
-                    "silence_secs": self.rule.silence(verdict, self._smart),
-                    "preempted": speculation is not None,
-                }
-            )
+        logger.debug(
+            f"{self}: turn ends after {self.rule.silence(verdict, self._smart)} s of silence (words {verdict}, "
+            f"smart-turn {self._smart}, {'preempted' if speculation is not None else 'not preempted'})"
+        )
         if speculation is not None and self._match.matches(speculation.text, self._text):
             await self.trigger_user_turn_finalized(confirms_speculation=True)
             return
