@@ -167,7 +167,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    async def setup(self, setup: FrameProcessorSetup):
+    async def setup(self, setup: FrameProcessorSetup):  # type: ignore[override]  # as Pipecat's stop strategies
         await super().setup(setup)
         if self._analyzer is not None:
             self._analyzer.set_sample_rate(setup.audio_in_sample_rate)
