@@ -602,7 +602,8 @@ async def run(args) -> dict:
         tts_delay=args.tts_delay,
         jitter=args.jitter,
     )
-    turn_wait = turn_end_setting(Settings())
+    # the default turn end as the cloud scenarios run it (Deepgram: the rule's 0.2 s VAD stop)
+    turn_wait = turn_end_setting(Settings(**{"ATLAS_STT": "deepgram", "DEEPGRAM_API_KEY": "bench"}))
     scenarios = build_scenarios(args)
     utterances = await asyncio.to_thread(make_utterances, QUESTIONS)
     results = {
@@ -625,14 +626,16 @@ async def run(args) -> dict:
                     bar.n = n
                     bar.refresh()
 
-                # the scenario's own turn end (its env may change it), for the vendors' share of each turn
-                # (the bare Pipecat bot has Pipecat's own stop strategy: the fixed turn end)
-                sc_turn = turn_end_setting(Settings(**(FIXED_TURN_END if sc.server == "bare" else sc.env)))
                 if sc.server == "offline":
                     env = {"ATLAS_STT": "whisper", "ATLAS_LLM": "llama", "ATLAS_TTS": "piper"}
-                    res = await run_scenario(sc, env, utterances, workdir, None, sc_turn, progress, args.profile)
                 else:
                     env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology"}
+                # the scenario's own turn end (its env may change it), for the vendors' share of each turn
+                # (the bare Pipecat bot has Pipecat's own stop strategy: the fixed turn end)
+                sc_turn = turn_end_setting(Settings(**env, **(FIXED_TURN_END if sc.server == "bare" else sc.env)))
+                if sc.server == "offline":
+                    res = await run_scenario(sc, env, utterances, workdir, None, sc_turn, progress, args.profile)
+                else:
                     res = await run_scenario(
                         sc,
                         env,

@@ -200,13 +200,19 @@ def _piper_voice():
 _engine_lock = threading.Lock()
 
 
-def piper_pcm(text: str, sample_rate: int) -> bytes:
-    """Real speech for `text` as 16-bit mono PCM at `sample_rate` (Piper's joe voice, resampled)."""
+def piper_pcm(text: str, sample_rate: int, *, same_every_run: bool = False) -> bytes:
+    """Real speech for `text` as 16-bit mono PCM at `sample_rate` (Piper's joe voice, resampled).
+    `same_every_run`: Piper's sampling noise off, so every run hears exactly the same speech."""
     import soxr
 
     voice = _piper_voice()
+    config = None
+    if same_every_run:
+        from piper.config import SynthesisConfig
+
+        config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
     with _engine_lock:
-        pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text))
+        pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text, syn_config=config))
     rate = voice.config.sample_rate
     if rate == sample_rate:
         return pcm

@@ -4,6 +4,7 @@ headers, path, parameters) fails against the fakes the way it would against the 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -86,6 +87,11 @@ async def test_stream_like_pipecat_assembles_reply_and_reports_usage(fake, clien
     assert rec.headers["x-api-key"] == KEY and rec.headers["anthropic-version"] == "2023-06-01"
     assert rec.headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
     assert rec.body["temperature"] == 0.7 and rec.body["thinking"] == {"type": "disabled"}
+    # The fake notes the stream complete after its last write, which the client may have read first.
+    for _ in range(100):
+        if rec.events:
+            break
+        await asyncio.sleep(0.02)
     assert rec.events == ["completed"] and rec.deltas_sent == len(split_tokens(expected))
     assert fake.completed == 1 and fake.status_counts == {200: 1}
 

@@ -288,9 +288,15 @@ def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
 
     from bench.run import FIXED_TURN_END, build_scenarios
     from bench.vendors import VendorScript, turn_end_setting
-    from config.settings import Settings
 
     script = VendorScript(stt_delay=0.3, llm_delay=0.6, tts_delay=0.2)
+    deepgram = {"DEEPGRAM_API_KEY": "test", "ATLAS_STT": "deepgram"}
+
+    def Settings(**env):  # noqa: N802 - the settings a cloud scenario's server reads
+        from config.settings import Settings as S
+
+        return S(**deepgram, **env)
+
     rule = turn_end_setting(Settings(**{"ATLAS_TURN_END": "rule"}))
     assert rule["silence"] == 0.9  # the scripted question is a finished sentence
     # preemptive: the request starts on the final (0.2 + 0.3), its first token (1.1 s) outlasts the turn end
@@ -300,6 +306,11 @@ def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
     assert round(script.injected(turn_end_setting(Settings(**FIXED_TURN_END))), 3) == 1.8  # 0.5 + 0.5 + 0.6 + 0.2
     slow = turn_end_setting(Settings(**{"ATLAS_TURN_DONE_SECS": "1.5"}))
     assert round(script.injected(slow), 3) == 1.7  # the held reply waits for the turn end: 1.5 + 0.2
+    from config.settings import Settings as Local
+
+    # Whisper keeps the 0.5 s VAD stop: each segment is transcribed on its own
+    assert Local(**{"ATLAS_STT": "whisper"}).resolved_vad_stop_secs == 0.5
+    assert Settings().resolved_vad_stop_secs == 0.2
 
     args = Namespace(
         sessions=[1],
