@@ -105,12 +105,13 @@ class Settings(BaseSettings):
     # ahead of the rest of its sentence; 0 speaks whole sentences only.
     first_clause_words: int = Field(4, ge=0, validation_alias=_env("ATLAS_FIRST_CLAUSE_WORDS"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
-    # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s) and the turn
-    # ends after the silence TurnEndRule asks for, from the words so far: 1.5 s after unfinished words ("to",
-    # "and", "um", a number, a bare "hi Atlas"), else 0.9 s. Tuned in `bench turns --rule`
-    # (bench/results/turn-rule-2026-12-05.md): no shorter rule, with or without smart-turn (ATLAS_SMART_TURN
-    # adds its verdict to the rule), cut no one off on browser and phone audio; 0.9 s ends a finished
-    # sentence ~100 ms sooner than the fixed 1.0 s, and survives a "hmm" the VAD does not hear.
+    # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s; 0.5 s with Whisper,
+    # see resolved_vad_stop_secs) and the turn ends after the silence TurnEndRule asks for, from the words so
+    # far: 1.5 s after unfinished words ("to", "and", "um", a number, a bare "hi Atlas"), else 0.9 s. Tuned in
+    # `bench turns --rule` (bench/results/turn-rule-2026-12-05.md): no shorter rule, with or without
+    # smart-turn (ATLAS_SMART_TURN adds its verdict to the rule), cut no one off on browser and phone audio;
+    # 0.9 s ends a finished sentence ~100 ms sooner than the fixed 1.0 s, and survives a "hmm" the VAD does
+    # not hear.
     # "fixed": the VAD stop (0.5 s) then the user-speech timeout (0.5 s), as before (bench/results/turns.md).
     turn_end: Literal["rule", "fixed"] = Field("rule", validation_alias=_env("ATLAS_TURN_END"))
     turn_done_secs: float = Field(0.9, gt=0, validation_alias=_env("ATLAS_TURN_DONE_SECS"))
