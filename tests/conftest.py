@@ -146,6 +146,17 @@ def vendors():
         fake.stop()
 
 
+def reset_vendors(vendors) -> None:
+    """The shared fakes as a test expects them: no scripted fault left, Claude's default reply at once."""
+    from fakes.anthropic import default_reply
+
+    for fake in vendors.values():
+        fake.clear_faults()
+    vendors["anthropic"].reply = default_reply
+    vendors["anthropic"].tokens_per_second = 0
+    vendors["anthropic"].first_token_delay = 0.0
+
+
 def cloud_env(vendors, llm_record, tts: str) -> dict[str, str]:
     return {
         "DEEPGRAM_API_KEY": "test-deepgram-key",

@@ -14,7 +14,7 @@ import pytest
 
 from fakes.anthropic import default_reply
 from fakes.base import whisper_transcribe
-from tests.conftest import PLAYHT_VOICE, UTTERANCES, VOICE, WINDOW_TOPICS, cloud_env
+from tests.conftest import PLAYHT_VOICE, UTTERANCES, VOICE, WINDOW_TOPICS, cloud_env, reset_vendors
 from tests.helpers import connected_client, running_server, wer, words
 
 pytestmark = pytest.mark.timeout(900)
@@ -51,11 +51,7 @@ def playht_ws(vendors, llm_record, artifacts):
 
 @pytest.fixture(autouse=True)
 def fresh_vendors(vendors):
-    for fake in vendors.values():
-        fake.clear_faults()
-    vendors["anthropic"].reply = default_reply
-    vendors["anthropic"].tokens_per_second = 0
-    yield
+    reset_vendors(vendors)
 
 
 async def test_cloud_conversation_deepgram_claude_elevenlabs(cloud_ws, vendors, speech):

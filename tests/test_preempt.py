@@ -16,7 +16,7 @@ import pytest
 from app.talk import load_wav
 from fakes.anthropic import default_reply, last_user_text
 from storage.sinks import SQLiteSink
-from tests.conftest import cloud_env
+from tests.conftest import cloud_env, reset_vendors
 from tests.helpers import Speaker, connected_client, metric_samples, recorded, running_server
 
 pytestmark = pytest.mark.timeout(600)
@@ -63,13 +63,9 @@ def preempt_server(vendors, llm_record, artifacts, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_vendors(vendors):
-    for fake in vendors.values():
-        fake.clear_faults()
-    vendors["anthropic"].reply = default_reply
-    vendors["anthropic"].tokens_per_second = 0
-    vendors["anthropic"].first_token_delay = 0.0
+    reset_vendors(vendors)
     yield
-    vendors["anthropic"].first_token_delay = 0.0
+    reset_vendors(vendors)  # the fakes are shared by the whole session: leave no delay or slow reply behind
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -16,14 +16,13 @@ import pytest
 
 from app.talk import VoiceClient
 from config.prices import rates_for
-from fakes.anthropic import default_reply
 from fakes.supabase_local.stack import SECRET, Stack
 from fakes.supabase_local.stack import client as supabase_client
 from storage.outbox import OutboxFile, Recorder
 from storage.records import INSERT, SESSIONS, TURNS, UPSERT
 from storage.sinks import SQLiteSink
 from storage.supabase import SupabaseSink
-from tests.conftest import cloud_env
+from tests.conftest import cloud_env, reset_vendors
 from tests.helpers import metric_samples, recorded, running_server
 from tests.recording_checks import check_recorded
 
@@ -39,10 +38,7 @@ def stack():
 
 @pytest.fixture(autouse=True)
 def fresh(vendors, stack):
-    for fake in vendors.values():
-        fake.clear_faults()
-    vendors["anthropic"].reply = default_reply
-    vendors["anthropic"].tokens_per_second = 0
+    reset_vendors(vendors)
     stack.api.clear_faults()
     yield
     if not stack.pg.running:
