@@ -855,31 +855,24 @@ def label(cfg: Config | RuleConfig) -> str:
     return f"fixed VAD {cfg.vad_stop_secs} + timeout {cfg.user_speech_timeout}"
 
 
+def _rule_grid(dones, unsures, opens) -> list[RuleConfig]:
+    """Every rule of the grid with done <= unsure <= open, smart-turn off then on."""
+    return [
+        RuleConfig(d, u, o, st) for st in (False, True) for d in dones for u in unsures for o in opens if d <= u <= o
+    ]
+
+
 def rule_configs(quick: bool = False) -> list[RuleConfig]:
     """The tuning grid (done <= unsure <= open), smart-turn off then on."""
     if quick:
         return [RuleConfig(0.4, 0.6, 1.0, False), RuleConfig(0.6, 0.8, 1.2, True), RuleConfig(0.7, 1.0, 1.5, False)]
-    return [
-        RuleConfig(d, u, o, st)
-        for st in (False, True)
-        for d in RULE_DONE_SECS
-        for u in RULE_UNSURE_SECS
-        for o in RULE_OPEN_SECS
-        if d <= u <= o
-    ]
+    return _rule_grid(RULE_DONE_SECS, RULE_UNSURE_SECS, RULE_OPEN_SECS)
 
 
 def rule_extension_configs(quick: bool = False) -> list[RuleConfig]:
     if quick:
         return [RuleConfig(0.9, 1.0, 1.2, False)]
-    return [
-        RuleConfig(d, u, o, st)
-        for st in (False, True)
-        for d in RULE_EXTENSION_DONE_SECS
-        for u in RULE_EXTENSION_UNSURE_SECS
-        for o in RULE_EXTENSION_OPEN_SECS
-        if d <= u <= o
-    ]
+    return _rule_grid(RULE_EXTENSION_DONE_SECS, RULE_EXTENSION_UNSURE_SECS, RULE_EXTENSION_OPEN_SECS)
 
 
 class Transcriber:
