@@ -626,27 +626,25 @@ async def run(args) -> dict:
                     bar.n = n
                     bar.refresh()
 
-                if sc.server == "offline":
+                offline = sc.server == "offline"
+                if offline:
                     env = {"ATLAS_STT": "whisper", "ATLAS_LLM": "llama", "ATLAS_TTS": "piper"}
                 else:
                     env = {**vendor_env(vendors.urls), "ATLAS_LLM_FALLBACK": "apology"}
                 # the scenario's own turn end (its env may change it), for the vendors' share of each turn
                 # (the bare Pipecat bot has Pipecat's own stop strategy: the fixed turn end)
                 sc_turn = turn_end_setting(Settings(**env, **(FIXED_TURN_END if sc.server == "bare" else sc.env)))
-                if sc.server == "offline":
-                    res = await run_scenario(sc, env, utterances, workdir, None, sc_turn, progress, args.profile)
-                else:
-                    res = await run_scenario(
-                        sc,
-                        env,
-                        utterances,
-                        workdir,
-                        asdict(script),
-                        sc_turn,
-                        progress,
-                        args.profile,
-                        vendors.proc.pid,
-                    )
+                res = await run_scenario(
+                    sc,
+                    env,
+                    utterances,
+                    workdir,
+                    None if offline else asdict(script),
+                    sc_turn,
+                    progress,
+                    args.profile,
+                    None if offline else vendors.proc.pid,
+                )
                 bar.close()
                 results["scenarios"].append(res)
                 print(_one_line(res), flush=True)
