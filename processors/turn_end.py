@@ -41,9 +41,7 @@ from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer, EndOfTurnSta
 from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
-    InterimTranscriptionFrame,
     MetricsFrame,
-    StartFrame,
     TranscriptionFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
@@ -196,9 +194,7 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
     # --- frames ----------------------------------------------------------------------------------
 
     async def process_frame(self, frame: Frame) -> ProcessFrameResult:
-        if isinstance(frame, StartFrame):
-            pass
-        elif isinstance(frame, InputAudioRawFrame):
+        if isinstance(frame, InputAudioRawFrame):
             if self._analyzer is not None:
                 self._analyzer.append_audio(frame.audio, self._speaking)
         elif isinstance(frame, VADUserStartedSpeakingFrame):
@@ -223,8 +219,6 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
                     # a transcript with no VAD stop (the VAD missed quiet speech): time the pause from now
                     self._stopped_at = time.monotonic() - self._vad_stop_secs
                 await self._decide()
-        elif isinstance(frame, InterimTranscriptionFrame):
-            pass
         return ProcessFrameResult.CONTINUE
 
     async def _smart_turn(self) -> bool | None:
