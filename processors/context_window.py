@@ -47,13 +47,11 @@ class ContextWindow(FrameProcessor):
         super().__init__(**kwargs)
         self.max_messages = max_messages
         self.context = context  # the session's shared LLMContext
-        self.trimmed_total = 0
 
     def _trim(self, context) -> None:
         messages = context.get_messages()
         kept = trim_messages(messages, self.max_messages)
         if len(kept) != len(messages):
-            self.trimmed_total += len(messages) - len(kept)
             context.set_messages(kept)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
