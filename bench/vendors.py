@@ -98,7 +98,7 @@ def turn_end_setting(settings, transcript: str = TRANSCRIPT) -> dict:
         "preempt": settings.turn_end == "rule" and settings.preempt,
     }
     if settings.turn_end == "rule":
-        rule = TurnEndRule(settings.turn_done_secs, settings.turn_unsure_secs, settings.turn_open_secs)
+        rule = TurnEndRule.from_settings(settings)
         # smart-turn's verdict on the bench's speech is not known here: taken as complete
         out["silence"] = rule.silence(words_verdict(transcript), True if settings.smart_turn else None)
     return out

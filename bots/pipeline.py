@@ -104,7 +104,7 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
     tts = make_tts(s, engines)
 
     vad_stop = s.resolved_vad_stop_secs
-    rule = TurnEndRule(done_secs=s.turn_done_secs, unsure_secs=s.turn_unsure_secs, open_secs=s.turn_open_secs)
+    rule = TurnEndRule.from_settings(s)
     smart = s.smart_turn and engines.smart_turn_session is not None
     if s.turn_end == "rule":
         longest_wait = rule.longest

@@ -107,6 +107,11 @@ class TurnEndRule:
     unsure_secs: float = 0.9
     open_secs: float = 1.5
 
+    @classmethod
+    def from_settings(cls, settings) -> TurnEndRule:
+        """The rule ATLAS_TURN_DONE_SECS / _UNSURE_SECS / _OPEN_SECS describe."""
+        return cls(settings.turn_done_secs, settings.turn_unsure_secs, settings.turn_open_secs)
+
     def silence(self, verdict: Verdict, smart_complete: bool | None) -> float:
         if verdict == "open":
             return self.open_secs
