@@ -2,8 +2,8 @@
 
 transport in -> STT -> user aggregator (Silero VAD, then the turn-end rule with preemptive replies,
 or the speech timeout or smart-turn; the caller's audio goes no further) -> context window (last N
-messages; the system prompt lives in the LLM settings) -> LLM -> first clause (a reply's first
-clause as its own chunk) -> TTS (sentence aggregation) -> transport out -> assistant aggregator
+messages; the system prompt lives in the LLM settings) -> LLM -> spoken reply (plain speech, a reply's
+first clause as its own chunk, then at most a few whole sentences) -> TTS -> transport out -> assistant aggregator
 (keeps only what was actually sent to be spoken).
 
 What is loaded once per process (engines, the local LLM server) comes from the `Runtime`
@@ -40,8 +40,8 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from bots.runtime import Runtime
 from compat.pipecat import become
 from processors.context_window import ContextWindow
-from processors.first_clause import FirstClauseTextProcessor
 from processors.sentence_marker import SentenceMarker
+from processors.spoken_reply import SpokenReplyProcessor
 from processors.turn_end import PreemptiveTurnStopStrategy, TurnEndRule
 from services.factory import make_llm, make_stt, make_tts
 from services.local.engines import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzerV3
@@ -156,8 +156,9 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
     user = cast(UserAggregator, aggregators.user())
     user.on_backlog, user.max_lag_secs = on_backlog, s.max_audio_lag_secs
     window = ContextWindow(max_messages=s.context_messages, context=context)
-    # Each reply's first clause goes to TTS on its own; the TTS aggregates the rest by sentence.
-    first_clause = [FirstClauseTextProcessor(min_words=s.first_clause_words)] if s.first_clause_words else []
+    # What reaches the TTS and the context: plain speech, the reply's first clause on its own, then whole
+    # sentences, at most ATLAS_REPLY_MAX_SENTENCES of them.
+    spoken = SpokenReplyProcessor(min_words=s.first_clause_words, max_sentences=s.reply_max_sentences)
     pipeline = Pipeline(
         [
             transport.input(),
@@ -165,7 +166,7 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipelin
             aggregators.user(),
             window,
             llm,
-            *first_clause,
+            spoken,
             tts,
             SentenceMarker(),
             transport.output(),

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # Words a reply needs before its first clause (up to , ; : or an em dash) is spoken on its own,
     # ahead of the rest of its sentence; 0 speaks whole sentences only.
     first_clause_words: int = Field(4, ge=0, validation_alias=_env("ATLAS_FIRST_CLAUSE_WORDS"))
+    # Whole sentences a reply may speak (processors/spoken_reply.py): the rest is neither spoken nor kept, and
+    # half a sentence (the token bound cut it) is never spoken; 0: no bound. The prompt asks for 2-3.
+    reply_max_sentences: int = Field(3, ge=0, validation_alias=_env("ATLAS_REPLY_MAX_SENTENCES"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
     # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s; 0.5 s with Whisper,
     # see resolved_vad_stop_secs) and the turn ends after the silence TurnEndRule asks for, from the words so

@@ -12,7 +12,7 @@ SimpleTextAggregator), while a TTS service speaks `AggregatedTextFrame`s as they
 voice we build (Piper, ElevenLabs, PlayHT, the Piper fallback) gets the clause unchanged.
 
 `FirstClauseAggregator`, while a reply's first chunk has not gone out, yields the text up to a
-clause mark (`,` `;` `:` or an em dash) once it holds `min_words` words, as soon as the next
+clause mark (`,` `;` `:` or an em dash) once it holds `min_words` words (0: never), as soon as the next
 character shows the mark is a real pause: whitespace (after an em dash, any non-digit), so "1,000"
 and "10:30" are never split. Everything else is Pipecat's sentence aggregation unchanged, so a
 reply opening with a short sentence ("Sure.") is cut as before. The clause is typed SENTENCE: the
@@ -51,7 +51,7 @@ class FirstClauseAggregator(SimpleTextAggregatorInternals):
     async def aggregate(self, text: str) -> AsyncIterator[Aggregation]:
         for char in text:
             self.buffer += char
-            if self._first and (clause := self._take_clause(char)):
+            if self._first and self._min_words and (clause := self._take_clause(char)):
                 yield clause
             if sentence := await self.sentence_after(char):
                 self._first = False
@@ -89,8 +89,8 @@ class FirstClauseTextProcessor(LLMTextProcessor):
     interruption; it passes LLMFullResponseStartFrame on without telling the aggregator.
     """
 
-    def __init__(self, min_words: int = 4, **kwargs):
-        super().__init__(text_aggregator=FirstClauseAggregator(min_words), **kwargs)
+    def __init__(self, min_words: int = 4, text_aggregator: FirstClauseAggregator | None = None, **kwargs):
+        super().__init__(text_aggregator=text_aggregator or FirstClauseAggregator(min_words), **kwargs)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, LLMFullResponseStartFrame):

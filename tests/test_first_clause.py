@@ -178,7 +178,7 @@ class _Transport:
 
 
 @pytest.mark.parametrize("words", [4, 0])
-def test_pipeline_has_the_first_clause_step_unless_turned_off(engines, tmp_path, words):
+def test_pipeline_has_the_spoken_reply_step_with_or_without_the_first_clause(engines, tmp_path, words):
     from bots.pipeline import build_pipeline
     from bots.runtime import Runtime
 
@@ -188,9 +188,14 @@ def test_pipeline_has_the_first_clause_step_unless_turned_off(engines, tmp_path,
     built = build_pipeline(runtime, _Transport())
     steps = [type(p).__name__ for p in built.pipeline.processors]
     after_llm = steps[steps.index(type(built.llm).__name__) + 1 :][:2]
-    assert after_llm == (
-        ["FirstClauseTextProcessor", "SharedPiperTTSService"] if words else ["SharedPiperTTSService", "SentenceMarker"]
-    )
+    assert after_llm == ["SpokenReplyProcessor", "SharedPiperTTSService"]
+
+
+async def test_no_clause_when_turned_off():
+    assert await chunks(FirstClauseAggregator(min_words=0), HARBOUR) == [
+        "The best time to visit the harbour, if you ask me, is early.",
+        "Boats come in at six.",
+    ]
 
 
 async def test_piper_speaks_the_first_clause_on_its_own(engines):
