@@ -5,7 +5,7 @@
 
 ARG ATLAS_LOCAL_LLM=1
 
-# --- build: compilers, the venv, llama.cpp (portable CPU baseline), the models ----------------------------
+# --- build: compilers, the venv, llama.cpp's llama-server (portable CPU baseline), the models ----------------------------
 FROM debian:bookworm-slim AS build
 ARG ATLAS_LOCAL_LLM
 ENV ATLAS_CACHE_DIR=/opt/atlas-voice/cache
@@ -22,11 +22,10 @@ RUN bash scripts/quickstart.sh install \
 # --- runtime: Debian's Python and the built venv, no compilers ----------------------------------------------
 FROM debian:bookworm-slim
 ARG ATLAS_LOCAL_LLM
-# python3: the venv's interpreter (the same Debian Python 3.11 it was built with); libgomp1: llama.cpp's
-# OpenMP; ca-certificates: TLS to the cloud providers; tini: PID 1, so a SIGTERM reaches the server even
+# python3: the venv's interpreter (the same Debian Python 3.11 it was built with); ca-certificates: TLS to the cloud providers; tini: PID 1, so a SIGTERM reaches the server even
 # before it has installed its own handlers, and the server's child processes are reaped.
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates tini \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 atlas \
  && useradd --uid 10001 --gid 10001 --home-dir /var/lib/atlas-voice --no-create-home --shell /usr/sbin/nologin atlas \

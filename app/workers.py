@@ -134,12 +134,21 @@ class _Supervisor(Multiprocess):
 class _SharedLLM:
     """The machine's one local LLM server, run on an event loop of its own in the supervisor."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, workers: int):
         from services.local.llama_server import LlamaServer
         from services.local.models import resolve_llm_path
 
         path = resolve_llm_path(settings.llm_model_path, settings.cache_dir, False)
-        self.server = LlamaServer(path, threads=settings.llm_threads, context_tokens=settings.llm_context_tokens)
+        # the workers' sessions share it: slots for each worker's share (the server picks a session's slot by
+        # its prompt, as the workers do not pin them)
+        self.server = LlamaServer(
+            path,
+            threads=settings.llm_threads,
+            context_tokens=settings.llm_context_tokens,
+            slots=settings.llm_slots * workers,
+            cache_reuse_tokens=settings.llm_cache_reuse_tokens,
+            binary=settings.llama_server,
+        )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="atlas-llm", daemon=True)
 
@@ -175,7 +184,7 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> Non
     llm = None
     if needs_shared_llm(settings):
         try:
-            llm = _SharedLLM(settings)
+            llm = _SharedLLM(settings, workers)
             os.environ["ATLAS_LLM_URL"] = llm.start()
             os.environ["ATLAS_LLM_MODEL_NAME"] = "local"
         except Exception as e:

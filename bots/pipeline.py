@@ -92,15 +92,22 @@ class BuiltPipeline:
     context_window: ContextWindow
 
 
-def build_pipeline(runtime: Runtime, transport, on_backlog=None) -> BuiltPipeline:
+def build_pipeline(runtime: Runtime, transport, on_backlog=None, llm_slot: int | None = None) -> BuiltPipeline:
     """The pipeline for one session on `transport`; `on_backlog(lag_secs)` is called once if the session
-    falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio."""
+    falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio; `llm_slot`: the local LLM's slot
+    that keeps the session's conversation cached (Runtime.claim_llm_slot)."""
     s = runtime.settings
     engines = runtime.engines
     assert engines is not None, "engines are not loaded"
 
     stt = make_stt(s, engines)
-    llm = make_llm(s, runtime.llm_base_url, runtime.llm_model, runtime.monitor.provider_retry)
+    llm = make_llm(
+        s,
+        runtime.llm_base_url,
+        runtime.llm_model,
+        runtime.monitor.provider_retry,
+        llm_slot=llm_slot,
+    )
     tts = make_tts(s, engines)
 
     vad_stop = s.resolved_vad_stop_secs

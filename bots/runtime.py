@@ -47,6 +47,8 @@ class Runtime:
         self.llm_base_url: str | None = None
         self.llm_model = "local"
         self.llm_server: LlamaServer | None = None
+        # The local llama-server's slots not held by a session (see `max_sessions`, `claim_llm_slot`).
+        self.free_llm_slots: list[int] = []
         self.ready = asyncio.Event()
         self.load_error: str | None = None
         self.sessions = 0  # admitted sessions, every door (the ATLAS_MAX_SESSIONS cap)
@@ -72,20 +74,53 @@ class Runtime:
         voice = getattr(self.engines, "piper_voice", None)
         return voice.config.sample_rate if voice is not None else 22050
 
+    @property
+    def local_llm_sessions(self) -> bool:
+        """Sessions talk to this process's own llama-server (not Claude, not another server's URL)."""
+        return self.llm_server is not None and self.settings.resolved_llm == "llama"
+
+    @property
+    def max_sessions(self) -> int:
+        """Sessions admitted at once: ATLAS_MAX_SESSIONS, and no more than the local LLM's slots when the
+        sessions talk to it (a session past the slots would wait for another's reply and evict its cache)."""
+        if self.local_llm_sessions:
+            return min(self.settings.max_sessions, self.settings.llm_slots)
+        return self.settings.max_sessions
+
+    def busy_message(self) -> str:
+        """Why a session is refused at the cap, for the client (SERVER_BUSY)."""
+        if self.local_llm_sessions and self.settings.llm_slots < self.settings.max_sessions:
+            return (
+                f"the local LLM is serving its limit of conversations ({self.settings.llm_slots}, "
+                "ATLAS_LLM_SLOTS); retry later"
+            )
+        return f"this server is at its limit of {self.settings.max_sessions} sessions; retry later"
+
+    def claim_llm_slot(self) -> int | None:
+        """A llama-server slot for a new session's conversation, or None (not the local LLM, or none free:
+        the server then picks a slot itself)."""
+        if not self.local_llm_sessions or not self.free_llm_slots:
+            return None
+        return self.free_llm_slots.pop(0)
+
+    def return_llm_slot(self, slot: int | None) -> None:
+        if slot is not None and slot not in self.free_llm_slots:
+            self.free_llm_slots.append(slot)
+
     def can_admit(self) -> bool:
-        """Whether a new session would be admitted now (at ATLAS_MAX_SESSIONS, shutting down, or the
+        """Whether a new session would be admitted now (at the session cap, shutting down, or the
         outbox over its disk cap: no)."""
-        if self.shutting_down or self.sessions >= self.settings.max_sessions:
+        if self.shutting_down or self.sessions >= self.max_sessions:
             return False
         return not self.recorder.full
 
     def admit(self) -> bool:
-        """Take a session slot, or False when the process is at ATLAS_MAX_SESSIONS, shutting down, or
-        its outbox is over ATLAS_OUTBOX_MAX_MB (sessions wait until the store takes the backlog)."""
+        """Take a session slot, or False when the process is at its session cap (`max_sessions`), shutting
+        down, or its outbox is over ATLAS_OUTBOX_MAX_MB (sessions wait until the store takes the backlog)."""
         if self.shutting_down:
             return False
-        if self.sessions >= self.settings.max_sessions:
-            logger.warning(f"session refused: at the limit of {self.settings.max_sessions} sessions")
+        if self.sessions >= self.max_sessions:
+            logger.warning(f"session refused: at the limit of {self.max_sessions} sessions")
             return False
         if self.recorder.full:
             logger.warning("session refused: the outbox is over ATLAS_OUTBOX_MAX_MB until the store catches up")
@@ -134,9 +169,17 @@ class Runtime:
                 from services.local.models import resolve_llm_path
 
                 path = await asyncio.to_thread(resolve_llm_path, s.llm_model_path, s.cache_dir, False)
-                server = LlamaServer(path, threads=s.llm_threads, context_tokens=s.llm_context_tokens)
+                server = LlamaServer(
+                    path,
+                    threads=s.llm_threads,
+                    context_tokens=s.llm_context_tokens,
+                    slots=s.llm_slots,
+                    cache_reuse_tokens=s.llm_cache_reuse_tokens,
+                    binary=s.llama_server,
+                )
                 await server.start()
                 self.llm_server, self.llm_base_url, self.llm_model = server, server.base_url, "local"
+                self.free_llm_slots = list(range(server.slots))
             self.ready.set()
             self.monitor.ready()
         except Exception as e:
@@ -151,7 +194,7 @@ class Runtime:
         The state is `ready` (admits a new session now), else why not: `loading`, `error` (the engines failed;
         the cause is in the log), `draining`, `full` (at ATLAS_MAX_SESSIONS) or `backlogged` (the outbox is
         over its disk cap)."""
-        max_sessions = self.settings.max_sessions
+        max_sessions = self.max_sessions
         workers = list(self.monitor.workers().values()) if self.monitor.multiprocess else []
         if workers:
             sessions, capacity = sum(n for _, n in workers), max_sessions * len(workers)
@@ -164,7 +207,7 @@ class Runtime:
             return "draining"
         if not self.ready.is_set():
             return "error" if self.load_error else "loading"
-        if self.sessions >= self.settings.max_sessions:
+        if self.sessions >= self.max_sessions:
             return "full"
         if self.monitor.multiprocess:
             # The port's next connection may land on any worker: the machine is ready when all of them are

@@ -93,6 +93,7 @@ class VoiceSession:
     _final: SessionEnd | None = field(default=None, init=False)
     pipeline_started: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _side_tasks: set = field(default_factory=set, init=False)
+    llm_slot: int | None = field(default=None, init=False)  # the local LLM's slot this conversation holds
 
     def __post_init__(self):
         self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
@@ -231,7 +232,8 @@ class VoiceSession:
 
     def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
         rt = self.runtime
-        built = build_pipeline(rt, transport, on_backlog=self.on_backlog)
+        self.llm_slot = rt.claim_llm_slot()  # returned when the session ends (run)
+        built = build_pipeline(rt, transport, on_backlog=self.on_backlog, llm_slot=self.llm_slot)
         self.worker = PipelineWorker(
             built.pipeline,
             params=PipelineParams(
@@ -274,6 +276,8 @@ class VoiceSession:
             await runner.run()
         finally:
             rt.live.pop(self.session_id, None)
+            rt.return_llm_slot(self.llm_slot)
+            self.llm_slot = None
             watchdog.cancel()
             self._record_end()
             summary = self.final().summary

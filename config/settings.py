@@ -94,7 +94,19 @@ class Settings(BaseSettings):
     llm_api_key: str = Field("none", validation_alias=_env("ATLAS_LLM_API_KEY"))
     llm_model_name: str = Field("local", validation_alias=_env("ATLAS_LLM_MODEL_NAME"))
     llm_threads: int = Field(2, validation_alias=_env("ATLAS_LLM_THREADS"))
-    llm_context_tokens: int = Field(4096, validation_alias=_env("ATLAS_LLM_CONTEXT_TOKENS"))
+    llm_context_tokens: int = Field(4096, ge=512, validation_alias=_env("ATLAS_LLM_CONTEXT_TOKENS"))
+    # llama.cpp's llama-server (services/local/llama_server.py): unset finds .venv/bin/llama-server, then PATH.
+    llama_server: Path | None = Field(None, validation_alias=_env("ATLAS_LLAMA_SERVER"))
+    # Sessions the local LLM serves at once, each in a slot that keeps its conversation's KV cache between
+    # turns: with the local LLM as the session's LLM, a process admits min(ATLAS_MAX_SESSIONS, this) sessions
+    # and refuses the next with SERVER_BUSY. Claude's fallback requests take any free slot.
+    llm_slots: int = Field(4, ge=1, le=64, validation_alias=_env("ATLAS_LLM_SLOTS"))
+    # llama-server's --cache-reuse: the shortest run of a slot's cached tokens shifted into place when the
+    # window drops the oldest exchange, instead of evaluated again; 0 turns the reuse off.
+    llm_cache_reuse_tokens: int = Field(16, ge=0, validation_alias=_env("ATLAS_LLM_CACHE_REUSE_TOKENS"))
+    # Tokens a local LLM reply may generate: three spoken sentences are ~60-90, and every token past the
+    # spoken ones is CPU taken from the other sessions (ATLAS_MAX_TOKENS bounds Claude's replies).
+    llm_max_tokens: int = Field(150, ge=16, validation_alias=_env("ATLAS_LLM_MAX_TOKENS"))
     llm_temperature: float = Field(0.7, validation_alias=_env("ATLAS_LLM_TEMPERATURE"))
     whisper_partials: bool = Field(True, validation_alias=_env("ATLAS_WHISPER_PARTIALS"))
     whisper_partial_interval_secs: float = Field(0.8, validation_alias=_env("ATLAS_WHISPER_PARTIAL_INTERVAL_SECS"))

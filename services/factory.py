@@ -8,6 +8,7 @@ falls back to the local Piper voice, and Claude to the local LLM (when one is lo
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import urlparse
 
 from config.prompts import system_prompt
 from config.settings import Settings, secret
@@ -42,8 +43,22 @@ def make_stt(s: Settings, engines: LocalEngines):
     )
 
 
-def make_llm(s: Settings, local_url: str | None, local_model: str, on_retry: Callable[[str, str], None] | None = None):
-    """Claude (with `local_url`'s OpenAI-compatible server as its fallback) or that server itself."""
+def make_llm(
+    s: Settings,
+    local_url: str | None,
+    local_model: str,
+    on_retry: Callable[[str, str], None] | None = None,
+    llm_slot: int | None = None,
+):
+    """Claude (with `local_url`'s OpenAI-compatible server as its fallback) or that server itself; `llm_slot`:
+    the local llama-server's slot that keeps this session's conversation cached (llama.cpp's `id_slot`).
+
+    A server on this machine (llama-server, this process's or the workers' shared one) gets a connection per
+    request: llama-server sometimes closes a kept-alive connection just after a streamed reply, and the next
+    request sent on it fails ("Server disconnected"; 2 of 30 back-to-back requests here). On loopback a
+    connection costs well under a millisecond."""
+    loopback = local_url is not None and urlparse(local_url).hostname in ("127.0.0.1", "localhost", "::1")
+    headers = {"Connection": "close"} if loopback else None
     if s.resolved_llm == "anthropic":
         from services.anthropic.llm import ResilientAnthropicLLMService
 
@@ -58,6 +73,8 @@ def make_llm(s: Settings, local_url: str | None, local_model: str, on_retry: Cal
             first_token_timeout=s.llm_timeout_secs,
             fallback_url=local_url,
             fallback_model=local_model,
+            fallback_max_tokens=s.llm_max_tokens,
+            fallback_headers=headers,
             fallback_api_key=s.llm_api_key,
             fallback_system=system_prompt(local_model=True),
             on_retry=on_retry,
@@ -67,11 +84,13 @@ def make_llm(s: Settings, local_url: str | None, local_model: str, on_retry: Cal
     return OpenAILLMService(
         api_key=s.llm_api_key,
         base_url=local_url,
+        default_headers=headers,
         settings=OpenAILLMService.Settings(
             model=local_model,
             system_instruction=system_prompt(local_model=True),
-            max_tokens=s.max_tokens,
+            max_tokens=s.llm_max_tokens,
             temperature=s.llm_temperature,
+            extra={} if llm_slot is None else {"extra_body": {"id_slot": llm_slot, "cache_prompt": True}},
         ),
     )
 

@@ -66,7 +66,7 @@ def llm_upstream(tmp_path_factory):
     from services.local.models import resolve_llm_path
 
     settings = Settings()
-    server = LlamaServer(resolve_llm_path(settings.llm_model_path, settings.cache_dir), threads=2)
+    server = LlamaServer(resolve_llm_path(settings.llm_model_path, settings.cache_dir), threads=2, slots=2)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(server.start())
     yield server.base_url.removesuffix("/v1")

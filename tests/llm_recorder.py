@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 
 def make_app(upstream: str, record: str) -> web.Application:
     app = web.Application()
 
     async def startup(app):
-        app["client"] = ClientSession(timeout=ClientTimeout(total=None, sock_read=120))
+        # a connection per request: llama-server sometimes closes a kept-alive one just after a streamed reply
+        app["client"] = ClientSession(
+            connector=TCPConnector(force_close=True), timeout=ClientTimeout(total=None, sock_read=120)
+        )
 
     async def cleanup(app):
         await app["client"].close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from config.prompts import system_prompt
+from services.local.llama_server import prompt_tokens_evaluated
 from tests.conftest import WINDOW_TOPICS
 from tests.helpers import connected_client, read_records, words
 
@@ -21,15 +22,17 @@ def text_of(message) -> str:
 
 
 async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_last_10_messages_from_a_user_turn(
-    atlas_ws, speech, llm_record
+    atlas_ws, speech, llm_record, llm_upstream
 ):
     since = len(read_records(llm_record))
     client = await connected_client(atlas_ws)
     finals = []
+    evaluated = [await prompt_tokens_evaluated(llm_upstream + "/metrics")]
     for i in range(len(WINDOW_TOPICS)):
         turn = await client.say(speech[f"topic{i}"])
         await client.wait_reply_done(timeout=90)
         finals.append(turn.final_transcript)
+        evaluated.append(await prompt_tokens_evaluated(llm_upstream + "/metrics"))
     await client.stop()
 
     requests = conversation_requests(llm_record, since)
@@ -45,13 +48,19 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_las
             "user" if (len(rest) - 1 - i) % 2 == 0 else "assistant" for i in range(len(rest))
         ]
         assert text_of(rest[-1]).strip() == finals[n - 1].strip()
-        assert request["max_tokens"] == 300
+        assert request["max_tokens"] == 150  # ATLAS_LLM_MAX_TOKENS
         assert request["stream"] is True
     # The 12th request holds turns 8-12's user messages and replies 8-11: the oldest seven turns are gone.
     last = requests[-1]["messages"][1:]
     kept_users = [text_of(m) for m in last if m["role"] == "user"]
     assert kept_users == [f.strip() for f in finals[7:]]
     assert all(WINDOW_TOPICS[0].rstrip("s") not in text_of(m).lower() for m in last)
+
+    # The server evaluated only what its slot's cache did not hold: the new question (and the reply before
+    # it, when a reply was cut short) even once the window slides, where every request differs from the last
+    # right after the system prompt. The whole prompt is ~300-400 tokens by then.
+    per_turn = [b - a for a, b in zip(evaluated, evaluated[1:], strict=False)]
+    assert max(per_turn[6:]) < 150, per_turn
 
 
 async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_was_spoken(atlas_ws, speech, llm_record):

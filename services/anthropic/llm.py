@@ -73,6 +73,8 @@ class ResilientAnthropicLLMService(AnthropicInternals):
         first_token_timeout: float = 8.0,
         fallback_url: str | None = None,
         fallback_model: str = "local",
+        fallback_max_tokens: int = 150,
+        fallback_headers: dict[str, str] | None = None,
         fallback_api_key: str = "none",
         fallback_system: str = "",
         on_retry=None,
@@ -100,6 +102,8 @@ class ResilientAnthropicLLMService(AnthropicInternals):
         self._first_token_timeout = first_token_timeout
         self._fallback_url = fallback_url
         self._fallback_model = fallback_model
+        self._fallback_max_tokens = fallback_max_tokens
+        self._fallback_headers = fallback_headers
         self._fallback_api_key = fallback_api_key
         self._fallback_system = fallback_system or system_instruction
         self._stream = None  # the response being read, closed on cancel
@@ -200,13 +204,16 @@ class ResilientAnthropicLLMService(AnthropicInternals):
             try:
                 if self._fallback_client is None:
                     self._fallback_client = AsyncOpenAI(
-                        base_url=self._fallback_url, api_key=self._fallback_api_key, max_retries=0
+                        base_url=self._fallback_url,
+                        api_key=self._fallback_api_key,
+                        max_retries=0,
+                        default_headers=self._fallback_headers,
                     )
                 self._stream = await self._fallback_client.chat.completions.create(
                     model=self._fallback_model,
                     messages=messages,
                     stream=True,
-                    max_tokens=params.get("max_tokens") or 300,
+                    max_tokens=self._fallback_max_tokens,
                 )
                 async for chunk in self._stream:
                     text = chunk.choices[0].delta.content if chunk.choices else None

@@ -175,7 +175,7 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
             {
                 "type": "error",
                 "code": str(ErrorCode.SERVER_BUSY),
-                "message": f"this server is at its limit of {s.max_sessions} sessions; retry later",
+                "message": runtime.busy_message(),
             },
             status_code=429,
             headers={"Retry-After": "30"},

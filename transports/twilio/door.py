@@ -161,7 +161,7 @@ async def twilio_voice(request: Request, runtime: Runtime) -> Response:
     if runtime.shutting_down:
         return _twiml(sorry_twiml(BUSY_MESSAGE))
     if not runtime.can_admit():
-        logger.warning(f"call {call_sid} refused: at the limit of {s.max_sessions} sessions")
+        logger.warning(f"call {call_sid} refused: at the limit of {runtime.max_sessions} sessions")
         runtime.monitor.error(str(ErrorCode.SERVER_BUSY))
         return _twiml(sorry_twiml(BUSY_MESSAGE))
 

@@ -248,7 +248,7 @@ def _gate(websocket: WebSocket, runtime: Runtime) -> tuple[ErrorCode, str, int] 
     if not runtime.can_admit():  # full now: say so at once (the slot itself is taken after session_start)
         return (
             ErrorCode.SERVER_BUSY,
-            f"this server is at its limit of {s.max_sessions} sessions; retry later",
+            runtime.busy_message(),
             CLOSE_TRY_AGAIN,
         )
     return None
@@ -312,7 +312,7 @@ async def serve_websocket(websocket: WebSocket, runtime: Runtime) -> None:
                 websocket,
                 runtime,
                 ErrorCode.SERVER_BUSY,
-                f"this server is at its limit of {s.max_sessions} sessions; retry later",
+                runtime.busy_message(),
                 CLOSE_TRY_AGAIN,
             )
             return

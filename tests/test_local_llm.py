@@ -1,0 +1,65 @@
+"""The local LLM (services/local/llama_server.py): llama.cpp's llama-server with one slot per offline
+session, each keeping its conversation cached between turns, and a clear SERVER_BUSY past the slots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+import websockets
+
+from bots.runtime import Runtime
+from config.settings import Settings
+from tests.helpers import connected_client, server_process
+
+
+def offline_runtime(tmp_path, **settings) -> Runtime:
+    """A Runtime whose sessions talk to its own llama-server (only its bookkeeping is used here)."""
+    runtime = Runtime(settings=Settings(cache_dir=tmp_path, **settings))
+    runtime.llm_server = object()  # type: ignore[assignment]
+    runtime.free_llm_slots = list(range(runtime.settings.llm_slots))
+    return runtime
+
+
+def test_offline_sessions_are_capped_at_the_slots_each_with_its_own(tmp_path):
+    runtime = offline_runtime(tmp_path, llm_slots=2, max_sessions=10)
+    assert runtime.max_sessions == 2 and "ATLAS_LLM_SLOTS" in runtime.busy_message()
+    assert [runtime.claim_llm_slot(), runtime.claim_llm_slot(), runtime.claim_llm_slot()] == [0, 1, None]
+    runtime.return_llm_slot(0)
+    runtime.return_llm_slot(0)  # returned twice (an error path and the end): still one slot
+    assert runtime.free_llm_slots == [0]
+    # ATLAS_MAX_SESSIONS lower than the slots: it is the cap, and the message says so
+    runtime = offline_runtime(tmp_path, llm_slots=8, max_sessions=3)
+    assert runtime.max_sessions == 3 and "3 sessions" in runtime.busy_message()
+
+
+def test_claude_sessions_take_no_slot_and_keep_their_cap(tmp_path):
+    runtime = offline_runtime(tmp_path, llm_slots=2, max_sessions=10, anthropic_api_key="sk-ant-x")
+    assert runtime.max_sessions == 10 and runtime.claim_llm_slot() is None
+
+
+async def refused(ws_url: str) -> dict:
+    async with websockets.connect(ws_url) as ws:
+        return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+
+@pytest.mark.slow
+async def test_past_its_slots_an_offline_server_says_busy_and_a_freed_slot_admits_again(artifacts):
+    env = {"ATLAS_LLM_SLOTS": "1", "ATLAS_MAX_SESSIONS": "5", "ATLAS_STT": "whisper"}
+    with server_process(env, artifacts / "server_llm_slots.log") as (base, _proc):
+        ws_url = base.replace("http://", "ws://") + "/ws"
+        assert httpx.get(base + "/readyz").json()["capacity"] == 1
+        first = await connected_client(ws_url)
+        busy = await refused(ws_url)
+        assert busy["type"] == "error" and busy["code"] == "SERVER_BUSY", busy
+        assert "(1, ATLAS_LLM_SLOTS)" in busy["message"]
+        await first.stop()
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the slot never came back"
+            await asyncio.sleep(0.1)
+        second = await connected_client(ws_url)  # the returned slot
+        await second.stop()
