@@ -26,6 +26,12 @@ def _turn_end(t: dict) -> str:
     )
 
 
+def _under(r: dict, ms: float) -> bool:
+    """Every turn answered (no errors) and voice-to-voice p95 under `ms`."""
+    p95 = r["voice_to_voice_ms"]["p95"]
+    return r["error_rate"] == 0 and p95 is not None and p95 < ms
+
+
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["script"]
     lines = [
@@ -88,6 +94,33 @@ def markdown(results: dict) -> str:
                 f"| {'-' if share is None else f'{share:.0%}'} | {_f(pre.get('withdrawn_per_100_turns'), 1)} "
                 f"| {'-' if extra is None else f'{extra}%'} |"
             )
+    calls = [r for r in results["scenarios"] if r.get("v2v_by_part_ms")]
+    if calls:
+        lines += [
+            "",
+            "Calls of 12 turns (the offline scenarios): voice-to-voice of turns 1-5 and of turns 6-12 (the 10-message "
+            "window full), and the prompt tokens per turn the LLM was sent and evaluated (not taken from its cache):",
+            "",
+            "| scenario | calls done | v2v p50 / p95, turns 1-5 | v2v p50 / p95, turns 6-12 | tokens sent / evaluated, "
+            "turns 1-5 | tokens sent / evaluated, turns 6-12 | CPU % of a core per call |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in calls:
+            parts = list(r["v2v_by_part_ms"].values())
+            tokens = list((r.get("prompt_tokens_per_turn") or {}).values()) or [{}, {}]
+            lines.append(
+                f"| {r['scenario']} | {r['calls_completed']} of {r['sessions']} "
+                + " ".join(f"| {_f(p['p50'])} / {_f(p['p95'])}" for p in parts)
+                + " "
+                + " ".join(f"| {_f(t.get('sent'))} / {_f(t.get('evaluated'))}" for t in tokens)
+                + f" | {_f(r['cpu_pct_per_session'], 1)} |"
+            )
+        fit = [r["sessions"] for r in calls if not r["env"].keys() - {"ATLAS_LLM_SLOTS"} and _under(r, 4000)]
+        lines += [
+            "",
+            f"Concurrent offline calls with every turn's p95 under 4 s: {max(fit) if fit else 'none'} "
+            f"(of {sorted({r['sessions'] for r in calls})} run).",
+        ]
     if results.get("atlas_vs_bare"):
         lines += [
             "",

@@ -63,6 +63,7 @@ class Scenario:
     env: dict[str, str] = field(default_factory=dict)
     label: str = ""
     flood: bool = False  # a flooding client (bench/flood.py) hammers /ws while the callers talk
+    turns: int | None = None  # each caller makes one call of this many turns (duration is then unused)
 
     @property
     def name(self) -> str:
@@ -285,6 +286,39 @@ def atlas_preemption(path: Path, since: str) -> dict | None:
     }
 
 
+def call_parts(sc: Scenario, records, path: Path, since: str) -> dict:
+    """For calls of `sc.turns` turns: voice-to-voice of turns 1-5 and of turns 6 on (the window full), and the
+    prompt tokens the LLM evaluated per turn, from voice_turns (llama-server's usage: prompt tokens, of which
+    `cached_tokens` came from the slot's cache; evaluated = the rest)."""
+    parts = {"turns_1_5": (0, 5), f"turns_6_{sc.turns}": (5, sc.turns or 0)}
+    out: dict = {
+        "v2v_by_part_ms": {
+            name: _stats([t.v2v_ms for r in records for t in r.turns if lo <= t.index < hi])
+            for name, (lo, hi) in parts.items()
+        },
+        "calls_completed": sum(1 for r in records if len(r.turns) == sc.turns),
+    }
+    if not path.exists():
+        return out
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT turn_index, llm_input_tokens, llm_cache_read_tokens FROM voice_turns WHERE created_at >= ?",
+            (since,),
+        ).fetchall()
+    out["prompt_tokens_per_turn"] = {
+        name: {
+            "sent": _mean([sent for i, sent, _ in rows if lo <= i < hi]),
+            "evaluated": _mean([sent - cached for i, sent, cached in rows if lo <= i < hi]),
+        }
+        for name, (lo, hi) in parts.items()
+    }
+    return out
+
+
+def _mean(values) -> float | None:
+    return round(float(np.mean(values)), 1) if values else None
+
+
 async def run_scenario(
     sc: Scenario,
     env: dict[str, str],
@@ -320,7 +354,8 @@ async def run_scenario(
             since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
             ramp = min(10.0, 0.1 * sc.sessions)
             start = time.monotonic()
-            until = start + ramp + sc.duration
+            # a call of `sc.turns` turns ends when they are done (a minute a turn bounds a stuck call)
+            until = start + ramp + (sc.turns * 60 if sc.turns else sc.duration)
             callers = [Caller(i, sc.door, url, frames, http, twilio=twilio) for i in range(sc.sessions)]
             flooder = None
             if sc.flood:
@@ -332,7 +367,7 @@ async def run_scenario(
                 )
             tasks = []
             for caller in callers:
-                tasks.append(asyncio.create_task(caller.run(until, offset=random.uniform(0, 3))))
+                tasks.append(asyncio.create_task(caller.run(until, offset=random.uniform(0, 3), max_turns=sc.turns)))
                 if sc.sessions > 1:
                     await asyncio.sleep(ramp / sc.sessions)
             steady_from = time.monotonic()
@@ -372,6 +407,8 @@ async def run_scenario(
         atlas_preemption(server.sqlite, since) if sc.server != "bare" else None,
     )
     result.update(others)
+    if sc.turns:
+        result.update(call_parts(sc, records, server.sqlite, since))
     if profiler is not None:
         profiler.wait(60)
         result["profile"] = profile_summary(workdir / f"{sc.name}.pyspy.txt")
@@ -574,15 +611,25 @@ def build_scenarios(args) -> list[Scenario]:
         if args.bare:
             out.append(Scenario("bare", "twilio", n, args.duration))
     if args.offline:
-        out.append(Scenario("offline", "ws", 1, max(args.duration, 60)))
-        if args.turn_compare:
-            out.append(
-                Scenario("offline", "ws", 1, max(args.duration, 60), env=FIXED_TURN_END, label="offline-ws-1-fixed")
-            )
+        # Offline calls of OFFLINE_TURNS turns: the window fills at turn 6, so turns 6-12 are counted apart.
+        for n in args.offline_sessions:
+            slots = {"ATLAS_LLM_SLOTS": str(max(4, n))}  # every caller gets a slot (the default is 4)
+            out.append(Scenario("offline", "ws", n, 0, env=slots, turns=OFFLINE_TURNS, label=f"offline-ws-{n}"))
+            if args.cache_compare:
+                env = {**slots, "ATLAS_LLM_CACHE_REUSE_TOKENS": "0"}
+                out.append(
+                    Scenario("offline", "ws", n, 0, env=env, turns=OFFLINE_TURNS, label=f"offline-ws-{n}-no-reuse")
+                )
+            if args.turn_compare:
+                env = {**slots, **FIXED_TURN_END}
+                out.append(Scenario("offline", "ws", n, 0, env=env, turns=OFFLINE_TURNS, label=f"offline-ws-{n}-fixed"))
     if args.soak:
         out.append(Scenario("atlas", "ws", args.soak_sessions, args.soak * 60, label=f"soak-ws-{args.soak_sessions}"))
     return out
 
+
+# Turns of one offline call: the 10-message window is full from the 6th turn on.
+OFFLINE_TURNS = 12
 
 # Today's turn end before preemption (the fixed 1.0 s), for `--turn-compare`.
 FIXED_TURN_END = {"ATLAS_TURN_END": "fixed", "ATLAS_PREEMPT": "0"}
@@ -619,7 +666,11 @@ async def run(args) -> dict:
             workdir = Path(args.keep_logs) if args.keep_logs else Path(tmp)
             workdir.mkdir(parents=True, exist_ok=True)
             for sc in scenarios:
-                est = int(sc.sessions * (sc.duration + min(10, 0.1 * sc.sessions)) / 9)
+                est = (
+                    sc.sessions * sc.turns
+                    if sc.turns
+                    else int(sc.sessions * (sc.duration + min(10, 0.1 * sc.sessions)) / 9)
+                )
                 bar = tqdm(total=est, desc=f"{sc.name:<34}", unit="turn", leave=True, dynamic_ncols=True)
 
                 def progress(n, bar=bar):
@@ -744,6 +795,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-offline", dest="offline", action="store_false", help="skip the offline default (local engines, 1 session)"
+    )
+    parser.add_argument(
+        "--offline-sessions",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1],
+        metavar="N[,N...]",
+        help=f"concurrent offline calls of {OFFLINE_TURNS} turns each (default 1; e.g. 1,2,3,4 finds how many keep "
+        "p95 under 4 s)",
+    )
+    parser.add_argument(
+        "--cache-compare",
+        action="store_true",
+        help="also run each offline scenario with llama-server's cache reuse off (ATLAS_LLM_CACHE_REUSE_TOKENS=0)",
     )
     parser.add_argument(
         "--first-clause-compare",
