@@ -776,9 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atlas-voice bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sessions",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=lambda s: [int(x) for x in s.split(",") if x],
         default=[1, 25, 100],
-        help="comma-separated concurrent session counts (default 1,25,100)",
+        help="comma-separated concurrent session counts (default 1,25,100; '' for none: the offline scenarios only)",
     )
     parser.add_argument(
         "--doors", type=lambda s: s.split(","), default=["ws", "twilio"], help="ws, twilio or both (default ws,twilio)"

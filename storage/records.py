@@ -149,6 +149,7 @@ def turn_row(session: SessionInfo, turn: TurnRecord) -> dict:
         **{stage.column: _int(turn.stage(stage)) for stage in STAGES},
         "llm_input_tokens": u.llm_input_tokens,
         "llm_output_tokens": u.llm_output_tokens,
+        "llm_cache_read_tokens": u.llm_cache_read_tokens,
         "tts_characters": u.tts_characters,
         "interrupted": turn.interrupted,
         "error_code": turn.error_code,

@@ -25,6 +25,7 @@ ADDED_COLUMNS = {
         "preempted": "INTEGER NOT NULL DEFAULT 0",
         "preempt_cancelled": "INTEGER NOT NULL DEFAULT 0",
         "preempt_input_tokens": "INTEGER NOT NULL DEFAULT 0",
+        "llm_cache_read_tokens": "INTEGER NOT NULL DEFAULT 0",
     },
 }
 TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}

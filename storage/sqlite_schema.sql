@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS voice_turns (
   preempted INTEGER NOT NULL DEFAULT 0,
   preempt_cancelled INTEGER NOT NULL DEFAULT 0,
   preempt_input_tokens INTEGER NOT NULL DEFAULT 0,
+  llm_cache_read_tokens INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL,
   UNIQUE (session_id, turn_index)
 );

@@ -36,7 +36,7 @@ def check_recorded(session: dict, turns: list[dict], end: dict, client_turns: li
     assert session["p95_latency_ms"] == round(m["p95Latency"])
 
     # Each metric counted once: the turns add up to the session.
-    for column in ("llm_input_tokens", "llm_output_tokens", "tts_characters"):
+    for column in ("llm_input_tokens", "llm_output_tokens", "llm_cache_read_tokens", "tts_characters"):
         assert sum(t[column] for t in turns) == session[column], column
     assert session["tts_characters"] > 0
     # Both Claude and llama-server report token usage (the local one costs nothing either way).

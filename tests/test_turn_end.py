@@ -236,15 +236,21 @@ async def test_turn_record_counts_withdrawn_preemptive_requests_and_keeps_their_
     assert (record.preempted, record.preempt_cancelled) == (True, 1)
 
 
-async def test_sqlite_store_adds_the_preemption_columns_to_an_older_file(tmp_path):
+NEWER_TURN_COLUMNS = ("preempted", "preempt_cancelled", "preempt_input_tokens", "llm_cache_read_tokens")
+
+
+async def test_sqlite_store_adds_the_newer_turn_columns_to_an_older_file(tmp_path):
     import sqlite3
 
     from storage.sinks import SQLiteSink
 
     db = tmp_path / "old.sqlite3"
     schema = (Path(__file__).parents[1] / "storage" / "sqlite_schema.sql").read_text()
-    for column in ("preempted", "preempt_cancelled", "preempt_input_tokens"):
-        schema = "\n".join(line for line in schema.splitlines() if not line.strip().startswith(column + " "))
+    # the turn table as it was before those columns (the session table keeps its own llm_cache_read_tokens)
+    head, turns = schema.split("CREATE TABLE IF NOT EXISTS voice_turns", 1)
+    for column in NEWER_TURN_COLUMNS:
+        turns = "\n".join(line for line in turns.splitlines() if not line.strip().startswith(column + " "))
+    schema = head + "CREATE TABLE IF NOT EXISTS voice_turns" + turns
     with sqlite3.connect(db) as conn:
         conn.executescript(schema)
         assert "preempted" not in {r[1] for r in conn.execute("pragma table_info(voice_turns)")}
@@ -253,7 +259,7 @@ async def test_sqlite_store_adds_the_preemption_columns_to_an_older_file(tmp_pat
     await sink.close()
     with sqlite3.connect(db) as conn:
         columns = {r[1] for r in conn.execute("pragma table_info(voice_turns)")}
-    assert {"preempted", "preempt_cancelled", "preempt_input_tokens"} <= columns
+    assert set(NEWER_TURN_COLUMNS) <= columns
 
 
 async def test_context_window_trims_the_shared_context_when_a_provisional_copy_passes():
@@ -322,17 +328,28 @@ def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
         turn_compare=True,
         bare=False,
         offline=True,
+        offline_sessions=[1, 6],
+        cache_compare=True,
         soak=0,
         soak_sessions=20,
     )
-    scenarios = {sc.name: sc.env for sc in build_scenarios(args)}
-    assert scenarios == {
+    built = build_scenarios(args)
+    slots4, slots6 = {"ATLAS_LLM_SLOTS": "4"}, {"ATLAS_LLM_SLOTS": "6"}
+    no_reuse = {"ATLAS_LLM_CACHE_REUSE_TOKENS": "0"}
+    assert {sc.name: sc.env for sc in built} == {
         "atlas-ws-1": {},
         "atlas-ws-1-fixed": FIXED_TURN_END,
         "atlas-ws-1-no-preempt": {"ATLAS_PREEMPT": "0"},
-        "offline-ws-1": {},
-        "offline-ws-1-fixed": FIXED_TURN_END,
+        "offline-ws-1": slots4,
+        "offline-ws-1-no-reuse": {**slots4, **no_reuse},
+        "offline-ws-1-fixed": {**slots4, **FIXED_TURN_END},
+        "offline-ws-6": slots6,  # a slot for every caller
+        "offline-ws-6-no-reuse": {**slots6, **no_reuse},
+        "offline-ws-6-fixed": {**slots6, **FIXED_TURN_END},
     }
+    # offline scenarios are calls of 12 turns, the cloud ones run for their duration
+    assert {sc.turns for sc in built if sc.server == "offline"} == {12}
+    assert {sc.turns for sc in built if sc.server == "atlas"} == {None}
 
 
 async def test_a_caller_who_keeps_pausing_costs_at_most_max_per_turn_requests():
