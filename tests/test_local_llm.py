@@ -63,3 +63,46 @@ async def test_past_its_slots_an_offline_server_says_busy_and_a_freed_slot_admit
             await asyncio.sleep(0.1)
         second = await connected_client(ws_url)  # the returned slot
         await second.stop()
+
+
+@pytest.mark.slow
+def test_the_llm_server_dies_with_the_process_that_started_it(tmp_path):
+    """However the Atlas process ends (here SIGKILL: no cleanup runs), its llama-server does not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, sys\n"
+        "from config.settings import Settings\n"
+        "from services.local.llama_server import LlamaServer\n"
+        "from services.local.models import resolve_llm_path\n"
+        "async def main():\n"
+        "    s = Settings()\n"
+        "    server = LlamaServer(resolve_llm_path(s.llm_model_path, s.cache_dir), slots=1)\n"
+        "    await server.start()\n"
+        "    print(server.proc.pid, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # running
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            # reaped by init once it exits; a zombie still answers kill(0) until then
+            if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+                break
+            assert time.monotonic() < deadline, "llama-server outlived its parent"
+            time.sleep(0.2)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 from loguru import logger
 
+
 class LlamaServerMissing(RuntimeError):
     """No llama-server binary: the message says how to build it."""
 
@@ -37,6 +38,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the Atlas process dies, however it dies (a
+    SIGKILL or a crash runs no `stop`), so no orphaned server keeps its 2 GB and its port. Linux ties this to
+    the thread that started the child: `start` runs on the event loop's thread, which lives as long as the
+    process."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def find_llama_server(configured: Path | None = None) -> Path:
@@ -123,7 +136,9 @@ class LlamaServer:
     async def start(self, timeout: float = 180.0) -> None:
         logger.info(f"Starting local LLM server on port {self.port}: {self.model_path.name}, {self.slots} slots")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         self._log_task = asyncio.create_task(self._pump_logs())
         async with httpx.AsyncClient(timeout=2.0) as client:
             while time.perf_counter() - t0 < timeout:
