@@ -120,8 +120,8 @@ class Settings(BaseSettings):
     # half a sentence (the token bound cut it) is never spoken; 0: no bound. The prompt asks for 2-3.
     reply_max_sentences: int = Field(3, ge=0, validation_alias=_env("ATLAS_REPLY_MAX_SENTENCES"))
     context_messages: int = Field(10, validation_alias=_env("ATLAS_CONTEXT_MESSAGES"))
-    # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s; 0.5 s with Whisper,
-    # see resolved_vad_stop_secs) and the turn ends after the silence TurnEndRule asks for, from the words so
+    # Turn end. "rule" (processors/turn_end.py): the VAD stops after a short pause (0.2 s, see
+    # resolved_vad_stop_secs) and the turn ends after the silence TurnEndRule asks for, from the words so
     # far: 1.5 s after unfinished words ("to", "and", "um", a number, a bare "hi Atlas"), else 0.9 s. Tuned in
     # `bench turns --rule` (bench/results/turn-rule-2026-12-05.md): no shorter rule, with or without
     # smart-turn (ATLAS_SMART_TURN adds its verdict to the rule), cut no one off on browser and phone audio;
@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     preempt: bool = Field(True, validation_alias=_env("ATLAS_PREEMPT"))
     preempt_lead_secs: float = Field(0.6, ge=0, validation_alias=_env("ATLAS_PREEMPT_LEAD_SECS"))
     preempt_max_per_turn: int = Field(3, ge=1, validation_alias=_env("ATLAS_PREEMPT_MAX_PER_TURN"))
-    # Unset: 0.2 s with the rule on Deepgram, 0.5 s with the fixed turn end or Whisper (resolved_vad_stop_secs).
+    # Unset: 0.2 s with the rule, 0.5 s with the fixed turn end (resolved_vad_stop_secs).
     vad_stop_secs: float | None = Field(None, gt=0, validation_alias=_env("ATLAS_VAD_STOP_SECS"))
     user_speech_timeout_secs: float = Field(0.5, ge=0, validation_alias=_env("ATLAS_USER_SPEECH_TIMEOUT_SECS"))
     vad_start_secs: float = Field(0.2, validation_alias=_env("ATLAS_VAD_START_SECS"))
@@ -290,12 +290,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_vad_stop_secs(self) -> float:
-        """0.2 s with the turn-end rule on a streaming STT (Deepgram); 0.5 s with the fixed turn end, and with
-        Whisper, which transcribes each VAD segment on its own: cut at every 0.2 s pause, a sentence loses
-        the context Whisper needs (a LibriVox clip's WER went from under 0.35 to 0.375 in the round-trip test)."""
+        """0.2 s with the turn-end rule, on Deepgram and on the local Whisper (which keeps the words of the
+        segments just before a short pause as its context, so a sentence cut at its pauses keeps its words:
+        services/local/engines.py); 0.5 s with the fixed turn end."""
         if self.vad_stop_secs is not None:
             return self.vad_stop_secs
-        return 0.2 if self.turn_end == "rule" and self.resolved_stt != "whisper" else 0.5
+        return 0.2 if self.turn_end == "rule" else 0.5
 
     @property
     def resolved_stt(self) -> str:

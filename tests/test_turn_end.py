@@ -314,8 +314,9 @@ def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
     assert round(script.injected(slow), 3) == 1.7  # the held reply waits for the turn end: 1.5 + 0.2
     from config.settings import Settings as Local
 
-    # Whisper keeps the 0.5 s VAD stop: each segment is transcribed on its own
-    assert Local(**{"ATLAS_STT": "whisper"}).resolved_vad_stop_secs == 0.5
+    # the local Whisper keeps a cut sentence's context (services/local/engines.py): the same 0.2 s VAD stop
+    assert Local(**{"ATLAS_STT": "whisper"}).resolved_vad_stop_secs == 0.2
+    assert Local(**{"ATLAS_STT": "whisper", **FIXED_TURN_END}).resolved_vad_stop_secs == 0.5
     assert Settings().resolved_vad_stop_secs == 0.2
 
     args = Namespace(
