@@ -153,8 +153,12 @@ class _SharedLLM:
         self.thread = threading.Thread(target=self.loop.run_forever, name="atlas-llm", daemon=True)
 
     def start(self) -> str:
+        from config.prompts import system_prompt
+
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
+        # the workers' sessions start warm: the server picks the slot whose cache shares their prompt's start
+        asyncio.run_coroutine_threadsafe(self.server.warm_slots(system_prompt(local_model=True)), self.loop).result()
         return self.server.base_url
 
     def stop(self) -> None:

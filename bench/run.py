@@ -568,6 +568,8 @@ def rss_growth(steady: list[tuple[float, float, float]], window: float = 60.0) -
 
 
 def build_scenarios(args) -> list[Scenario]:
+    from config.settings import Settings
+
     out = []
     for n in args.sessions:
         for door in args.doors:
@@ -613,7 +615,8 @@ def build_scenarios(args) -> list[Scenario]:
     if args.offline:
         # Offline calls of OFFLINE_TURNS turns: the window fills at turn 6, so turns 6-12 are counted apart.
         for n in args.offline_sessions:
-            slots = {"ATLAS_LLM_SLOTS": str(max(4, n))}  # every caller gets a slot (the default is 4)
+            # every caller gets a slot (past the default, ATLAS_LLM_SLOTS would refuse the extra callers)
+            slots = {"ATLAS_LLM_SLOTS": str(n)} if n > Settings().llm_slots else {}
             out.append(Scenario("offline", "ws", n, 0, env=slots, turns=OFFLINE_TURNS, label=f"offline-ws-{n}"))
             if args.cache_compare:
                 env = {**slots, "ATLAS_LLM_CACHE_REUSE_TOKENS": "0"}

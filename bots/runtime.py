@@ -16,6 +16,7 @@ from loguru import logger
 
 from bots.auth import TokenVerifier
 from bots.limits import AbuseLimits
+from config.prompts import system_prompt
 from config.settings import Settings
 from monitoring.metrics import Monitor
 from services.local.engines import LocalEngines
@@ -178,6 +179,8 @@ class Runtime:
                     binary=s.llama_server,
                 )
                 await server.start()
+                if s.resolved_llm == "llama":  # the sessions' own LLM: their first turns start warm
+                    await server.warm_slots(system_prompt(local_model=True))
                 self.llm_server, self.llm_base_url, self.llm_model = server, server.base_url, "local"
                 self.free_llm_slots = list(range(server.slots))
             self.ready.set()
@@ -192,7 +195,7 @@ class Runtime:
         several workers (their shared metric files are read once).
 
         The state is `ready` (admits a new session now), else why not: `loading`, `error` (the engines failed;
-        the cause is in the log), `draining`, `full` (at ATLAS_MAX_SESSIONS) or `backlogged` (the outbox is
+        the cause is in the log), `draining`, `full` (at the session cap, `max_sessions`) or `backlogged` (the outbox is
         over its disk cap)."""
         max_sessions = self.max_sessions
         workers = list(self.monitor.workers().values()) if self.monitor.multiprocess else []

@@ -99,8 +99,10 @@ class Settings(BaseSettings):
     llama_server: Path | None = Field(None, validation_alias=_env("ATLAS_LLAMA_SERVER"))
     # Sessions the local LLM serves at once, each in a slot that keeps its conversation's KV cache between
     # turns: with the local LLM as the session's LLM, a process admits min(ATLAS_MAX_SESSIONS, this) sessions
-    # and refuses the next with SERVER_BUSY. Claude's fallback requests take any free slot.
-    llm_slots: int = Field(4, ge=1, le=64, validation_alias=_env("ATLAS_LLM_SLOTS"))
+    # and refuses the next with SERVER_BUSY. Claude's fallback requests take any free slot. On 2 cores one
+    # offline call keeps p95 under 2.5 s and two reach ~5.4 s (bench/results/offline-capacity-2026-12-05.md):
+    # 2 lets a second call in, slower; more only on more cores.
+    llm_slots: int = Field(2, ge=1, le=64, validation_alias=_env("ATLAS_LLM_SLOTS"))
     # llama-server's --cache-reuse: the shortest run of a slot's cached tokens shifted into place when the
     # window drops the oldest exchange, instead of evaluated again; 0 turns the reuse off.
     llm_cache_reuse_tokens: int = Field(16, ge=0, validation_alias=_env("ATLAS_LLM_CACHE_REUSE_TOKENS"))

@@ -106,3 +106,35 @@ def test_the_llm_server_dies_with_the_process_that_started_it(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+@pytest.mark.slow
+async def test_a_sessions_first_turn_finds_the_system_prompt_in_its_slot():
+    """The server warms every slot with the system prompt: a first request evaluates its question only."""
+    from config.prompts import system_prompt
+    from services.local.llama_server import LlamaServer, prompt_tokens_evaluated
+    from services.local.models import resolve_llm_path
+
+    s = Settings()
+    server = LlamaServer(resolve_llm_path(s.llm_model_path, s.cache_dir), slots=2)
+    await server.start()
+    try:
+        await server.warm_slots(system_prompt(local_model=True))
+        before = await prompt_tokens_evaluated(server.metrics_url)
+        body = {
+            "model": "local",
+            "messages": [
+                {"role": "system", "content": system_prompt(local_model=True)},
+                {"role": "user", "content": "Is the museum open on Sunday afternoons?"},
+            ],
+            "max_tokens": 8,
+            "id_slot": 1,
+        }
+        async with httpx.AsyncClient(timeout=60) as client:
+            usage = (await client.post(server.base_url + "/chat/completions", json=body)).json()["usage"]
+        evaluated = await prompt_tokens_evaluated(server.metrics_url) - before
+        assert usage["prompt_tokens"] > 80  # the system prompt and the question
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 60, usage
+        assert evaluated < 30, (evaluated, usage)
+    finally:
+        await server.stop()

@@ -335,15 +335,15 @@ def test_bench_counts_the_vendors_share_of_a_turn_under_each_turn_end():
         soak_sessions=20,
     )
     built = build_scenarios(args)
-    slots4, slots6 = {"ATLAS_LLM_SLOTS": "4"}, {"ATLAS_LLM_SLOTS": "6"}
+    slots1, slots6 = {}, {"ATLAS_LLM_SLOTS": "6"}  # past the default 2 slots, one for every caller
     no_reuse = {"ATLAS_LLM_CACHE_REUSE_TOKENS": "0"}
     assert {sc.name: sc.env for sc in built} == {
         "atlas-ws-1": {},
         "atlas-ws-1-fixed": FIXED_TURN_END,
         "atlas-ws-1-no-preempt": {"ATLAS_PREEMPT": "0"},
-        "offline-ws-1": slots4,
-        "offline-ws-1-no-reuse": {**slots4, **no_reuse},
-        "offline-ws-1-fixed": {**slots4, **FIXED_TURN_END},
+        "offline-ws-1": slots1,
+        "offline-ws-1-no-reuse": {**slots1, **no_reuse},
+        "offline-ws-1-fixed": {**slots1, **FIXED_TURN_END},
         "offline-ws-6": slots6,  # a slot for every caller
         "offline-ws-6-no-reuse": {**slots6, **no_reuse},
         "offline-ws-6-fixed": {**slots6, **FIXED_TURN_END},
