@@ -77,8 +77,8 @@ fi
 
 # The local LLM server: llama.cpp's own llama-server (parallel slots, KV cache reuse across turns; see
 # services/local/llama_server.py), compiled from the llama.cpp source vendored in the llama-cpp-python sdist
-# on PyPI (checked against its SHA-256 like every other file), into .venv/bin. Static, no OpenMP, no
-# network code: the binary needs only the C and C++ runtimes.
+# on PyPI (checked against its SHA-256 like every other file), into .venv/bin. Static, no OpenMP, no curl or
+# OpenSSL: the binary needs only the C and C++ runtimes.
 # Built for the x86-64 AVX2 baseline, not -march=native (llama.cpp's default): a VM can resume on another
 # host CPU (seen here: built on an AMD EPYC, run on an Intel Xeon, and the native build died with a
 # general protection fault at its first token).
