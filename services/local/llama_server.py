@@ -66,7 +66,7 @@ def find_llama_server(configured: Path | None = None) -> Path:
     if found:
         return Path(found)
     raise LlamaServerMissing(
-        "llama-server is not installed: scripts/quickstart.sh install builds it (about 8 minutes on 2 cores), "
+        "llama-server is not installed: scripts/quickstart.sh install builds it (about 6 minutes on 2 cores), "
         "or set ATLAS_LLAMA_SERVER to a llama.cpp llama-server binary"
     )
 
