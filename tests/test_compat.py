@@ -143,6 +143,31 @@ def test_whisper_model_and_segment_internals():
     assert service.user_speaking is False and service.segment == b"" and isinstance(service.speaker_id, str)
 
 
+async def test_segmented_stt_transcribes_each_vad_segment_once_in_order():
+    """The streaming Whisper (services/local/engines.py) pairs each VAD stop it saw with the next `run_stt`
+    call: Pipecat must call it once per stop, in the stops' order, with that segment's audio (never an empty
+    one: trailing silence is appended)."""
+    from pipecat.frames.frames import InputAudioRawFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
+    from pipecat.tests.utils import run_test
+
+    heard: list[int] = []
+
+    class Counting(compat.WhisperInternals):
+        def load_model(self):
+            return object()
+
+        async def run_stt(self, audio: bytes):
+            heard.append(len(audio))
+            yield None
+
+    def speech(frames: int) -> list:
+        chunk = InputAudioRawFrame(np.full(320, 1000, np.int16).tobytes(), 16000, 1)
+        return [VADUserStartedSpeakingFrame(), *[chunk] * frames, VADUserStoppedSpeakingFrame(stop_secs=0.2)]
+
+    await run_test(Counting(), frames_to_send=[*speech(10), *speech(30), *speech(20)])
+    assert len(heard) == 3 and heard[0] < heard[2] < heard[1], heard
+
+
 def test_tts_audio_frames_from_an_iterator():
     from pipecat.services.tts_service import TTSService
 
