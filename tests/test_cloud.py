@@ -204,9 +204,10 @@ async def test_claude_overloaded_throughout_falls_back(cloud_ws, vendors, speech
 
 async def test_tts_failure_mid_reply_is_finished_by_piper(cloud_ws, vendors, speech):
     claude, eleven = vendors["anthropic"], vendors["elevenlabs"]
+    # three sentences: a reply speaks at most ATLAS_REPLY_MAX_SENTENCES (3)
     claude.reply = lambda body: (
-        "Puppies love short names. Biscuit is a cheerful choice. Maple sounds warm and friendly. "
-        "Pepper is playful and easy to call across a park."
+        "Puppies love short names, and Biscuit is a cheerful choice. Maple sounds warm and friendly to most "
+        "people. Pepper is playful and easy to call across a park."
     )
     eleven.fail_after_audio(1.5)
     client = await connected_client(cloud_ws)
