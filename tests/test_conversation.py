@@ -58,9 +58,11 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_las
 
     # The server evaluated only what its slot's cache did not hold: the new question (and the reply before
     # it, when a reply was cut short) even once the window slides, where every request differs from the last
-    # right after the system prompt. The whole prompt is ~300-400 tokens by then.
+    # right after the system prompt. The whole prompt is ~300-400 tokens by then. Through the recording proxy
+    # (ATLAS_LLM_URL) the session has no slot of its own: llama-server picks one by the prompt's likeness,
+    # and may once move the conversation to another slot and evaluate it all (seen: 207 tokens).
     per_turn = [b - a for a, b in zip(evaluated, evaluated[1:], strict=False)]
-    assert max(per_turn[6:]) < 150, per_turn
+    assert sorted(per_turn[6:])[-2] < 100, per_turn
 
 
 async def test_barge_in_stops_the_reply_flushes_the_client_and_keeps_only_what_was_spoken(atlas_ws, speech, llm_record):
