@@ -49,6 +49,7 @@ class ResilientDeepgramSTTService(DeepgramInternals):
         self._conn_base = 0  # absolute byte offset where the current connection's stream began
         self._finalize_after_replay = False  # a Finalize the VAD asked for while disconnected
         self._unsent = 0  # bytes at the end of _buffer not yet sent
+        self._committed_on_connection = False  # the current connection has finalized some audio
 
     # --- audio in -------------------------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class ResilientDeepgramSTTService(DeepgramInternals):
 
     async def on_message(self, message) -> None:
         if isinstance(message, ListenV1Results) and message.is_final:
+            self._committed_on_connection = True
             end = (message.start or 0.0) + (message.duration or 0.0)
             committed = self._conn_base + int(end * self._bytes_per_sec)
             committed -= committed % 2
@@ -137,6 +139,7 @@ class ResilientDeepgramSTTService(DeepgramInternals):
             while True:
                 connected_at = None
                 keepalive_task = listener = None
+                self._committed_on_connection = False
                 try:
                     async with self.connect() as connection:
                         connected_at = time.monotonic()
@@ -167,12 +170,16 @@ class ResilientDeepgramSTTService(DeepgramInternals):
                             await self.cancel_task(task)
 
                 uptime = time.monotonic() - connected_at if connected_at is not None else 0.0
-                if self.gives_up_after(uptime):
+                # Pipecat's tracker gives up after three connections in a row that each lasted under 5 s: a
+                # server that accepts the handshake and then refuses everything. A connection that finalized
+                # audio made progress (its words are committed and no longer replayed), however short it was,
+                # so it counts as a stable one; otherwise a replay that meets a second drop quickly ends the call.
+                if self.gives_up_after(float("inf") if self._committed_on_connection else uptime):
                     await self.push_error(
                         error_msg="Deepgram connection failed to stay up", force_treat_as_permanent=True
                     )
                     return
-                attempt = attempt + 1 if uptime < 5.0 else 1
+                attempt = attempt + 1 if uptime < 5.0 and not self._committed_on_connection else 1
                 await self.push_error_frame(
                     coded_error(
                         ErrorCode.STT_RECONNECTING,
