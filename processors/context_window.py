@@ -1,14 +1,18 @@
-"""Keep the LLM's conversation to the last N messages.
+"""Keep the LLM's conversation to the last N messages of history, plus the turn being answered.
 
 Pipecat has no "last N messages" cap (its context grows without bound, one of the complaints
 about long calls), so this processor sits between the user aggregator and the LLM and trims the
 shared `LLMContext` in place each time it is sent for inference. Trimming in place (not a copy)
 keeps memory and request size flat for the whole call. The system prompt lives in the LLM
-service's settings, never in the message list, so it is never trimmed. A cut never separates a
-tool result from the call that produced it, and the kept window always opens with a user message
-(as the spec's "last 10 messages" does): Claude's Messages API expects the user to speak first,
-and a window opening on a reply to a question it no longer shows confuses any model. So a window
-of 10 holds 9 messages when the 10th-newest is the bot's: four exchanges and the new question.
+service's settings, never in the message list, so it is never trimmed.
+
+As the spec builds a request: the last N messages of history, then the new question. The turn being
+answered (the last user message, and any tool calls and results that followed it) is never cut; of
+the history before it, the last N are kept, and where that slice would open on a reply (after an
+interruption or a tool call) the cut moves on to the next user message: Claude's Messages API expects
+the user to speak first, a window opening on a reply to a question it no longer shows confuses any
+model, and a tool result is never separated from its call. In a plain alternating call, N = 10 keeps
+five whole exchanges and the question: 11 messages.
 
 A preemptive reply (processors/turn_end.py) is asked for with a provisional copy of the context (the
 shared one plus the words so far), and a turn it answers writes to the shared context without another
@@ -26,18 +30,16 @@ def _role(message) -> str | None:
     return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
 
 
-def _is_tool_result(message) -> bool:
-    return _role(message) == "tool"
-
-
 def trim_messages(messages: list, keep: int) -> list:
-    """The last `keep` messages, moving the cut earlier rather than orphan a tool result."""
-    if keep <= 0 or len(messages) <= keep:
+    """The turn being answered, after at most `keep` messages of history that open on a user message."""
+    if keep <= 0 or len(messages) <= keep + 1:
         return list(messages)
-    start = len(messages) - keep
-    while start > 0 and _is_tool_result(messages[start]):
-        start -= 1
-    while start < len(messages) - 1 and _role(messages[start]) != "user":
+    users = [i for i, m in enumerate(messages) if _role(m) == "user"]
+    current = users[-1] if users else len(messages)  # where the turn being answered begins
+    if current <= keep:
+        return list(messages)
+    start = current - keep
+    while start < current and _role(messages[start]) != "user":
         start += 1
     return list(messages[start:])
 

@@ -127,7 +127,7 @@ async def test_cloud_window_keeps_last_ten_messages(cloud_ws, vendors, speech):
     bodies = [r.body for r in claude.requests[n:] if r.status == 200]
     assert len(bodies) == len(WINDOW_TOPICS)
     sizes = [len(b["messages"]) for b in bodies]
-    assert sizes == [1, 3, 5, 7, 9, 9, 9, 9, 9, 9, 9, 9], sizes  # 10 with the turn being answered
+    assert sizes == [1, 3, 5, 7, 9, 11, 11, 11, 11, 11, 11, 11], sizes  # 10 of history and the question
     last = bodies[-1]["messages"]
     assert last[0]["role"] == "user" and WINDOW_TOPICS[-1] in _text(last[-1]).lower()
     assert all(WINDOW_TOPICS[0] not in _text(m).lower() for m in last)

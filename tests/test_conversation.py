@@ -21,7 +21,7 @@ def text_of(message) -> str:
     return content
 
 
-async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_last_10_messages_from_a_user_turn(
+async def test_after_12_turns_the_llm_gets_the_system_prompt_the_last_10_messages_and_the_question(
     atlas_ws, speech, llm_record, llm_upstream
 ):
     since = len(read_records(llm_record))
@@ -41,8 +41,9 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_las
         messages = request["messages"]
         assert messages[0] == {"role": "system", "content": system_prompt(local_model=True)}
         rest = messages[1:]
-        # At most 10, opening with the user: 9 once the window is full (4 exchanges + the new turn).
-        assert len(rest) == min(2 * n - 1, 9), (n, [m["role"] for m in rest])
+        # At most 10 of history and the question, opening with the user: 11 once the window is full (5 exchanges
+        # and the question).
+        assert len(rest) == min(2 * n - 1, 11), (n, [m["role"] for m in rest])
         # Alternating, ending with the user's new message.
         assert [m["role"] for m in rest] == [
             "user" if (len(rest) - 1 - i) % 2 == 0 else "assistant" for i in range(len(rest))
@@ -50,10 +51,10 @@ async def test_after_12_turns_the_llm_gets_the_system_prompt_and_at_most_the_las
         assert text_of(rest[-1]).strip() == finals[n - 1].strip()
         assert request["max_tokens"] == 150  # ATLAS_LLM_MAX_TOKENS
         assert request["stream"] is True
-    # The 12th request holds turns 8-12's user messages and replies 8-11: the oldest seven turns are gone.
+    # The 12th request holds turns 7-12's user messages and replies 7-11: the oldest six turns are gone.
     last = requests[-1]["messages"][1:]
     kept_users = [text_of(m) for m in last if m["role"] == "user"]
-    assert kept_users == [f.strip() for f in finals[7:]]
+    assert kept_users == [f.strip() for f in finals[6:]]
     assert all(WINDOW_TOPICS[0].rstrip("s") not in text_of(m).lower() for m in last)
 
     # The server evaluated only what its slot's cache did not hold: the new question (and the reply before

@@ -283,8 +283,10 @@ async def test_context_window_trims_the_shared_context_when_a_provisional_copy_p
     window.push_frame = push
     provisional = LLMContext(messages=[*shared.get_messages(), {"role": "user", "content": "new"}])
     await window.process_frame(LLMContextFrame(context=provisional, speculation=True), FrameDirection.DOWNSTREAM)
-    assert len(provisional.get_messages()) <= 10 and provisional.get_messages()[-1]["content"] == "new"
-    assert len(shared.get_messages()) <= 10 and shared.get_messages()[0]["role"] == "user"
+    # 10 of history and the question; the shared context, ending on a reply, keeps its last exchange whole after
+    # its 10 of history (the next question then trims it again).
+    assert len(provisional.get_messages()) == 11 and provisional.get_messages()[-1]["content"] == "new"
+    assert len(shared.get_messages()) == 12 and shared.get_messages()[0]["role"] == "user"
     assert shared.get_messages()[-1]["content"] == "m29"
 
 

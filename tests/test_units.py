@@ -115,21 +115,32 @@ async def test_serializer_joins_20_ms_messages_into_40_ms_frames_and_loses_no_au
     assert (await s20.deserialize(sent[0])).audio == sent[0]  # 20: one frame per message
 
 
-def test_trim_keeps_at_most_n_opening_with_the_user_and_never_orphans_a_tool_result():
+def test_trim_keeps_n_messages_of_history_and_the_question_opening_with_the_user():
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(i)} for i in range(23)]
-    # The 10 newest open with a reply (13): the window starts at the question after it.
-    assert [m["content"] for m in trim_messages(msgs, 10)] == [str(i) for i in range(14, 23)]
-    assert [m["content"] for m in trim_messages(msgs[:22], 10)] == [str(i) for i in range(12, 22)]
-    with_tool = msgs[:12] + [{"role": "assistant", "tool_calls": []}, {"role": "tool", "content": "r"}] + msgs[12:21]
+    # Question 22 after 22 messages of history: the last 10 of them (12-21) open on a user message, so the
+    # request carries five whole exchanges and the question, as the spec slices it: 11 messages.
+    assert [m["content"] for m in trim_messages(msgs, 10)] == [str(i) for i in range(12, 23)]
+    # After an interruption (two user messages in a row) the 10 newest of the history open on a reply (13): the
+    # window starts at the user message after it.
+    interrupted = msgs[:22] + [{"role": "user", "content": "22b"}, {"role": "user", "content": "q"}]
+    kept = trim_messages(interrupted, 10)
+    assert kept[0] == {"role": "user", "content": "14"} and kept[-1]["content"] == "q" and len(kept) == 10
+    # A tool call inside the history: the cut never separates a tool result from its call.
+    with_tool = msgs[:13] + [{"role": "assistant", "tool_calls": []}, {"role": "tool", "content": "r"}] + msgs[13:23]
     kept = trim_messages(with_tool, 10)
-    assert kept[0] == {"role": "user", "content": "12"} and all(m["role"] != "tool" for m in kept)
+    assert kept[0]["role"] == "user" and kept[0]["content"] == "14" and all(m["role"] != "tool" for m in kept)
+    # The turn being answered is never cut, however many tool calls it holds.
+    answering = msgs + [{"role": "assistant", "tool_calls": []}, {"role": "tool", "content": "r"}] * 6
+    kept = trim_messages(answering, 10)
+    assert kept[-12:] == answering[-12:] and kept[0]["content"] == "12"
+    assert trim_messages(msgs[:11], 10) == msgs[:11]  # 10 of history and the question: nothing to trim
 
 
 async def test_context_window_trims_the_shared_context_in_place():
     context = LLMContext(messages=[{"role": "user", "content": str(i)} for i in range(15)])
     window = ContextWindow(max_messages=10)
     await run_test(window, frames_to_send=[LLMContextFrame(context=context)], expected_down_frames=[LLMContextFrame])
-    assert [m["content"] for m in context.get_messages()] == [str(i) for i in range(5, 15)]
+    assert [m["content"] for m in context.get_messages()] == [str(i) for i in range(4, 15)]
 
 
 def test_percentile():
