@@ -10,17 +10,39 @@ It speaks the documented wire protocol (https://docs.anthropic.com/en/api/messag
   `system` as a string or text blocks, `cache_control` (at most 4 breakpoints), sampling ranges, `thinking`,
   `tools`, `stop_sequences`, unknown top-level fields ("Extra inputs are not permitted"), unknown model (404
   `not_found_error`), `max_tokens` above the model's limit, prefill on models that dropped it;
-* the SSE stream: `message_start`, `content_block_start`, `ping`, `content_block_delta` (`text_delta`) ...,
-  `content_block_stop`, `message_delta` (stop_reason `end_turn` / `max_tokens` / `stop_sequence`, cumulative
-  usage), `message_stop`; and the mid-stream `error` event;
-* usage: deterministic token estimates (~4 characters per input token; one output token per streamed word-ish
-  delta, so `max_tokens` truncates exactly), and prompt caching: the first request with a cached prefix reports
+* tool use (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use): `tools` and
+  `tool_choice` are validated as the API does, and so is the history: every `tool_use` id of an assistant turn
+  must be answered by a `tool_result` at the start of the next user turn, and every `tool_result` must answer a
+  `tool_use` of the turn just before (the API's own messages, e.g. "messages.1: `tool_use` ids were found
+  without `tool_result` blocks immediately after: ..."); consecutive messages of one role count as one turn,
+  as the API merges them;
+* the SSE stream: `message_start`, `content_block_start`, `ping`, `content_block_delta` (`text_delta`, or
+  `input_json_delta` for a tool call: the first `partial_json` is "", the rest concatenate to the input's JSON)
+  ..., `content_block_stop`, one block after another, then `message_delta` (stop_reason `end_turn` /
+  `tool_use` / `max_tokens` / `stop_sequence`, cumulative usage), `message_stop`; and the mid-stream `error`
+  event;
+* usage: deterministic token estimates (~4 characters per input token, plus the documented tool-use system
+  prompt (346 tokens, 313 with a forcing `tool_choice`) when `tools` is not empty; one output token per
+  streamed word-ish delta of text or tool-input JSON, so `max_tokens` truncates exactly, mid tool call
+  included), and prompt caching: the first request with a cached prefix reports
   `cache_creation_input_tokens`, later requests with the same prefix (same model, within the TTL) report
   `cache_read_input_tokens`, and `input_tokens` counts only the uncached rest.
+
+The model is the `reply(body)` hook: it returns the reply text, a `ToolUse` (a tool call, optionally after some
+text), or a list mixing both (parallel tool calls). `tool_results(body)` and `tool_names(body)` help a script tell
+the first request of a tool round trip from the second, e.g.
+`lambda body: f"It is {tool_results(body)[-1]}." if tool_results(body) else ToolUse("get_time", {"city": "Paris"})`.
+A scripted call is made as a model would make it: only to a tool the request offers, never with `tool_choice`
+`none`, only to the named tool with `tool_choice` `tool` (a refused call is left out, noted in the request's
+events as `tool_not_offered:<name>` / `tool_choice_none:<name>` / `tool_choice_other_tool:<name>`, and if
+nothing is left to say the fake says `default_reply`); with a forcing `tool_choice` (`any` / `tool`) no text
+precedes the first call (a script that makes no call is still answered, noted as `tool_choice_unmet`);
+`disable_parallel_tool_use` keeps only the first call.
 
 Scripting (thread-safe, callable from the test thread while the fake serves): `fail_next`, `fail_always`,
 `stall_next`, `error_mid_stream_next`, `clear_faults`; latency via `first_token_delay` and `tokens_per_second`.
 Faults are queued in the order scripted; each valid request (past auth and validation) takes the next one.
+They apply to tool calls alike (`error_mid_stream_next(after_deltas=n)` counts text and tool-input deltas).
 """
 
 from __future__ import annotations
@@ -153,7 +175,34 @@ _BLOCK_TYPES = frozenset(
     }
 )
 _BETA_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*-\d{4}-\d{2}-\d{2}$")
+# The live API's pattern (its 400 names it); the tool-use guide still says {1,64}, older models' limit.
 _TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
+_CUSTOM_TOOL_FIELDS = frozenset(
+    {
+        "type",
+        "name",
+        "description",
+        "input_schema",
+        "cache_control",
+        "strict",
+        "input_examples",
+        "defer_loading",
+        "allowed_callers",
+        "eager_input_streaming",
+    }
+)
+_TOOL_CHOICE_FIELDS = {
+    "auto": {"type", "disable_parallel_tool_use"},
+    "any": {"type", "disable_parallel_tool_use"},
+    "tool": {"type", "name", "disable_parallel_tool_use"},
+    "none": {"type"},
+}
+_TOOL_USE_FIELDS = frozenset({"type", "id", "name", "input", "cache_control", "caller", "toolset_name"})
+_TOOL_RESULT_FIELDS = frozenset({"type", "tool_use_id", "content", "is_error", "cache_control", "toolset_name"})
+_TOOL_RESULT_CONTENT_TYPES = ("text", "image", "search_result", "document", "tool_reference", "browser_state")
+# The system prompt the API adds when `tools` is given (Claude 4.x / Sonnet 3.7 figures, the docs' pricing table).
+TOOL_SYSTEM_PROMPT_TOKENS = {"auto": 346, "none": 346, "any": 313, "tool": 313}
 _WORD_RE = re.compile(r"\s*\S+")
 _B62 = string.ascii_letters + string.digits
 _ERROR_TYPES = {
@@ -222,6 +271,51 @@ def default_reply(body: dict) -> str:
     return f"I heard you say: {quote}. That sounds lovely. Tell me more about it."
 
 
+@dataclass
+class ToolUse:
+    """A scripted tool call, for `reply(body)` to return (alone, or in a list with text and other calls).
+
+    `text`, if any, is said first, in its own text block (as Claude says "Let me check." before a call); `id`
+    defaults to a fresh `toolu_01...` id. The call is streamed as the API streams one: `content_block_start`
+    with `{"type": "tool_use", "id", "name", "input": {}}`, then `input_json_delta`s whose `partial_json`
+    concatenate to the JSON of `input`, and the message stops with `stop_reason` "tool_use".
+    """
+
+    name: str
+    input: dict = field(default_factory=dict)
+    text: str = ""
+    id: str | None = None
+
+
+Reply = str | ToolUse | list[str | ToolUse]
+
+
+def tool_names(body: dict) -> list[str]:
+    """The names of the tools the request offers (`tools`), in order."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    return [t["name"] for t in tools or [] if isinstance(t, dict) and isinstance(t.get("name"), str)]
+
+
+def _result_text(block: dict) -> str:
+    content = block.get("content")
+    if isinstance(content, str):
+        return content
+    texts = [b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text"]
+    return "\n".join(texts)
+
+
+def tool_results(body: dict) -> list[str]:
+    """The text of each `tool_result` block in the last user message, in order ([] when it has none): a string
+    `content` as is, a list of content blocks as its text blocks joined by newlines."""
+    for msg in reversed((body.get("messages") if isinstance(body, dict) else None) or []):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            content = msg.get("content")
+            if not isinstance(content, list):
+                return []
+            return [_result_text(b) for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+    return []
+
+
 class AnthropicAPIError(Exception):
     """An error the fake answers with: HTTP `status` and Anthropic's `{"type":"error","error":{...}}` body."""
 
@@ -245,9 +339,10 @@ class AnthropicRequest(RecordedRequest):
 
     request_id: str = ""
     stream: bool = False
-    deltas_sent: int = 0  # text deltas written before the stream ended (or the client left)
+    deltas_sent: int = 0  # content deltas (text and tool input) written before the stream ended or the client left
     text_sent: str = ""  # the reply text actually written
     stop_reason: str | None = None
+    tool_uses: list[dict] = field(default_factory=list)  # tool calls sent in full: {"id", "name", "input"}
     usage: dict[str, Any] = field(default_factory=dict)
     fault: str | None = None  # "fail", "stall", "error_mid_stream" when a scripted fault applied
     disconnected_at: float | None = None  # time.monotonic() when the fake noticed the client left
@@ -263,6 +358,49 @@ class _Fault:
     retry_after: float | None = None
     seconds: float = 0.0
     after_deltas: int = 3
+
+
+@dataclass
+class _Block:
+    """One content block of the reply: its stream pieces (text tokens, or tool-input JSON chunks after a "")."""
+
+    kind: str  # "text" | "tool_use"
+    pieces: list[str]
+    id: str = ""
+    name: str = ""
+    input: dict | None = None
+    complete: bool = True  # False: cut by max_tokens
+
+    @property
+    def tokens(self) -> int:
+        return sum(1 for p in self.pieces if p)
+
+    def start(self) -> dict:
+        if self.kind == "text":
+            return {"type": "text", "text": ""}
+        return {"type": "tool_use", "id": self.id, "name": self.name, "input": {}}
+
+    def delta(self, piece: str) -> dict:
+        if self.kind == "text":
+            return {"type": "text_delta", "text": piece}
+        return {"type": "input_json_delta", "partial_json": piece}
+
+    def final(self) -> dict:
+        """The block as a complete `Message` carries it."""
+        if self.kind == "text":
+            return {"type": "text", "text": "".join(self.pieces)}
+        return {"type": "tool_use", "id": self.id, "name": self.name, "input": self.parsed_input()}
+
+    def parsed_input(self) -> dict:
+        if self.complete:
+            return dict(self.input or {})
+        try:  # cut mid-JSON: what the SDK's own partial parse makes of it
+            from jiter import from_json
+
+            value = from_json("".join(self.pieces).encode(), partial_mode=True)
+            return value if isinstance(value, dict) else {}
+        except Exception:  # noqa: BLE001 - jiter comes with the SDK, which the fake does not need
+            return {}
 
 
 @dataclass
@@ -282,7 +420,7 @@ class FakeAnthropic(FakeServer):
         *,
         api_key: str = "test-anthropic-key",
         models: Iterable[str] | None = None,
-        reply: Callable[[dict], str] | None = None,
+        reply: Callable[[dict], Reply] | None = None,
         first_token_delay: float = 0.0,
         tokens_per_second: float = 0,
         cache_min_tokens: int = 0,
@@ -292,7 +430,8 @@ class FakeAnthropic(FakeServer):
             api_key: the only `x-api-key` accepted.
             models: model ids accepted (others get 404 `not_found_error`); default: the well-known current and
                 legacy ids plus every id the installed SDK lists. Aliases report their snapshot id back.
-            reply: request body -> reply text; default `default_reply` (quotes the last user message).
+            reply: request body -> reply text, a `ToolUse`, or a list of both; default `default_reply` (quotes the
+                last user message). See the module docstring for how tool calls are made.
             first_token_delay: seconds before the response starts (headers + `message_start`), i.e. time to
                 first token; the client's `create()` returns only then, as with the real API.
             tokens_per_second: pace the text deltas (one word-ish token each); 0 sends them back to back.
@@ -431,20 +570,17 @@ class FakeAnthropic(FakeServer):
                 return self._error(rec, AnthropicAPIError(529))
 
         usage = self._usage_for(body, snapshot)
-        text, stop_reason, stop_sequence = self._reply_for(body)
-        tokens = split_tokens(text)
-        if len(tokens) > body["max_tokens"]:
-            tokens, stop_reason, stop_sequence = tokens[: body["max_tokens"]], "max_tokens", None
-        usage["output_tokens"] = max(1, len(tokens))
+        blocks, stop_reason, stop_sequence = self._reply_for(body, rec)
+        usage["output_tokens"] = max(1, sum(b.tokens for b in blocks))
         rec.usage = usage
         rec.stop_reason = stop_reason
         holder: list[web.StreamResponse] = []
         try:
             if rec.stream:
                 return await self._stream(
-                    request, rec, snapshot, tokens, stop_reason, stop_sequence, usage, fault, holder
+                    request, rec, snapshot, blocks, stop_reason, stop_sequence, usage, fault, holder
                 )
-            return await self._json(request, rec, snapshot, tokens, stop_reason, stop_sequence, usage, fault)
+            return await self._json(request, rec, snapshot, blocks, stop_reason, stop_sequence, usage, fault)
         except (_ClientGone, ConnectionError):
             self._client_gone(rec)
             if holder:
@@ -481,20 +617,28 @@ class FakeAnthropic(FakeServer):
             "usage": usage,
         }
 
-    async def _json(self, request, rec, snapshot, tokens, stop_reason, stop_sequence, usage, fault) -> web.Response:
+    @staticmethod
+    def _record_tool_use(rec: AnthropicRequest, block: _Block) -> None:
+        if block.kind == "tool_use" and block.complete:
+            rec.tool_uses.append({"id": block.id, "name": block.name, "input": dict(block.input or {})})
+
+    async def _json(self, request, rec, snapshot, blocks, stop_reason, stop_sequence, usage, fault) -> web.Response:
         delay = self.first_token_delay + (fault.seconds if fault and fault.kind == "stall" else 0.0)
         if self.tokens_per_second > 0:
-            delay += max(0, len(tokens) - 1) / self.tokens_per_second
+            delay += max(0, sum(len(b.pieces) for b in blocks) - 1) / self.tokens_per_second
         await self._sleep(request, delay)
-        text = "".join(tokens)
-        rec.text_sent, rec.status = text, 200
+        rec.text_sent = "".join("".join(b.pieces) for b in blocks if b.kind == "text")
+        rec.status = 200
+        for block in blocks:
+            self._record_tool_use(rec, block)
         self.completed += 1
         rec.events.append("completed")
-        body = self._message(rec, snapshot, [{"type": "text", "text": text}], stop_reason, stop_sequence, usage)
+        content = [b.final() for b in blocks]
+        body = self._message(rec, snapshot, content, stop_reason, stop_sequence, usage)
         return web.json_response(body, headers={"request-id": rec.request_id})
 
     async def _stream(
-        self, request, rec, snapshot, tokens, stop_reason, stop_sequence, usage, fault, holder
+        self, request, rec, snapshot, blocks, stop_reason, stop_sequence, usage, fault, holder
     ) -> web.StreamResponse:
         await self._sleep(request, self.first_token_delay)
         resp = web.StreamResponse(
@@ -514,33 +658,7 @@ class FakeAnthropic(FakeServer):
                 raise _ClientGone()
             await resp.write(f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
 
-        start_usage = {**usage, "output_tokens": 1}
-        await send(
-            "message_start",
-            {"type": "message_start", "message": self._message(rec, snapshot, [], None, None, start_usage)},
-        )
-        if fault and fault.kind == "stall":
-            rec.events.append(f"stalled:{fault.seconds:g}")
-            await self._sleep(request, fault.seconds)
-        await send(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        )
-        await send("ping", {"type": "ping"})
-        error_after = fault.after_deltas if fault and fault.kind == "error_mid_stream" else None
-        interval = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
-        for i, tok in enumerate(tokens):
-            if error_after is not None and i >= error_after:
-                break
-            if interval and i:
-                await self._sleep(request, interval)
-            await send(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}},
-            )
-            rec.deltas_sent += 1
-            rec.text_sent += tok
-        if error_after is not None:
+        async def error_event() -> web.StreamResponse:
             await send(
                 "error",
                 {
@@ -552,7 +670,39 @@ class FakeAnthropic(FakeServer):
             rec.events.append("error_event:overloaded_error")
             await resp.write_eof()
             return resp
-        await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+
+        start_usage = {**usage, "output_tokens": 1}
+        await send(
+            "message_start",
+            {"type": "message_start", "message": self._message(rec, snapshot, [], None, None, start_usage)},
+        )
+        if fault and fault.kind == "stall":
+            rec.events.append(f"stalled:{fault.seconds:g}")
+            await self._sleep(request, fault.seconds)
+        error_after = fault.after_deltas if fault and fault.kind == "error_mid_stream" else None
+        interval = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
+        for index, block in enumerate(blocks):
+            await send(
+                "content_block_start", {"type": "content_block_start", "index": index, "content_block": block.start()}
+            )
+            if index == 0:
+                await send("ping", {"type": "ping"})
+            for piece in block.pieces:
+                if error_after is not None and rec.deltas_sent >= error_after:
+                    return await error_event()
+                if interval and rec.deltas_sent:
+                    await self._sleep(request, interval)
+                await send(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index, "delta": block.delta(piece)},
+                )
+                rec.deltas_sent += 1
+                if block.kind == "text":
+                    rec.text_sent += piece
+            if error_after is not None and index == len(blocks) - 1:
+                return await error_event()  # a reply shorter than `after_deltas`: the error ends it anyway
+            await send("content_block_stop", {"type": "content_block_stop", "index": index})
+            self._record_tool_use(rec, block)
         await send(
             "message_delta",
             {
@@ -569,14 +719,89 @@ class FakeAnthropic(FakeServer):
 
     # ---- the model ----------------------------------------------------------------------------------------
 
-    def _reply_for(self, body: dict) -> tuple[str, str, str | None]:
-        text = self.reply(body)
+    def _script(self, body: dict, rec: AnthropicRequest) -> list[str | ToolUse]:
+        """The `reply` hook's answer as a flat list of texts and tool calls, each call made only as a model
+        could make it for this request (see the module docstring)."""
+        raw = self.reply(body)
+        items: list[str | ToolUse] = []
+        for item in raw if isinstance(raw, list) else [raw]:
+            if isinstance(item, ToolUse):
+                if item.text:
+                    items.append(item.text)
+                items.append(item)
+            elif isinstance(item, str):
+                items.append(item)
+            else:
+                raise TypeError(f"reply() gave {type(item).__name__}; expected str, ToolUse or a list of them")
+        offered = set(tool_names(body))
+        choice = body.get("tool_choice") or {"type": "auto"}
+        kept: list[str | ToolUse] = []
+        for item in items:
+            if isinstance(item, ToolUse):
+                refused = None
+                if choice["type"] == "none":
+                    refused = "tool_choice_none"
+                elif item.name not in offered:
+                    refused = "tool_not_offered"
+                elif choice["type"] == "tool" and item.name != choice["name"]:
+                    refused = "tool_choice_other_tool"
+                elif choice.get("disable_parallel_tool_use") and any(isinstance(k, ToolUse) for k in kept):
+                    refused = "parallel_tool_use_disabled"
+                if refused:
+                    rec.events.append(f"{refused}:{item.name}")
+                    continue
+            kept.append(item)
+        calls = [i for i, item in enumerate(kept) if isinstance(item, ToolUse)]
+        if choice["type"] in ("any", "tool"):
+            if calls:
+                kept = kept[calls[0] :]  # the API prefills the turn to force the call: no text before it
+            else:
+                rec.events.append("tool_choice_unmet")  # the script answered in words where the API forces a call
+        if len(kept) < len(items) and not calls and not any(kept):
+            kept = [default_reply(body)]  # every call refused and nothing said: the model answers in words
+        return kept
+
+    def _reply_for(self, body: dict, rec: AnthropicRequest) -> tuple[list[_Block], str, str | None]:
+        blocks: list[_Block] = []
         stop_reason, stop_sequence = "end_turn", None
-        hits = [(text.find(s), s) for s in body.get("stop_sequences") or [] if s and s in text]
-        if hits:
-            at, stop_sequence = min(hits)
-            text, stop_reason = text[:at], "stop_sequence"
-        return text, stop_reason, stop_sequence
+        for item in self._script(body, rec):
+            if isinstance(item, ToolUse):
+                if not isinstance(item.input, dict):
+                    raise TypeError(f"ToolUse({item.name!r}).input must be a dict")
+                text = json.dumps(item.input, ensure_ascii=False)
+                block_id = item.id or "toolu_01" + "".join(secrets.choice(_B62) for _ in range(22))
+                blocks.append(_Block("tool_use", ["", *split_tokens(text)], block_id, item.name, item.input))
+                stop_reason = "tool_use"
+                continue
+            hits = [(item.find(s), s) for s in body.get("stop_sequences") or [] if s and s in item]
+            if hits:
+                at, stop_sequence = min(hits)
+                item, stop_reason = item[:at], "stop_sequence"
+            if item:
+                if blocks and blocks[-1].kind == "text":
+                    blocks[-1].pieces = split_tokens("".join(blocks[-1].pieces) + item)
+                else:
+                    blocks.append(_Block("text", split_tokens(item)))
+            if stop_reason == "stop_sequence":
+                break
+        if not blocks:
+            blocks.append(_Block("text", []))
+        budget = body["max_tokens"]
+        for i, block in enumerate(blocks):
+            if block.tokens <= budget:
+                budget -= block.tokens
+                continue
+            kept, used = [], 0
+            for piece in block.pieces:
+                if piece and used == budget:
+                    break
+                used += bool(piece)
+                kept.append(piece)
+            block.pieces, block.complete = kept, False
+            blocks = blocks[: i + 1] if used else blocks[:i]
+            stop_reason, stop_sequence = "max_tokens", None
+            break
+        return blocks or [_Block("text", [])], stop_reason, stop_sequence
 
     def _segments(self, body: dict) -> list[_Segment]:
         """The prompt in cache order (tools, system, messages) as blocks with token counts and breakpoints."""
@@ -620,6 +845,8 @@ class FakeAnthropic(FakeServer):
             cum.append(total)
             hashes.append(h.copy().hexdigest())
         total += 3 * len(body["messages"])  # per-message framing overhead, never cached
+        if body.get("tools"):  # the tool-use system prompt the API adds
+            total += TOOL_SYSTEM_PROMPT_TOKENS[(body.get("tool_choice") or {"type": "auto"})["type"]]
         breakpoints = [i for i, s in enumerate(segs) if s.cache_control]
         now = time.monotonic()
         read = creation = 0
@@ -702,6 +929,7 @@ class FakeAnthropic(FakeServer):
         breakpoints += self._validate_system(body.get("system"))
         breakpoints += self._validate_messages(body["messages"])
         breakpoints += self._validate_tools(body)
+        _check_tool_pairing(body)
         if breakpoints > 4:
             raise bad(f"A maximum of 4 blocks with cache_control may be provided. Found {breakpoints}.")
         self._validate_thinking(body)
@@ -770,7 +998,12 @@ class FakeAnthropic(FakeServer):
                     )
                 if block["type"] == "text":
                     marks += _check_text_block(block, bw)
-                elif block.get("cache_control") is not None:
+                    continue
+                if block["type"] == "tool_use":
+                    _check_tool_use_block(block, bw)
+                elif block["type"] == "tool_result":
+                    _check_tool_result_block(block, bw)
+                if block.get("cache_control") is not None:
                     _check_cache_control(block["cache_control"], f"{bw}.cache_control")
                     marks += 1
         return marks
@@ -790,16 +1023,9 @@ class FakeAnthropic(FakeServer):
             if not isinstance(tool, dict):
                 raise AnthropicAPIError(400, f"{where}: Input should be a valid dictionary")
             if tool.get("type") in (None, "custom"):
-                name = tool.get("name")
-                if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
-                    raise AnthropicAPIError(
-                        400, f"{where}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'"
-                    )
-                schema = tool.get("input_schema")
-                if not isinstance(schema, dict) or schema.get("type") != "object":
-                    raise AnthropicAPIError(
-                        400, f"{where}.custom.input_schema: Input should be a JSON schema with type 'object'"
-                    )
+                _check_custom_tool(tool, f"{where}.custom")
+            name = tool.get("name")
+            if isinstance(name, str):
                 if name in names:
                     raise AnthropicAPIError(400, "tools: Tool names must be unique.")
                 names.add(name)
@@ -808,10 +1034,36 @@ class FakeAnthropic(FakeServer):
                 marks += 1
         choice = body.get("tool_choice")
         if choice is not None:
-            if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
-                raise AnthropicAPIError(400, "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
-            if choice["type"] == "tool" and choice.get("name") not in names:
-                raise AnthropicAPIError(400, "tool_choice.name: the named tool is not in `tools`")
+            if not isinstance(choice, dict):
+                raise AnthropicAPIError(400, "tool_choice: Input should be a valid dictionary")
+            kind = choice.get("type")
+            if kind not in _TOOL_CHOICE_FIELDS:
+                raise AnthropicAPIError(
+                    400,
+                    f"tool_choice: Input tag '{kind}' found using 'type' does not match any of the expected tags: "
+                    "'auto', 'any', 'tool', 'none'",
+                )
+            for name in choice:
+                if name not in _TOOL_CHOICE_FIELDS[kind]:
+                    raise AnthropicAPIError(400, f"tool_choice.{kind}.{name}: Extra inputs are not permitted")
+            if "disable_parallel_tool_use" in choice and not isinstance(choice["disable_parallel_tool_use"], bool):
+                raise AnthropicAPIError(
+                    400, f"tool_choice.{kind}.disable_parallel_tool_use: Input should be a valid boolean"
+                )
+            if kind == "tool":
+                if not isinstance(choice.get("name"), str):
+                    raise AnthropicAPIError(400, "tool_choice.tool.name: Field required")
+                if choice["name"] not in names:
+                    raise AnthropicAPIError(
+                        400, f"tool_choice.tool.name: '{choice['name']}' is not the name of a tool in `tools`"
+                    )
+            thinking = body.get("thinking")
+            if (
+                kind in ("any", "tool")
+                and isinstance(thinking, dict)
+                and thinking.get("type") in ("enabled", "adaptive")
+            ):
+                raise AnthropicAPIError(400, "Thinking may not be enabled when tool_choice forces tool use.")
         return marks
 
     @staticmethod
@@ -869,3 +1121,147 @@ def _check_text_block(block: dict, where: str) -> int:
         _check_cache_control(block["cache_control"], f"{where}.cache_control")
         return 1
     return 0
+
+
+def _check_custom_tool(tool: dict, where: str) -> None:
+    for name in tool:
+        if name not in _CUSTOM_TOOL_FIELDS:
+            raise AnthropicAPIError(400, f"{where}.{name}: Extra inputs are not permitted")
+    name = tool.get("name")
+    if name is None:
+        raise AnthropicAPIError(400, f"{where}.name: Field required")
+    if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+        raise AnthropicAPIError(400, f"{where}.name: String should match pattern '{_TOOL_NAME_RE.pattern}'")
+    if "description" in tool and not isinstance(tool["description"], str):
+        raise AnthropicAPIError(400, f"{where}.description: Input should be a valid string")
+    if "input_schema" not in tool:
+        raise AnthropicAPIError(400, f"{where}.input_schema: Field required")
+    schema = tool["input_schema"]
+    if not isinstance(schema, dict):
+        raise AnthropicAPIError(400, f"{where}.input_schema: Input should be a valid dictionary")
+    if schema.get("type") != "object":
+        raise AnthropicAPIError(400, f"{where}.input_schema.type: Input should be 'object'")
+    try:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+    except ImportError:  # pragma: no cover - jsonschema is in the lock file; without it only the shape is checked
+        return
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError:
+        raise AnthropicAPIError(
+            400, f"{where}.input_schema: JSON schema is invalid. It must match JSON Schema draft 2020-12."
+        ) from None
+
+
+def _check_tool_use_block(block: dict, where: str) -> None:
+    where += ".tool_use"
+    for name in block:
+        if name not in _TOOL_USE_FIELDS:
+            raise AnthropicAPIError(400, f"{where}.{name}: Extra inputs are not permitted")
+    for name in ("id", "name", "input"):
+        if name not in block:
+            raise AnthropicAPIError(400, f"{where}.{name}: Field required")
+    if not isinstance(block["id"], str) or not _TOOL_USE_ID_RE.match(block["id"]):
+        raise AnthropicAPIError(400, f"{where}.id: String should match pattern '{_TOOL_USE_ID_RE.pattern}'")
+    if not isinstance(block["name"], str) or not block["name"]:
+        raise AnthropicAPIError(400, f"{where}.name: String should have at least 1 character")
+    if not isinstance(block["input"], dict):
+        raise AnthropicAPIError(400, f"{where}.input: Input should be a valid dictionary")
+
+
+def _check_tool_result_block(block: dict, where: str) -> None:
+    where += ".tool_result"
+    for name in block:
+        if name not in _TOOL_RESULT_FIELDS:
+            raise AnthropicAPIError(400, f"{where}.{name}: Extra inputs are not permitted")
+    if "tool_use_id" not in block:
+        raise AnthropicAPIError(400, f"{where}.tool_use_id: Field required")
+    if not isinstance(block["tool_use_id"], str) or not _TOOL_USE_ID_RE.match(block["tool_use_id"]):
+        raise AnthropicAPIError(400, f"{where}.tool_use_id: String should match pattern '{_TOOL_USE_ID_RE.pattern}'")
+    if "is_error" in block and not isinstance(block["is_error"], bool):
+        raise AnthropicAPIError(400, f"{where}.is_error: Input should be a valid boolean")
+    content = block.get("content")
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise AnthropicAPIError(400, f"{where}.content: Input should be a valid string or list")
+    for k, item in enumerate(content):
+        tag = item.get("type") if isinstance(item, dict) else None
+        if tag not in _TOOL_RESULT_CONTENT_TYPES:
+            raise AnthropicAPIError(
+                400,
+                f"{where}.content.{k}: Input tag '{tag}' found using 'type' does not match any of the expected tags",
+            )
+        if tag == "text":
+            _check_text_block(item, f"{where}.content.{k}.text")
+
+
+def _check_tool_pairing(body: dict) -> None:
+    """The API's rules for a history with tool calls, over turns (consecutive messages of one role, as the API
+    merges them): each assistant turn's `tool_use` ids are all answered by `tool_result` blocks at the very start
+    of the next user turn, and a `tool_result` answers a `tool_use` of the assistant turn just before it."""
+    messages = body["messages"]
+    turns: list[tuple[str, list[tuple[int, int, dict]]]] = []  # role, [(message index, block index, block)]
+    for i, msg in enumerate(messages):
+        content = msg["content"]
+        blocks = [(i, j, b) for j, b in enumerate(content)] if isinstance(content, list) else [(i, 0, {"type": "text"})]
+        if turns and turns[-1][0] == msg["role"]:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append((msg["role"], blocks))
+    has_tool_blocks = any(b["type"] in ("tool_use", "tool_result") for _, blocks in turns for _, _, b in blocks)
+    if has_tool_blocks and not body.get("tools"):
+        raise AnthropicAPIError(400, "Requests which include `tool_use` or `tool_result` blocks must define tools.")
+    seen_ids: set[str] = set()
+    for k, (role, blocks) in enumerate(turns):
+        if role == "user":
+            before = turns[k - 1][1] if k else []
+            called = {b["id"] for _, _, b in before if b["type"] == "tool_use"}
+            for i, j, b in blocks:
+                if b["type"] == "tool_use":
+                    raise AnthropicAPIError(
+                        400, f"messages.{i}.content.{j}: `tool_use` blocks may only be sent by the assistant"
+                    )
+                if b["type"] == "tool_result" and b["tool_use_id"] not in called:
+                    raise AnthropicAPIError(
+                        400,
+                        f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{b['tool_use_id']}. Each `tool_result` block must have a corresponding `tool_use` block "
+                        "in the previous message.",
+                    )
+            continue
+        uses = [(i, j, b) for i, j, b in blocks if b["type"] == "tool_use"]
+        for i, j, b in blocks:
+            if b["type"] == "tool_result":
+                raise AnthropicAPIError(
+                    400, f"messages.{i}.content.{j}: `tool_result` blocks may only be sent by the user"
+                )
+        for i, j, b in uses:
+            if b["id"] in seen_ids:
+                raise AnthropicAPIError(400, f"messages.{i}.content.{j}: `tool_use` ids must be unique")
+            seen_ids.add(b["id"])
+        if not uses:
+            continue
+        after = turns[k + 1][1] if k + 1 < len(turns) else []
+        answered = {b["tool_use_id"] for _, _, b in after if b["type"] == "tool_result"}
+        missing = [(i, b["id"]) for i, _, b in uses if b["id"] not in answered]
+        if missing:
+            raise AnthropicAPIError(
+                400,
+                f"messages.{missing[0][0]}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                f"{', '.join(m for _, m in missing)}. Each `tool_use` block must have a corresponding "
+                "`tool_result` block in the next message.",
+            )
+        leading = 0
+        for _, _, b in after:
+            if b["type"] != "tool_result":
+                break
+            leading += 1
+        if leading < len(uses):
+            raise AnthropicAPIError(
+                400,
+                f"messages.{after[0][0]}: Did not find {len(uses)} `tool_result` block(s) at the beginning of this "
+                "message. Messages following `tool_use` blocks must begin with a matching number of `tool_result` "
+                "blocks.",
+            )

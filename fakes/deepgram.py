@@ -7,13 +7,24 @@ message into its typed models (`ListenV1Results`, `ListenV1UtteranceEnd`, `Liste
 values -> HTTP 400 (body `{"err_code", "err_msg", "request_id"}` plus the `dg-request-id` and
 `dg-error` headers Deepgram documents for failed upgrades).
 
+Languages: `language` (BCP-47; Deepgram's default `en` when absent) is checked against what the model serves, as
+Deepgram's docs and changelogs list it for nova-3 (monolingual codes plus `multi`), nova-3-medical, nova-2 and
+nova-2's English-only variants; other (legacy) models only need a well-formed tag. A combination Deepgram does
+not serve is refused at the handshake with its 400, `{"err_code": "Bad Request", "err_msg": "Bad Request: No
+such model/language/tier combination found.", ...}`. Each connection records its `language` (and
+`language_hints`). With `language=multi` the Results carry what Deepgram documents for multilingual streams:
+`languages` on the alternative and `language` on each word (the first `language_hint`, else `en`: the fake
+does not detect languages), and on nova-3 `languages_hinted` (the hints normalized to base codes, `[]` when
+none). Whisper mode always transcribes as English; scripted mode can answer per language (below).
+
 Speech handling: an energy detector on 20 ms frames (the inputs are clean synthetic speech plus
 silence or low noise) finds speech; `endpointing` ms of silence after it ends the utterance with a
 final `Results` (`is_final` and `speech_final` true). The transcript comes from the local Whisper
 (`whisper_transcribe`, run in a thread so the loop never blocks) or, in scripted mode, from the
-`transcripts` list or callable (no Whisper at all: the mode for load tests). Timestamps are seconds of audio
-since the start of the connection's stream, and consecutive finals tile that timeline (each final's
-`start` is the previous final's `start + duration`), as on Deepgram.
+`transcripts` list or callable (no Whisper at all: the mode for load tests); a callable that takes an argument
+is given the connection's language (`lambda language: {"es": "Hola.", "en": "Hello."}[language]`).
+Timestamps are seconds of audio since the start of the connection's stream, and consecutive finals tile that
+timeline (each final's `start` is the previous final's `start + duration`), as on Deepgram.
 
 Faults, settable from any thread: `drop_after(seconds_of_audio)` aborts the TCP connection (no close
 frame) once a connection has received that much audio; `reject_next(status)` refuses handshakes;
@@ -25,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import inspect
 import json
 import re
 import threading
@@ -116,6 +128,83 @@ KNOWN_PARAMS = (
     BOOL_PARAMS | FREE_PARAMS | {"model", "encoding", "sample_rate", "channels", "endpointing", "utterance_end_ms"}
 )
 
+# Languages by model, from Deepgram's Models & Languages Overview and its Nova-3 changelog entries (2025-08 ..
+# 2026-08: de/nl/sv/da, es/fr/pt, it/tr/no/id, bg/cs/fi/hi/hu/ja/ko/pl/ru/uk/vi, ca/et/nl-BE/de-CH/el/lv/lt/ms/
+# ro/sk, be/bn/bs/hr/kn/mk/mr/sr/sl/ta/tl/te, zh-HK/th, zh/zh-TW, pa/ne); gu, af, hy and ka as seen accepted by
+# the live API. Codes compare case-insensitively; a connection records the canonical spelling.
+_ENGLISH = ("en", "en-US", "en-AU", "en-GB", "en-IN", "en-NZ")
+NOVA3_LANGUAGES = frozenset(
+    {
+        *_ENGLISH,
+        "multi",
+        *("de", "de-CH", "nl", "nl-BE", "sv", "sv-SE", "da", "da-DK", "es", "es-419", "fr", "fr-CA"),
+        *("pt", "pt-BR", "pt-PT", "it", "tr", "no", "id", "bg", "cs", "fi", "hi", "hu", "ja", "ko", "ko-KR"),
+        *("pl", "ru", "uk", "vi", "ca", "et", "el", "lv", "lt", "ms", "ro", "sk", "be", "bn", "bs", "hr", "kn"),
+        *("mk", "mr", "sr", "sl", "ta", "tl", "te", "th", "th-TH", "pa", "pa-IN", "ne", "gu", "af", "hy", "ka"),
+        *("zh", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant", "zh-HK"),
+    }
+)
+NOVA3_MEDICAL_LANGUAGES = frozenset({*_ENGLISH, "en-CA", "en-IE", "multi"})
+NOVA2_LANGUAGES = frozenset(
+    {
+        *_ENGLISH,
+        "multi",
+        *("bg", "ca", "zh", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant", "zh-HK", "cs", "da", "da-DK", "nl", "nl-BE"),
+        *("et", "fi", "fr", "fr-CA", "de", "de-CH", "el", "hi", "hu", "id", "it", "ja", "ko", "ko-KR", "lv"),
+        *("lt", "ms", "no", "pl", "pt", "pt-BR", "pt-PT", "ro", "ru", "sk", "es", "es-419", "sv", "sv-SE"),
+        *("th", "th-TH", "tr", "uk", "vi"),
+    }
+)
+NOVA2_VARIANT_LANGUAGES = frozenset({"en", "en-US"})  # nova-2-meeting, -phonecall, ...: English only
+# Nova-3 multilingual's 55 languages (Nova-3 Language Prompting): what `language_hint` accepts. Other region
+# subtags resolve to their base code (en-GB -> en), as `languages_hinted` reports them.
+MULTI_HINT_LANGUAGES = frozenset(
+    {
+        *("af", "ar", "be", "bn", "bs", "bg", "ca", "zh-HK", "zh", "hr", "cs", "da", "nl", "en", "et", "fi"),
+        *("nl-BE", "fr", "gl", "de", "el", "gu", "he", "hi", "hu", "id", "it", "ja", "kn", "ko", "lv", "lt"),
+        *("mk", "ms", "mr", "no", "fa", "pl", "pt", "ro", "ru", "sr", "sk", "sl", "es", "sv", "tl", "ta", "te"),
+        *("th", "tr", "uk", "vi", "xh", "zu"),
+    }
+)
+NO_SUCH_COMBINATION = "Bad Request: No such model/language/tier combination found."
+
+
+def _canonical(code: str, known: frozenset[str]) -> str | None:
+    """`code` as spelled in `known`, compared case-insensitively; None if absent."""
+    lowered = code.lower()
+    return next((k for k in known if k.lower() == lowered), None)
+
+
+def languages_for(model: str) -> frozenset[str] | None:
+    """The `language` values `model` serves on /v1/listen, or None when the fake does not check (legacy models)."""
+    if model in ("nova-3", "nova-3-general"):
+        return NOVA3_LANGUAGES
+    if model == "nova-3-medical":
+        return NOVA3_MEDICAL_LANGUAGES
+    if model in ("nova-2", "nova-2-general"):
+        return NOVA2_LANGUAGES
+    if model.startswith("nova-2-"):
+        return NOVA2_VARIANT_LANGUAGES
+    return None
+
+
+def normalize_hint(hint: str) -> str | None:
+    """A `language_hint` as Nova-3 multilingual reports it in `languages_hinted` (`ES` -> `es`, `en-GB` -> `en`,
+    `zh-hk` -> `zh-HK`), or None if it names no language the model knows."""
+    exact = _canonical(hint, MULTI_HINT_LANGUAGES)
+    if exact is not None:
+        return exact
+    return _canonical(hint.split("-")[0], MULTI_HINT_LANGUAGES)
+
+
+def _takes_argument(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
 DEFAULT_ENDPOINTING_MS = 10  # Deepgram: "Endpointing is enabled by default and set to 10 milliseconds"
 NO_ENDPOINTING_GAP_MS = 500  # endpointing=false: still finalize (is_final, not speech_final) after a pause
 MIN_GAP_MS = 100  # the detector's hangover: shorter dips (stop consonants) are not pauses
@@ -180,6 +269,8 @@ class DeepgramConnection:
     endpointing_ms: int | None  # None: endpointing=false
     utterance_end_ms: int | None
     vad_events: bool
+    language: str = "en"  # as the handshake asked (canonical spelling); Deepgram's default when absent
+    language_hints: list[str] = field(default_factory=list)  # `language_hint` values, normalized (multi only)
     audio_bytes: int = 0
     audio_seconds: float = 0.0
     control: list[dict] = field(default_factory=list)  # JSON messages received (KeepAlive, Finalize, ...)
@@ -224,13 +315,14 @@ class FakeDeepgram(FakeServer):
         self,
         *,
         api_key: str = "test-deepgram-key",
-        transcripts: list[str] | Callable[[], str] | None = None,
+        transcripts: list[str] | Callable[[], str] | Callable[[str], str] | None = None,
         final_delay: float = 0.0,
         interim_every: float = 1.0,
     ) -> None:
         super().__init__()
         self.api_key = api_key
-        # A list is used up in order; a callable is asked for each utterance (load tests: never runs out).
+        # A list is used up in order; a callable is asked for each utterance (load tests: never runs out), with
+        # the connection's language if it takes an argument.
         self.transcripts = transcripts if transcripts is None or callable(transcripts) else list(transcripts)
         self.final_delay = final_delay
         self.interim_every = interim_every
@@ -267,9 +359,9 @@ class FakeDeepgram(FakeServer):
         """All non-empty final transcripts sent, over all connections, in order."""
         return [t for c in list(self.connections) for t in c.finals]
 
-    def _next_script(self) -> str | None:
+    def _next_script(self, language: str = "en") -> str | None:
         if callable(self.transcripts):
-            return self.transcripts()
+            return self.transcripts(language) if _takes_argument(self.transcripts) else self.transcripts()
         with self._lock:
             return self.transcripts.pop(0) if self.transcripts else None
 
@@ -347,8 +439,23 @@ class FakeDeepgram(FakeServer):
         if model not in MODELS:
             raise _Rejected(400, f"No such model '{model}' for streaming (known: nova-3, nova-2, ...)")
         language = query.get("language", "en")
-        if language != "multi" and not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,4})*", language):
-            raise _Rejected(400, f"Invalid language '{language}'")
+        served = languages_for(model)
+        if served is None:
+            if language != "multi" and not re.fullmatch(r"[a-zA-Z]{2,3}(-[A-Za-z0-9]{2,8})*", language):
+                raise _Rejected(400, NO_SUCH_COMBINATION)
+        else:
+            canonical = _canonical(language, served)
+            if canonical is None:
+                raise _Rejected(400, NO_SUCH_COMBINATION)
+            language = canonical
+        hints: list[str] = []
+        if language == "multi" and model.startswith("nova-3"):
+            for hint in [h.strip() for value in query.getall("language_hint", []) for h in value.split(",")]:
+                normalized = normalize_hint(hint)
+                if normalized is None:
+                    raise _Rejected(400, f"Bad Request: unsupported language_hint '{hint}' for {model} multilingual")
+                if normalized not in hints:
+                    hints.append(normalized)
         if "keyterm" in query and not model.startswith("nova-3"):
             raise _Rejected(400, "Keyterm prompting is only available for Nova-3 models")
         if "keywords" in query and model.startswith("nova-3"):
@@ -396,6 +503,8 @@ class FakeDeepgram(FakeServer):
             "endpointing_ms": endpointing,
             "utterance_end_ms": utterance_end_ms,
             "vad_events": bools["vad_events"],
+            "language": language,
+            "language_hints": hints,
         }
 
     async def _listen(self, request: web.Request) -> web.StreamResponse:
@@ -657,7 +766,7 @@ class _Stream:
                 job.audio = np.concatenate(self.seg_audio) if self.seg_audio else np.zeros(0, np.int16)
             else:
                 if self.script is None:
-                    self.script = self.fake._next_script()
+                    self.script = self.fake._next_script(self.conn.language)
                     if self.script is None:
                         self.conn.events.append("script_exhausted")
                         self.script = ""
@@ -720,7 +829,7 @@ class _Stream:
             "duration": 0.5,
             "speech_final": False,
             "from_finalize": False,
-            "channel": {"alternatives": [{"transcript": text, "confidence": 0.99, "words": words}]},
+            "channel": {"alternatives": [self._alternative(text, 0.99, words)]},
         }
         if not self.ws.closed:
             await self.ws.send_str(json.dumps(message))
@@ -760,11 +869,27 @@ class _Stream:
         for p, token in pairs:
             d = span * (len(p) + 1) / total
             word = {"word": p, "start": round(t, 3), "end": round(t + d, 3), "confidence": confidence}
+            if self.conn.language == "multi":
+                word["language"] = self.spoken_language
             if self.conn.punctuate:
                 word["punctuated_word"] = token
             words.append(word)
             t += d
         return text, words
+
+    @property
+    def spoken_language(self) -> str:
+        """What a multilingual stream reports as detected: the first hint, else English (no real detection)."""
+        return self.conn.language_hints[0] if self.conn.language_hints else "en"
+
+    def _alternative(self, text: str, confidence: float, words: list[dict]) -> dict:
+        alt: dict[str, Any] = {"transcript": text, "confidence": confidence, "words": words}
+        if self.conn.language == "multi":
+            if words:  # documented as absent when the model assigns no language
+                alt["languages"] = [self.spoken_language]
+            if self.conn.model.startswith("nova-3"):
+                alt["languages_hinted"] = list(self.conn.language_hints)
+        return alt
 
     def _model_info(self) -> dict:
         model = self.conn.model
@@ -806,9 +931,7 @@ class _Stream:
             "start": round(job.start, 3),
             "is_final": job.kind == "final",
             "speech_final": job.speech_final,
-            "channel": {
-                "alternatives": [{"transcript": text, "confidence": confidence if text else 0.0, "words": words}]
-            },
+            "channel": {"alternatives": [self._alternative(text, confidence if text else 0.0, words)]},
             "metadata": {
                 "request_id": self.conn.request_id,
                 "model_info": self._model_info(),
