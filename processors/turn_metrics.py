@@ -2,9 +2,9 @@
 come out as the typed records of vocabulary/records.py (`Turn.record()`, `summary()`).
 
 Pipecat's `UserBotLatencyObserver` gives voice-to-voice only; we need the stages too (the
-spec's latency breakdown), and session totals for `session_end`. The observer is created with
-`observe_every_push=False` so each frame counts once (a pipeline pushes a frame once per hop),
-and only downstream copies of broadcast frames are read. Times are the pipeline clock's.
+spec's latency breakdown), and session totals for `session_end`. Each frame counts once: only its
+first push is read (a pipeline pushes a frame once per hop), except the reply's text (below), and only
+downstream copies of broadcast frames are read. Times are the pipeline clock's.
 
 Turn timeline (seconds on the pipeline clock):
   speech_end  = VAD stop - VAD stop_secs (when the user really went quiet)
@@ -27,6 +27,13 @@ input tokens it carried in `preempt_input_tokens`: estimated from its messages a
 tokens, words x 1.3, since a stream closed early reports no usage; the system prompt, read from the
 prompt cache, is left out); a turn that ends while one is in flight keeps it (`preempted`). Usage the
 vendor does report for a request of a turn not yet ended is held and goes to that turn.
+
+What was said: the user's text is the turn's final transcripts joined; the bot's is the reply as it was
+spoken, the `TTSTextFrame`s (a sentence, or with word timestamps a word) the output transport released once
+their audio had been sent (what an interruption cut off never is), joined as Pipecat's assistant aggregator
+joins them for the context. Those releases are later pushes of frames the TTS pushed first, so this observer
+watches every push, reads those, and reads only the first push of everything else; a piece goes to the turn
+that was being answered when the TTS pushed it. `bot_text_chars` is the length of that text.
 
 Usage (tokens, TTS characters) and errors (`count_error`, called by the serializer for every
 `error` message the client gets) are attributed to the turn being answered when they
@@ -54,6 +61,7 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
+    TTSTextFrame,
     UserStoppedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -65,8 +73,10 @@ from pipecat.metrics.metrics import (
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.stt_service import STTService
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.utils.string import TextPartForConcatenation, concatenate_aggregated_text
 
-from vocabulary.records import SessionSummary, TurnRecord, Usage, percentile, rounded
+from vocabulary.records import SessionSummary, TurnRecord, Usage, bounded_text, percentile, rounded
 
 
 def estimate_tokens(messages) -> int:
@@ -98,7 +108,7 @@ class Turn:
     tts_audio: float | None = None
     bot_audio: float | None = None
     user_text: str = ""
-    bot_text_chars: int = 0
+    bot_parts: list[TextPartForConcatenation] = field(default_factory=list)  # the reply's spoken pieces
     interrupted: bool = False
     llm_input_tokens: int = 0
     llm_output_tokens: int = 0
@@ -112,11 +122,17 @@ class Turn:
     wall_offset: float = 0.0  # wall clock (Unix s) = pipeline clock + wall_offset
 
     @property
+    def bot_text(self) -> str:
+        """The reply as it was spoken, its pieces joined with the spacing they need."""
+        return concatenate_aggregated_text(self.bot_parts).strip()
+
+    @property
     def speech_end(self) -> float | None:
         return None if self.vad_stop is None else self.vad_stop - self.vad_stop_secs
 
     def record(self) -> TurnRecord:
         """Milliseconds per stage (None where the turn never reached that stage), usage and wall times."""
+        bot_text = self.bot_text
         return TurnRecord(
             index=self.index,
             vad_stop_ms=round(self.vad_stop_secs * 1000.0, 1) if self.vad_stop is not None else None,
@@ -128,7 +144,7 @@ class Turn:
             voice_to_voice_ms=_ms(self.speech_end, self.bot_audio),
             interrupted=self.interrupted,
             user_text_chars=len(self.user_text),
-            bot_text_chars=self.bot_text_chars,
+            bot_text_chars=len(bot_text),
             usage=Usage(
                 self.llm_input_tokens,
                 self.llm_output_tokens,
@@ -143,6 +159,8 @@ class Turn:
             user_stopped_at=self.wall(self.speech_end),
             first_audio_at=self.wall(self.bot_audio),
             ended_at=self.wall(self.turn_end),
+            user_text=bounded_text(self.user_text),
+            bot_text=bounded_text(bot_text),
         )
 
     def wall(self, t: float | None) -> float | None:
@@ -182,10 +200,13 @@ class TurnMetricsObserver(BaseObserver):
         TTSAudioRawFrame,
         BotStartedSpeakingFrame,
         BotStoppedSpeakingFrame,
+        TTSTextFrame,
     )
 
     def __init__(self, on_turn_closed: Callable[[Turn], None] | None = None, **kwargs):
-        super().__init__(observe_every_push=False, **kwargs)
+        # Every push: the output transport's release of a TTSTextFrame is a later push of it (on_push_frame
+        # reads only the first push of every other frame).
+        super().__init__(observe_every_push=True, **kwargs)
         self.on_turn_closed = on_turn_closed
         self.turns: list[Turn] = []
         self._wall_offset: float | None = None
@@ -202,9 +223,17 @@ class TurnMetricsObserver(BaseObserver):
         self._speculation_tokens: int | None = None
         self._ahead = Turn(index=-1)
         self._usage_ahead = False
+        # TTSTextFrames the TTS pushed and the output transport has not yet released: frame id -> the index
+        # of the turn being answered then
+        self._unspoken: dict[int, int] = {}
 
     async def on_push_frame(self, data: FramePushed):
         frame, t = data.frame, data.timestamp / 1e9
+        if isinstance(frame, TTSTextFrame):
+            self._text(frame, data)
+            return
+        if not data.first_push:
+            return
         if self._wall_offset is None:
             self._wall_offset = time.time() - t
         if isinstance(frame, MetricsFrame):
@@ -262,7 +291,6 @@ class TurnMetricsObserver(BaseObserver):
             if self._responding:
                 if self._responding.llm_token is None:
                     self._responding.llm_token = t
-                self._responding.bot_text_chars += len(frame.text)
         elif isinstance(frame, TTSStartedFrame):
             if self._responding and self._responding.tts_start is None:
                 self._responding.tts_start = t
@@ -275,6 +303,20 @@ class TurnMetricsObserver(BaseObserver):
             self._bot_speaking_turn = self._responding
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking_turn = None
+
+    def _text(self, frame: TTSTextFrame, data: FramePushed) -> None:
+        """A piece of the reply's text: pushed by the TTS (whose turn it is), then released by the output
+        transport once its audio has been sent (spoken)."""
+        if data.direction != FrameDirection.DOWNSTREAM:
+            return
+        if data.first_push and self._responding is not None:
+            self._unspoken[frame.id] = self._responding.index
+        if isinstance(data.source, BaseOutputTransport):
+            index = self._unspoken.pop(frame.id, None)
+            if index is not None and index >= self._closed and frame.text:
+                self.turns[index].bot_parts.append(
+                    TextPartForConcatenation(frame.text, includes_inter_part_spaces=frame.includes_inter_frame_spaces)
+                )
 
     def count_error(self, code: str) -> None:
         """An `error` message was sent to the client (the serializer calls this once per message)."""
@@ -314,6 +356,8 @@ class TurnMetricsObserver(BaseObserver):
         while self._closed < len(self.turns):
             turn = self.turns[self._closed]
             self._closed += 1
+            # its row is written now: text its TTS pushed that was never released is not coming
+            self._unspoken = {k: i for k, i in self._unspoken.items() if i >= self._closed}
             if turn.worth_recording and self.on_turn_closed is not None:
                 self.on_turn_closed(turn)
 

@@ -25,4 +25,5 @@ def make_recorder(settings: Settings) -> Recorder:
         max_backoff_secs=settings.outbox_max_backoff_secs,
         max_bytes=int(settings.outbox_max_mb * (1 << 20)),
         dead_retention_secs=settings.dead_letter_retention_days * 86400,
+        transcript_retention_secs=settings.transcript_retention_days * 86400 or None,
     )

@@ -4,11 +4,17 @@ Built from the session's typed records (vocabulary/records.py), the same objects
 built from, so the client and the database get the same numbers. Column names are the migration's
 (supabase/migrations); `storage/sqlite_schema.sql` has the same tables for the embedded store.
 Ids are generated here (uuid4), so every write can be repeated without creating a second row.
+
+Transcripts are opt-in per agent: a turn row carries `user_text` and `bot_text` only when its session's
+agent keeps them (`SessionInfo.store_transcripts`); otherwise the row has no such keys at all (so a store
+without those columns yet takes it), and the columns stay NULL. The Recorder clears the text of rows older
+than ATLAS_TRANSCRIPT_RETENTION_DAYS (`Sink.clear_transcripts`).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -73,6 +79,8 @@ class SessionInfo:
     models: dict[str, str]
     user_agent: str | None = None
     ip_address: str | None = None
+    store_transcripts: bool = False  # the agent keeps what was said (turn rows carry user_text, bot_text)
+    agent: str | None = None  # the agent that answers (config/agents.py)
     rates: Rates = field(init=False)
 
     def __post_init__(self):
@@ -90,6 +98,7 @@ class SessionInfo:
             **self.rates.columns(),
             "user_agent": (self.user_agent or "")[:512] or None,
             "ip_address": self.ip_address,
+            "agent": self.agent,
         }
 
     def end_row(self, summary: SessionSummary, *, ended_at: float, end_reason: str) -> dict:
@@ -137,6 +146,7 @@ def turn_id(session_id: str, index: int) -> str:
 
 def turn_row(session: SessionInfo, turn: TurnRecord) -> dict:
     u = turn.usage
+    text = {"user_text": turn.user_text, "bot_text": turn.bot_text} if session.store_transcripts else {}
     return {
         "id": turn_id(session.id, turn.index),
         "session_id": session.id,
@@ -157,4 +167,12 @@ def turn_row(session: SessionInfo, turn: TurnRecord) -> dict:
         "preempt_cancelled": turn.preempt_cancelled,
         "preempt_input_tokens": turn.preempt_input_tokens,
         "created_at": iso(turn.ended_at),
+        **text,
     }
+
+
+def transcript(turns: SessionSummary | Iterable[TurnRecord]) -> list[dict]:
+    """What was said, turn by turn (a session's summary, or its turn records): `[{"turn": index, "user":
+    text, "bot": text}, ...]`, each text bounded as the turn row's (vocabulary/records.py)."""
+    records = turns.turn_records if isinstance(turns, SessionSummary) else turns
+    return [{"turn": t.index, "user": t.user_text, "bot": t.bot_text} for t in records]

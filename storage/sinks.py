@@ -1,10 +1,12 @@
 """Where rows end up: the embedded SQLite file, or Supabase (storage/supabase.py).
 
 A sink writes a batch of rows of one table, idempotently, and reads rows back for the dashboard
-and `atlas-voice report`. It raises `TransientWriteError` when trying again later may work (the
-database is down, a timeout, a bad key that an operator will fix) and `PermanentWriteError` when
-the rows themselves are wrong (a constraint violation, a value of a type the store cannot take); the
-outbox retries the first and dead-letters the second.
+and `atlas-voice report` (`fetch`), and one session with its turns for `atlas-voice export`
+(`fetch_session`, `fetch_turns`); `clear_transcripts` deletes the transcript text of old turns (the
+Recorder's retention, ATLAS_TRANSCRIPT_RETENTION_DAYS). A write raises `TransientWriteError` when
+trying again later may work (the database is down, a timeout, a bad key that an operator will fix)
+and `PermanentWriteError` when the rows themselves are wrong (a constraint violation, a value of a
+type the store cannot take); the outbox retries the first and dead-letters the second.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 from storage.records import INSERT, SESSIONS, TURNS
@@ -21,15 +24,27 @@ SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
 # Columns added since a store's file may have been made (`CREATE TABLE IF NOT EXISTS` leaves an old table
 # as it is): added on open, as supabase/migrations adds them to Postgres.
 ADDED_COLUMNS = {
+    "voice_sessions": {"agent": "TEXT CHECK (agent IS NULL OR length(agent) <= 64)"},
     "voice_turns": {
         "preempted": "INTEGER NOT NULL DEFAULT 0",
         "preempt_cancelled": "INTEGER NOT NULL DEFAULT 0",
         "preempt_input_tokens": "INTEGER NOT NULL DEFAULT 0",
         "llm_cache_read_tokens": "INTEGER NOT NULL DEFAULT 0",
+        "user_text": "TEXT CHECK (user_text IS NULL OR length(user_text) <= 4000)",
+        "bot_text": "TEXT CHECK (bot_text IS NULL OR length(bot_text) <= 4000)",
     },
 }
 TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}
 _COLUMN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def utc_iso(value: str) -> str:
+    """An ISO 8601 time as the stores keep it (UTC, microseconds, +00:00: records.iso), so that SQLite's text
+    comparison orders it right; a time without a zone is UTC. ValueError when it is not a time."""
+    ts = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class TransientWriteError(Exception):
@@ -49,6 +64,23 @@ class Sink:
     async def fetch(self, table: str, since: str | None = None) -> list[dict]:
         """Rows of `table` whose time column (started_at / created_at) is >= `since` (ISO 8601), oldest first."""
         raise NotImplementedError
+
+    async def fetch_session(self, session_id: str) -> dict | None:
+        """The `voice_sessions` row of this id, or None."""
+        raise NotImplementedError
+
+    async def fetch_turns(self, session_id: str) -> list[dict]:
+        """The session's `voice_turns` rows, in turn order."""
+        raise NotImplementedError
+
+    async def clear_transcripts(self, before_iso: str) -> int:
+        """Set `user_text` and `bot_text` to NULL on the turns created before `before_iso` (ISO 8601) that
+        still hold text; returns how many rows were cleared."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The store, for messages: its kind and where it is."""
+        return self.name
 
     async def close(self) -> None:
         pass
@@ -126,14 +158,46 @@ class SQLiteSink(Sink):
         where, args = (f"WHERE {column} >= ?", (since,)) if since else ("", ())
         cursor = self._db().execute(f"SELECT * FROM {table} {where} ORDER BY {column}", args)
         rows = [dict(r) for r in cursor]
-        if table == TURNS:
-            for r in rows:
-                r["interrupted"] = bool(r["interrupted"])
-                r["preempted"] = bool(r["preempted"])
-        return rows
+        return self._turn_types(rows) if table == TURNS else rows
 
     async def fetch(self, table: str, since: str | None = None) -> list[dict]:
         return await self._run(self._fetch, table, since)
+
+    @staticmethod
+    def _turn_types(rows: list[dict]) -> list[dict]:
+        for r in rows:
+            r["interrupted"] = bool(r["interrupted"])
+            r["preempted"] = bool(r["preempted"])
+        return rows
+
+    def _fetch_session(self, session_id: str) -> dict | None:
+        row = self._db().execute(f"SELECT * FROM {SESSIONS} WHERE id = ?", (session_id,)).fetchone()
+        return None if row is None else dict(row)
+
+    async def fetch_session(self, session_id: str) -> dict | None:
+        return await self._run(self._fetch_session, session_id)
+
+    def _fetch_turns(self, session_id: str) -> list[dict]:
+        cursor = self._db().execute(f"SELECT * FROM {TURNS} WHERE session_id = ? ORDER BY turn_index", (session_id,))
+        return self._turn_types([dict(r) for r in cursor])
+
+    async def fetch_turns(self, session_id: str) -> list[dict]:
+        return await self._run(self._fetch_turns, session_id)
+
+    def _clear_transcripts(self, before_iso: str) -> int:
+        db = self._db()
+        with db:
+            return db.execute(
+                f"UPDATE {TURNS} SET user_text = NULL, bot_text = NULL WHERE created_at < ? "
+                "AND (user_text IS NOT NULL OR bot_text IS NOT NULL)",
+                (before_iso,),
+            ).rowcount
+
+    async def clear_transcripts(self, before_iso: str) -> int:
+        return await self._run(self._clear_transcripts, utc_iso(before_iso))
+
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS voice_sessions (
   errors_count INTEGER NOT NULL DEFAULT 0,
   user_agent TEXT,
   ip_address TEXT,
+  agent TEXT CHECK (agent IS NULL OR length(agent) <= 64),
   CHECK (ended_at IS NULL OR ended_at > started_at)
 );
 
@@ -73,6 +74,9 @@ CREATE TABLE IF NOT EXISTS voice_turns (
   preempt_cancelled INTEGER NOT NULL DEFAULT 0,
   preempt_input_tokens INTEGER NOT NULL DEFAULT 0,
   llm_cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+  -- what was said (agents with store_transcripts only; cleared after ATLAS_TRANSCRIPT_RETENTION_DAYS)
+  user_text TEXT CHECK (user_text IS NULL OR length(user_text) <= 4000),
+  bot_text TEXT CHECK (bot_text IS NULL OR length(bot_text) <= 4000),
   created_at TEXT NOT NULL,
   UNIQUE (session_id, turn_index)
 );

@@ -9,20 +9,24 @@
   unreachable), 401/403 (a key an operator will fix) and undefined tables/columns (a migration not
   yet applied) are transient; data and constraint errors (SQLSTATE classes 22 and 23) and bodies
   PostgREST cannot read (PGRST102) are permanent: the outbox dead-letters those rows.
+- Transcript retention is one PostgREST `PATCH /rest/v1/voice_turns?created_at=lt.<time>&or=(user_text.not.is.null,
+  bot_text.not.is.null)` with `{"user_text": null, "bot_text": null}`, `Prefer: return=minimal, count=exact`: the
+  count of rows cleared comes back in `Content-Range`, no row does.
 """
 
 from __future__ import annotations
 
 from typing import cast
+from urllib.parse import urlparse
 
 import httpx
 from loguru import logger
 from postgrest import APIError
-from postgrest.types import ReturnMethod
+from postgrest.types import CountMethod, ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from storage.records import INSERT
-from storage.sinks import TIME_COLUMN, PermanentWriteError, Sink, TransientWriteError
+from storage.records import INSERT, SESSIONS, TURNS
+from storage.sinks import TIME_COLUMN, PermanentWriteError, Sink, TransientWriteError, utc_iso
 
 PAGE = 1000
 
@@ -80,6 +84,36 @@ class SupabaseSink(Sink):
             rows.extend(cast(list[dict], page.data))
             if len(page.data) < PAGE:
                 return rows
+
+    async def fetch_session(self, session_id: str) -> dict | None:
+        sb = await self._sb()
+        rows = cast(list[dict], (await sb.table(SESSIONS).select("*").eq("id", session_id).execute()).data)
+        return rows[0] if rows else None
+
+    async def fetch_turns(self, session_id: str) -> list[dict]:
+        sb = await self._sb()
+        rows: list[dict] = []
+        while True:
+            query = sb.table(TURNS).select("*").eq("session_id", session_id).order("turn_index")
+            page = await query.range(len(rows), len(rows) + PAGE - 1).execute()
+            rows.extend(cast(list[dict], page.data))
+            if len(page.data) < PAGE:
+                return rows
+
+    async def clear_transcripts(self, before_iso: str) -> int:
+        before = utc_iso(before_iso)
+        sb = await self._sb()
+        response = await (
+            sb.table(TURNS)
+            .update({"user_text": None, "bot_text": None}, count=CountMethod.exact, returning=ReturnMethod.minimal)
+            .lt("created_at", before)
+            .or_("user_text.not.is.null,bot_text.not.is.null")
+            .execute()
+        )
+        return response.count or 0
+
+    def describe(self) -> str:
+        return f"supabase {urlparse(self.url).hostname or self.url}"
 
     async def close(self) -> None:
         if self._http is not None:

@@ -33,6 +33,15 @@ def rounded(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
+# A turn's stored transcript text is bounded (each side), here and by the columns' CHECK (supabase/migrations).
+TRANSCRIPT_MAX_CHARS = 4000
+
+
+def bounded_text(text: str, limit: int = TRANSCRIPT_MAX_CHARS) -> str:
+    """`text` cut to at most `limit` characters (code points, as Postgres's char_length and SQLite's length)."""
+    return text[:limit]
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of a turn's latency, by its names in each place it appears."""
@@ -86,6 +95,11 @@ class TurnRecord:
     preempted: bool = False  # the reply was asked for before the turn ended (processors/turn_end.py)
     preempt_cancelled: int = 0  # preemptive requests withdrawn during the turn (the caller went on)
     preempt_input_tokens: int = 0  # the input tokens they carried (estimated)
+    # What was said, each bounded to TRANSCRIPT_MAX_CHARS (the *_chars counts are of the whole text): the
+    # user's final transcript, and the reply as it was spoken (sent to the caller; what an interruption cut
+    # off is not in it). Stored only for agents that keep transcripts (storage/records.py turn_row).
+    user_text: str = ""
+    bot_text: str = ""
 
     def stage(self, stage: Stage) -> float | None:
         return getattr(self, stage.field)
