@@ -47,8 +47,9 @@ def server_process(env: dict[str, str], log_path: Path, timeout: float = 240.0):
     }
     for name, path in stores.items():
         if name not in env:
-            # With workers each has its own outbox: <stem>.worker<N>.sqlite3.
-            for leftover in [*path.parent.glob(path.name + "*"), *path.parent.glob(path.stem + ".worker*")]:
+            # With workers each has its own outbox: <stem>.worker<N>.sqlite3; webhooks theirs: <stem>.webhooks.sqlite3.
+            leftovers = [path.name + "*", path.stem + ".worker*", path.stem + ".webhooks*"]
+            for leftover in [p for pattern in leftovers for p in path.parent.glob(pattern)]:
                 leftover.unlink()
     full_env = {**os.environ, "ATLAS_LOG_LEVEL": "DEBUG", **LIMITS_OFF, **{k: str(v) for k, v in stores.items()}, **env}
     log = open(log_path, "w")

@@ -7,7 +7,8 @@ process) and is fed by the session code:
   each per session, in that order (`summary`: vocabulary.records.SessionSummary);
 * `turn_recorded(transport, turn)` when a turn is closed (a vocabulary.records.TurnRecord);
 * `error(code)` for every `error` message a client is sent;
-* `attach_recorder(recorder)` once; the outbox numbers are read from it at scrape time.
+* `attach_recorder(recorder)` once per outbox (the rows', and the webhooks' when they are on); their
+  numbers are read at scrape time, labelled by sink (`sqlite`/`supabase`, `webhook`).
 
 Alerts (thresholds from the ATLAS_ALERT_* settings) are evaluated in process on every event and on
 every scrape, logged once when they start firing and once when they resolve, and exported as
@@ -107,14 +108,15 @@ class _OutboxCollector:
         return self._families()
 
     def collect(self):
-        recorder = self.monitor.recorder
-        if recorder is None:
+        recorders = self.monitor.recorders
+        if not recorders:
             return
-        sink = str(getattr(getattr(recorder, "sink", None), "name", None) or "unknown")
         families = self._families()
         attrs = ("pending", "dead", "written", "failures", "dead_lettered", "pruned", "bytes", "full")
-        for family, attr in zip(families, attrs, strict=True):
-            family.add_metric([sink], _num(getattr(recorder, attr, 0)))
+        for recorder in recorders:  # the rows' (sink sqlite or supabase), and the webhooks' (sink webhook)
+            sink = str(getattr(getattr(recorder, "sink", None), "name", None) or "unknown")
+            for family, attr in zip(families, attrs, strict=True):
+                family.add_metric([sink], _num(getattr(recorder, attr, 0)))
         yield from families
 
 
@@ -141,7 +143,7 @@ class _OutboxMirror:
             a: Counter(f"atlas_outbox_{a}", help_[f"atlas_outbox_{a}"], ["sink"], registry=registry)
             for a in self.COUNTERS
         }
-        self._seen = dict.fromkeys(self.COUNTERS, 0.0)
+        self._seen: dict[tuple[str, str], float] = {}
 
     def update(self, recorder) -> None:
         sink = str(getattr(getattr(recorder, "sink", None), "name", None) or "unknown")
@@ -149,16 +151,17 @@ class _OutboxMirror:
             gauge.labels(sink).set(_num(getattr(recorder, attr, 0)))
         for attr, counter in self.counters.items():
             value = _num(getattr(recorder, attr, 0))
-            if value > self._seen[attr]:
-                counter.labels(sink).inc(value - self._seen[attr])
-                self._seen[attr] = value
+            seen = self._seen.get((sink, attr), 0.0)
+            if value > seen:
+                counter.labels(sink).inc(value - seen)
+                self._seen[sink, attr] = value
 
 
 class Monitor:
     def __init__(self, settings, *, clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.clock = clock
-        self.recorder = None
+        self.recorders: list = []  # the outboxes whose numbers /metrics shows (rows, webhooks)
         # Several worker processes (`atlas-voice serve --workers N`, which sets PROMETHEUS_MULTIPROC_DIR): the
         # metrics live in files shared by the workers and /metrics shows the machine's totals.
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -328,7 +331,14 @@ class Monitor:
     # --- events ----------------------------------------------------------------------------------
 
     def attach_recorder(self, recorder) -> None:
-        self.recorder = recorder
+        """Show this outbox's numbers in /metrics, labelled by its sink's name (several may be attached)."""
+        if recorder not in self.recorders:
+            self.recorders.append(recorder)
+
+    @property
+    def recorder(self):
+        """The rows' outbox (the first attached)."""
+        return self.recorders[0] if self.recorders else None
 
     def redis_error(self, op: str) -> None:
         self.redis_errors.labels(op).inc()
@@ -424,8 +434,9 @@ class Monitor:
 
     def refresh_outbox(self) -> None:
         """Multiprocess mode: copy this worker's outbox numbers to the shared files."""
-        if self.multiprocess and self.recorder is not None:
-            self._outbox.update(self.recorder)
+        if self.multiprocess:
+            for recorder in self.recorders:
+                self._outbox.update(recorder)
 
     def ready(self) -> None:
         self._ready = True
