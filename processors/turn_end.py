@@ -23,6 +23,8 @@ strategy that does both, on Pipecat's own speculation path:
 - When the caller speaks again, or a later transcript changes the words, the speculation is withdrawn
   at once (`trigger_user_turn_speculation_cancelled`, broadcast ahead of anything queued) and the next
   pause speculates again on the longer transcript.
+- A speculative reply that wants a tool call is withdrawn by the LLM service itself (a tool's side effects
+  cannot be undone); the turn then ends as usual and its own request runs the call.
 
 Only the reply to the turn as it ended is ever spoken or written to the context: a withdrawn reply is
 dropped by the gate before it reaches TTS, the assistant aggregator or the transcript.
@@ -39,6 +41,7 @@ from typing import Literal
 from loguru import logger
 from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer, EndOfTurnState
 from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
     Frame,
     InputAudioRawFrame,
     MetricsFrame,
@@ -214,6 +217,14 @@ class PreemptiveTurnStopStrategy(BaseUserTurnStopStrategy):
             self._stopped_at, self._heard = time.monotonic(), False
             self._smart = await self._smart_turn()
             await self._decide()
+        elif isinstance(frame, EagerEndOfTurnCancelFrame):
+            # The LLM service withdrew the speculation itself (its reply wants a tool call, which cannot run on
+            # a guess; Pipecat's frame reaches every consumer on its own): the turn then ends as usual, and its
+            # inference runs the call. No second speculation this turn: it would want the same call.
+            if self._speculation is not None:
+                self._speculation = None
+                self.withdrawn += 1
+                self._this_turn = self.max_per_turn
         elif isinstance(frame, TranscriptionFrame):
             self._text = f"{self._text} {frame.text}".strip()
             if self._speculation is not None and not self._match.matches(self._speculation.text, self._text):
