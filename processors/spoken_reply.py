@@ -9,8 +9,9 @@ and kept in the context: the TTS's own transforms change only the audio), and `s
 removes markdown symbols. What it has no piece for, and this module adds:
 
 - `speakable`: a transform that drops what is still unspeakable after `strip_markdown`: emoji and
-  other symbols, box drawing, stray markdown marks, and an aggregation with no letter or digit at
-  all (a rule, a lone bullet) becomes nothing, which `LLMTextProcessor` drops.
+  other symbols, box drawing, stray markdown marks, markup tags (`<end_call/>`, `<tool_call>`: a
+  small model writing a tool call as text), and an aggregation with no letter or digit at all (a
+  rule, a lone bullet) becomes nothing, which `LLMTextProcessor` drops.
 - `SpokenReplyAggregator`: the first-clause aggregator that also skips fenced code as it streams
   (a fence spans many sentences, so no per-sentence transform can see both ends), stops after
   `max_sentences` whole sentences (the rest of the reply is neither spoken nor kept), and never
@@ -39,6 +40,8 @@ _STRAY_MARKS = re.compile(r"\*+|(?<!\w)_{1,3}|_{1,3}(?!\w)|`+|^\s*#{1,6}\s*|^\s*
 # Categories with no spoken form: other symbols (emoji, box drawing), modifier symbols, private or unassigned
 # code points; math symbols beyond ASCII's (arrows, sums) too, while "+" "=" "<" ">" are read out.
 _UNSPOKEN_CATEGORIES = {"So", "Sk", "Cs", "Co", "Cn"}
+# Markup tags (HTML or XML-like): never meant to be heard. "a < b > c" (spaces after "<") is left alone.
+_TAG = re.compile(r"</?[A-Za-z_][\w:.-]*(?:\s[^<>]*)?/?>")
 
 
 def finished(text: str) -> bool:
@@ -48,6 +51,7 @@ def finished(text: str) -> bool:
 
 def speakable_text(text: str) -> str:
     """`text` without what has no spoken form; empty when nothing in it could be said."""
+    text = _TAG.sub("", text)
     text = _STRAY_MARKS.sub("", text)
     text = "".join(
         c

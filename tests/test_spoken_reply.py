@@ -73,3 +73,6 @@ def test_speakable_text():
     assert speakable_text("It costs $5, about 20% off → great 🎉") == "It costs $5, about 20% off great "
     assert speakable_text("**Bold start") == "Bold start"
     assert speakable_text("snake_case stays") == "snake_case stays"
+    # A small model's tool call written as markup is never heard; a comparison read out is kept.
+    assert speakable_text("<end_call/>") == "" and speakable_text("Sure <b>thing</b>!") == "Sure thing!"
+    assert speakable_text("if a < b and b > c") == "if a < b and b > c"
