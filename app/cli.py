@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, daily, models, report, outbox, bench, fuzz."""
+"""`atlas-voice`: serve, talk, daily, models, report, export, outbox, bench, fuzz."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def cmd_serve(args) -> int:
     host = args.host or settings.host
     try:
         settings.check_exposure(host)
+        from bots.agents import load_agent_config
+
+        load_agent_config(settings)  # a bad agent file or tool module stops here, before anything starts
     except ValueError as e:
         print(f"atlas-voice serve: {e}", file=sys.stderr)
         return 2
@@ -41,7 +44,7 @@ def cmd_serve(args) -> int:
 def cmd_talk(args) -> int:
     from app.talk import run_talk
 
-    return asyncio.run(run_talk(args.url, args.wav, args.repeat, args.out, args.timeout))
+    return asyncio.run(run_talk(args.url, args.wav, args.repeat, args.out, args.timeout, args.agent))
 
 
 def cmd_models(args) -> int:
@@ -105,6 +108,14 @@ def cmd_report(args) -> int:
     return run_report(args.since, args.png, args.bucket)
 
 
+def cmd_export(args) -> int:
+    """One session's transcript (agents with store_transcripts), from the configured store (app/export.py)."""
+    _configure_logging("WARNING")
+    from app.export import run_export
+
+    return run_export(args.session, args.format, args.out)
+
+
 def cmd_outbox(args) -> int:
     """Dead letters: rows no store took, kept in the outbox file (storage/outbox.py)."""
     import json
@@ -114,7 +125,12 @@ def cmd_outbox(args) -> int:
     from monitoring.analytics import parse_duration
     from storage.outbox import OutboxFile
 
-    path = get_settings().resolved_outbox_path
+    settings = get_settings()
+    path = settings.resolved_outbox_path
+    if args.webhooks:
+        from storage.webhooks import webhook_outbox_path
+
+        path = webhook_outbox_path(settings)
     if not path.exists():
         print(f"no outbox at {path} (ATLAS_OUTBOX_PATH)", file=sys.stderr)
         return 1
@@ -195,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="save all reply audio to this WAV")
     p.add_argument("--repeat", type=int, default=1, help="speak the list this many times")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    p.add_argument("--agent", default=None, help="the server's agent to talk to (default: the server's default)")
     p.set_defaults(func=cmd_talk)
 
     p = sub.add_parser("daily", help="create a Daily room and run the bot in it (needs DAILY_API_KEY)")
@@ -217,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("export", help="write one session's stored transcript as JSON or text")
+    p.add_argument("--session", required=True, help="the session id (session_end's sessionId)")
+    p.add_argument("--format", choices=["json", "text"], default="json", help="default json")
+    p.add_argument("--out", default=None, help="write to this file (default: standard output)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("outbox", help="rows no store took (dead letters): list, send again, or delete them")
     p.add_argument("action", choices=["list", "retry", "purge"])
     p.add_argument("seq", nargs="*", help="dead letter numbers (from `list`)")
@@ -224,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--older-than", default=None, help="purge: those dead longer than this (e.g. 7d)")
     p.add_argument("--limit", type=int, default=None, help="list: at most this many")
     p.add_argument("--json", action="store_true", help="list: as JSON")
+    p.add_argument("--webhooks", action="store_true", help="the session.ended webhooks' outbox, not the rows'")
     p.set_defaults(func=cmd_outbox)
 
     p = sub.add_parser(

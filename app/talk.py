@@ -84,9 +84,11 @@ class VoiceClient:
         user_id: str = "talk-cli",
         conversation_id: str | None = None,
         auth_token: str = "",
+        agent: str | None = None,
     ):
         self.url = url
         self.auth_token = auth_token
+        self.agent = agent
         self.on_event = on_event or (lambda e: None)
         self.user_id = user_id
         self.conversation_id = conversation_id or f"conv-{int(time.time() * 1000)}"
@@ -106,16 +108,15 @@ class VoiceClient:
         import websockets
 
         self.ws = await websockets.connect(self.url, max_size=None)
-        await self.ws.send(
-            json.dumps(
-                {
-                    "type": "session_start",
-                    "userId": self.user_id,
-                    "conversationId": self.conversation_id,
-                    "authToken": self.auth_token,
-                }
-            )
-        )
+        start = {
+            "type": "session_start",
+            "userId": self.user_id,
+            "conversationId": self.conversation_id,
+            "authToken": self.auth_token,
+        }
+        if self.agent:
+            start["agent"] = self.agent
+        await self.ws.send(json.dumps(start))
         started = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
         if started.get("type") != "session_started":
             raise RuntimeError(f"server refused the session: {started}")
@@ -263,8 +264,10 @@ def pct(values: list[float], q: float) -> float | None:
     return rounded(percentile(values, q))
 
 
-async def run_talk(url: str, wavs: list[str], repeat: int, out: str | None, timeout: float) -> int:
-    client = VoiceClient(url, on_event=_print_event)
+async def run_talk(
+    url: str, wavs: list[str], repeat: int, out: str | None, timeout: float, agent: str | None = None
+) -> int:
+    client = VoiceClient(url, on_event=_print_event, agent=agent)
     await client.connect()
     await client.send_silence(0.5)
     for _ in range(repeat):

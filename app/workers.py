@@ -152,13 +152,11 @@ class _SharedLLM:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="atlas-llm", daemon=True)
 
-    def start(self) -> str:
-        from config.prompts import system_prompt
-
+    def start(self, prompt: str) -> str:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
         # the workers' sessions start warm: the server picks the slot whose cache shares their prompt's start
-        asyncio.run_coroutine_threadsafe(self.server.warm_slots(system_prompt(local_model=True)), self.loop).result()
+        asyncio.run_coroutine_threadsafe(self.server.warm_slots(prompt), self.loop).result()
         return self.server.base_url
 
     def stop(self) -> None:
@@ -188,8 +186,11 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> Non
     llm = None
     if needs_shared_llm(settings):
         try:
+            from bots.agents import load_agent_config  # checked by `serve` already: the default agent's prompt
+
+            prompt = load_agent_config(settings).get(None).system_prompt(local_model=True)
             llm = _SharedLLM(settings, workers)
-            os.environ["ATLAS_LLM_URL"] = llm.start()
+            os.environ["ATLAS_LLM_URL"] = llm.start(prompt)
             os.environ["ATLAS_LLM_MODEL_NAME"] = "local"
         except Exception as e:
             # The workers start anyway and try the LLM themselves: each fails its load the same way and

@@ -38,7 +38,9 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from bots.runtime import Runtime
+from bots.tools import ToolCall, pipecat_handler, registered_tools, tools_schema
 from compat.pipecat import become
+from config.agents import Agent
 from processors.context_window import ContextWindow
 from processors.sentence_marker import SentenceMarker
 from processors.spoken_reply import SpokenReplyProcessor
@@ -92,23 +94,43 @@ class BuiltPipeline:
     context_window: ContextWindow
 
 
-def build_pipeline(runtime: Runtime, transport, on_backlog=None, llm_slot: int | None = None) -> BuiltPipeline:
-    """The pipeline for one session on `transport`; `on_backlog(lag_secs)` is called once if the session
-    falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio; `llm_slot`: the local LLM's slot
-    that keeps the session's conversation cached (Runtime.claim_llm_slot)."""
-    s = runtime.settings
+def build_pipeline(
+    runtime: Runtime,
+    transport,
+    on_backlog=None,
+    llm_slot: int | None = None,
+    agent: Agent | None = None,
+    tool_call: ToolCall | None = None,
+    on_tool_failure=None,
+) -> BuiltPipeline:
+    """The pipeline for one session of `agent` (the default agent when None) on `transport`; `on_backlog(lag_secs)`
+    is called once if the session falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio; `llm_slot`:
+    the local LLM's slot that keeps the session's conversation cached (Runtime.claim_llm_slot); `tool_call`: what
+    the agent's tools are told about the session, and `on_tool_failure(name, reason)` awaited when one fails."""
+    agent = agent or runtime.agents.get(None)
+    s = runtime.agent_settings(agent)
     engines = runtime.engines
     assert engines is not None, "engines are not loaded"
 
-    stt = make_stt(s, engines)
+    stt = make_stt(s, engines, agent)
     llm = make_llm(
         s,
         runtime.llm_base_url,
         runtime.llm_model,
         runtime.monitor.provider_retry,
         llm_slot=llm_slot,
+        agent=agent,
     )
-    tts = make_tts(s, engines)
+    tts = make_tts(s, engines, agent)
+    tools = [registered_tools()[name] for name in agent.tools]
+    if tools:
+        call = tool_call or ToolCall(session_id="", agent=agent.name, door="")
+
+        async def no_report(_name: str, _reason: str) -> None:
+            pass
+
+        for t in tools:
+            llm.register_function(t.name, pipecat_handler(t, call, s.tool_timeout_secs, on_tool_failure or no_report))
 
     vad_stop = s.resolved_vad_stop_secs
     rule = TurnEndRule.from_settings(s)
@@ -154,7 +176,7 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None, llm_slot: int |
     else:
         stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.user_speech_timeout_secs)]
 
-    context = LLMContext()
+    context = LLMContext(tools=tools_schema(tools)) if tools else LLMContext()
     aggregators = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=stop)),
@@ -162,7 +184,7 @@ def build_pipeline(runtime: Runtime, transport, on_backlog=None, llm_slot: int |
     become(aggregators.user(), UserAggregator)
     user = cast(UserAggregator, aggregators.user())
     user.on_backlog, user.max_lag_secs = on_backlog, s.max_audio_lag_secs
-    window = ContextWindow(max_messages=s.context_messages, context=context)
+    window = ContextWindow(max_messages=agent.context_messages or s.context_messages, context=context)
     # What reaches the TTS and the context: plain speech, the reply's first clause on its own, then whole
     # sentences, at most ATLAS_REPLY_MAX_SENTENCES of them.
     spoken = SpokenReplyProcessor(min_words=s.first_clause_words, max_sentences=s.reply_max_sentences)

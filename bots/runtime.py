@@ -14,15 +14,17 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
+from bots.agents import agent_settings, load_agent_config
 from bots.auth import TokenVerifier
 from bots.limits import AbuseLimits
-from config.prompts import system_prompt
+from config.agents import Agent, Agents
 from config.settings import Settings
 from monitoring.metrics import Monitor
 from services.local.engines import LocalEngines
 from services.local.llama_server import LlamaServer
 from storage import make_recorder
 from storage.outbox import Recorder
+from storage.webhooks import make_webhook_recorder
 from vocabulary.errors import SHUTTING_DOWN_MESSAGE, ErrorCode
 
 
@@ -44,6 +46,13 @@ class Runtime:
             self.monitor.attach_recorder(self.recorder)
         self.limits: AbuseLimits = limits or AbuseLimits(settings, monitor=self.monitor)  # per IP / user / pending
         self.auth: TokenVerifier = TokenVerifier.from_settings(settings)
+        # Agents and their tools: checked here, so a bad file or an unknown tool stops the server at start-up.
+        self.agents: Agents = load_agent_config(settings)
+        self._agent_settings: dict[str, Settings] = {}
+        # `session.ended` events for ATLAS_WEBHOOK_URL, through their own outbox (storage/webhooks.py).
+        self.webhooks: Recorder | None = make_webhook_recorder(settings)
+        if self.webhooks is not None:
+            self.monitor.attach_recorder(self.webhooks)  # atlas_outbox_*{sink="webhook"}
         self.engines: LocalEngines | None = None  # set by `load`
         self.llm_base_url: str | None = None
         self.llm_model = "local"
@@ -59,6 +68,16 @@ class Runtime:
         self.shutting_down = False
         self._drain_cut = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
+
+    def agent_settings(self, agent: Agent) -> Settings:
+        """The settings a session of `agent` runs with: the server's, with the agent's providers and voice."""
+        if agent.name not in self._agent_settings:
+            self._agent_settings[agent.name] = agent_settings(self.settings, agent)
+        return self._agent_settings[agent.name]
+
+    @property
+    def session_agents_use_local_llm(self) -> bool:
+        return any(self.agent_settings(a).resolved_llm == "llama" for a in self.agents.by_name.values())
 
     def track(self, task: asyncio.Task) -> None:
         self.tasks.add(task)
@@ -78,7 +97,7 @@ class Runtime:
     @property
     def local_llm_sessions(self) -> bool:
         """Sessions talk to this process's own llama-server (not Claude, not another server's URL)."""
-        return self.llm_server is not None and self.settings.resolved_llm == "llama"
+        return self.llm_server is not None and self.session_agents_use_local_llm
 
     @property
     def max_sessions(self) -> int:
@@ -97,10 +116,11 @@ class Runtime:
             )
         return f"this server is at its limit of {self.settings.max_sessions} sessions; retry later"
 
-    def claim_llm_slot(self) -> int | None:
+    def claim_llm_slot(self, agent: Agent | None = None) -> int | None:
         """A llama-server slot for a new session's conversation, or None (not the local LLM, or none free:
         the server then picks a slot itself)."""
-        if not self.local_llm_sessions or not self.free_llm_slots:
+        uses_local = agent is None or self.agent_settings(agent).resolved_llm == "llama"
+        if not self.local_llm_sessions or not uses_local or not self.free_llm_slots:
             return None
         return self.free_llm_slots.pop(0)
 
@@ -142,6 +162,9 @@ class Runtime:
     async def start_recorder(self) -> None:
         """Open the outbox and start sending rows (first those a previous run left behind)."""
         await self.recorder.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
+            logger.info("session.ended webhooks go to ATLAS_WEBHOOK_URL (signed; retried from their own outbox)")
         self.limits.start()
         logger.info(
             f"recording sessions to {self.recorder.sink.name}"
@@ -158,13 +181,24 @@ class Runtime:
         try:
             s.check_providers()
             logger.info(f"providers: stt={s.resolved_stt} llm={s.resolved_llm} tts={s.resolved_tts}")
+            agent_settings = [self.agent_settings(a) for a in self.agents.by_name.values()]
+            for agent in self.agents.by_name.values():
+                try:
+                    self.agent_settings(agent).check_providers()
+                except ValueError as e:
+                    raise ValueError(f"{self.agents.source}: agents.{agent.name}: {e}") from None
+            if self.agents.source:
+                logger.info(
+                    f"agents from {self.agents.source}: {', '.join(self.agents.names)} (default {self.agents.default})"
+                )
+            whisper = any(a.resolved_stt == "whisper" for a in agent_settings)
             self.engines = await asyncio.to_thread(
-                LocalEngines.load, stt=s.resolved_stt == "whisper", smart_turn=s.smart_turn, cache_dir=s.cache_dir
+                LocalEngines.load, stt=whisper, smart_turn=s.smart_turn, cache_dir=s.cache_dir
             )
-            local_llm = s.resolved_llm != "anthropic" or s.llm_fallback == "local"
+            local_llm = any(a.resolved_llm != "anthropic" for a in agent_settings) or s.llm_fallback == "local"
             if s.llm_url and local_llm:
                 self.llm_base_url, self.llm_model = s.llm_url, s.llm_model_name
-            elif s.resolved_llm == "openai":
+            elif any(a.resolved_llm == "openai" for a in agent_settings):
                 raise ValueError("ATLAS_LLM=openai needs ATLAS_LLM_URL")
             elif local_llm:
                 from services.local.models import resolve_llm_path
@@ -179,8 +213,9 @@ class Runtime:
                     binary=s.llama_server,
                 )
                 await server.start()
-                if s.resolved_llm == "llama":  # the sessions' own LLM: their first turns start warm
-                    await server.warm_slots(system_prompt(local_model=True))
+                default = self.agents.get(None)
+                if self.agent_settings(default).resolved_llm == "llama":  # the sessions' own LLM: warm first turns
+                    await server.warm_slots(default.system_prompt(local_model=True))
                 self.llm_server, self.llm_base_url, self.llm_model = server, server.base_url, "local"
                 self.free_llm_slots = list(range(server.slots))
             self.ready.set()
@@ -280,5 +315,7 @@ class Runtime:
         if self.llm_server is not None:
             await self.llm_server.stop()
         await self.recorder.close(timeout=self.settings.db_timeout_secs)
+        if self.webhooks is not None:
+            await self.webhooks.close(timeout=self.settings.db_timeout_secs)
         await self.limits.close()
         logger.info("shutdown complete")

@@ -18,12 +18,16 @@ import uuid
 from dataclasses import dataclass, field
 
 from loguru import logger
+from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame, EndFrame, TTSSpeakFrame
+from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
 from bots.pipeline import build_pipeline
 from bots.runtime import Runtime
+from bots.tools import TOOL_APOLOGY, ToolCall
 from compat.pipecat import select_frames
+from config.agents import Agent
 from processors.turn_metrics import Turn, TurnMetricsObserver
 from storage.records import (
     INSERT,
@@ -32,12 +36,15 @@ from storage.records import (
     UPSERT,
     SessionInfo,
     provider_models,
+    transcript,
     turn_row,
 )
 from vocabulary.audio import CLIENT_SAMPLE_RATE
 from vocabulary.errors import ErrorCode
-from vocabulary.frames import CodedErrorFrame
+from vocabulary.frames import CodedErrorFrame, coded_error
 from vocabulary.records import SessionEnd
+
+END_CALL_GRACE_SECS = 20.0  # an ending call whose goodbye has not finished playing by then is cut
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 FIELD_LIMITS = {"user_id": 64, "client_user_id": 256, "conversation_id": 256, "user_agent": 512, "ip_address": 64}
@@ -77,6 +84,24 @@ class Caller:
             self.user_id = None
 
 
+class BotSpeech(BaseObserver):
+    """Whether the bot is speaking now, and since when it has been quiet (for a transfer that waits for the
+    reply announcing it to go out)."""
+
+    FRAME_TYPES = (BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
+
+    def __init__(self):
+        super().__init__(observe_every_push=False)
+        self.speaking = False
+        self.quiet_since = time.monotonic()
+
+    async def on_push_frame(self, data: FramePushed):
+        if isinstance(data.frame, BotStartedSpeakingFrame):
+            self.speaking = True
+        elif isinstance(data.frame, BotStoppedSpeakingFrame) and self.speaking:
+            self.speaking, self.quiet_since = False, time.monotonic()
+
+
 @dataclass
 class VoiceSession:
     runtime: Runtime
@@ -94,8 +119,12 @@ class VoiceSession:
     pipeline_started: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _side_tasks: set = field(default_factory=set, init=False)
     llm_slot: int | None = field(default=None, init=False)  # the local LLM's slot this conversation holds
+    agent: Agent | None = None  # None: the server's default agent
+    speech: BotSpeech = field(default_factory=BotSpeech, init=False)
 
     def __post_init__(self):
+        if self.agent is None:
+            self.agent = self.runtime.agents.get(None)
         self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
         c = self.caller
         self.info = SessionInfo(
@@ -105,9 +134,11 @@ class VoiceSession:
             user_id=c.user_id,
             client_user_id=c.client_user_id,
             conversation_id=c.conversation_id,
-            models=provider_models(self.runtime.settings),
+            models=provider_models(self.runtime.agent_settings(self.agent)),
             user_agent=c.user_agent,
             ip_address=c.ip_address,
+            store_transcripts=self.agent.store_transcripts,
+            agent=self.agent.name,
         )
 
     # --- telemetry ---------------------------------------------------------------------------
@@ -146,6 +177,77 @@ class VoiceSession:
         row = self.info.end_row(end.summary, ended_at=self.info.started_at + end.duration, end_reason=end.reason)
         self.runtime.recorder.submit(SESSIONS, UPSERT, [row])
         self.runtime.monitor.session_ended(self.transport_name, end.reason, end.summary, self.info.cost(end.summary))
+        if self.runtime.webhooks is not None:
+            from storage.webhooks import session_ended_event
+
+            words = transcript(end.summary.turn_records) if self.info.store_transcripts else None
+            event = session_ended_event(row, words)
+            self.runtime.webhooks.submit("webhooks", INSERT, [event])
+
+    @property
+    def agent_name(self) -> str:
+        assert self.agent is not None
+        return self.agent.name
+
+    # --- tools -------------------------------------------------------------------------------
+
+    def tool_call(self) -> ToolCall:
+        """What this session's tools are told and may do (bots/tools.py)."""
+        assert self.agent is not None
+        return ToolCall(
+            session_id=self.session_id,
+            agent=self.agent.name,
+            door=self.transport_name,
+            user_id=self.caller.user_id,
+            end=self.end_call,
+            transfer=self.transfer if self.can_transfer else None,
+            transfer_number=self.agent.transfer_number,
+        )
+
+    can_transfer = False  # doors that can hand a call to a phone number override `transfer` and set this
+
+    async def transfer(self, number: str) -> str | None:
+        """Hand the call to `number`; None when done, else why not (spoken as an apology)."""
+        return "this door cannot transfer calls"
+
+    async def wait_reply_sent(self, timeout: float, quiet_secs: float = 0.8) -> None:
+        """Wait (at most `timeout`) until the bot has been quiet for `quiet_secs`: the reply being spoken, and
+        one about to start, has gone out."""
+        called = time.monotonic()
+        deadline = called + timeout
+        while time.monotonic() < deadline:
+            if not self.speech.speaking and time.monotonic() - max(called, self.speech.quiet_since) >= quiet_secs:
+                return
+            await asyncio.sleep(0.05)
+
+    async def end_call(self) -> None:
+        """The agent hangs up (end_call): the reply before it is spoken to the end, then the session ends.
+
+        An EndFrame queued at the pipeline's source follows the goodbye's text through the TTS and the output
+        transport, so the session ends once the goodbye's audio has gone out; every door then closes its way
+        (WebSocket: `session_end` and close; Twilio: the REST hang-up; Daily: the bot leaves the room)."""
+        if self.worker is None or self.stopping:
+            return
+        self.stopping = True
+        self.end_reason = "agent_ended"
+        logger.info(f"session {self.session_id}: the agent ends the call")
+        await self.worker.queue_frame(EndFrame())
+
+        async def cut_if_stuck() -> None:
+            await asyncio.sleep(END_CALL_GRACE_SECS)
+            if self.worker is not None and not self.worker.has_finished():
+                await self.worker.cancel(reason="agent_ended")
+
+        task = asyncio.get_running_loop().create_task(cut_if_stuck())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def on_tool_failure(self, name: str, reason: str) -> None:
+        """A tool raised or ran out of time: the caller hears an apology, the client gets TOOL_FAILED."""
+        frame = coded_error(ErrorCode.TOOL_FAILED, f"the tool '{name}' failed; the conversation goes on", reason)
+        await self.on_pipeline_error(frame)
+        if self.worker is not None and not self.worker.has_finished():
+            await self.worker.queue_frame(TTSSpeakFrame(TOOL_APOLOGY, append_to_context=False))
 
     # --- life --------------------------------------------------------------------------------
 
@@ -232,8 +334,16 @@ class VoiceSession:
 
     def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
         rt = self.runtime
-        self.llm_slot = rt.claim_llm_slot()  # returned when the session ends (run)
-        built = build_pipeline(rt, transport, on_backlog=self.on_backlog, llm_slot=self.llm_slot)
+        self.llm_slot = rt.claim_llm_slot(self.agent)  # returned when the session ends (run)
+        built = build_pipeline(
+            rt,
+            transport,
+            on_backlog=self.on_backlog,
+            llm_slot=self.llm_slot,
+            agent=self.agent,
+            tool_call=self.tool_call(),
+            on_tool_failure=self.on_tool_failure,
+        )
         self.worker = PipelineWorker(
             built.pipeline,
             params=PipelineParams(
@@ -242,7 +352,7 @@ class VoiceSession:
                 enable_metrics=True,
                 enable_usage_metrics=True,
             ),
-            observers=[*observers, self.metrics],
+            observers=[*observers, self.metrics, self.speech],
             idle_timeout_secs=None,
             enable_rtvi=False,
             enable_turn_tracking=False,  # our TurnMetricsObserver tracks turns; one observer fewer per frame
@@ -254,6 +364,9 @@ class VoiceSession:
         @self.worker.event_handler("on_pipeline_started")
         async def _on_started(_worker, _frame):
             self.pipeline_started.set()
+            assert self.agent is not None
+            if self.agent.greeting:  # the agent speaks first; the prompt says what it said (config/agents.py)
+                await self.worker.queue_frame(TTSSpeakFrame(self.agent.greeting, append_to_context=False))
 
         @self.worker.event_handler("on_pipeline_error")
         async def _on_error(_worker, frame):
@@ -269,7 +382,10 @@ class VoiceSession:
         await runner.add_workers(self.worker)
         rt.recorder.submit(SESSIONS, INSERT, [self.info.start_row()])
         rt.monitor.session_started(self.transport_name)
-        logger.info(f"{self.transport_name} session {self.session_id} started (user {self.describe_user()})")
+        logger.info(
+            f"{self.transport_name} session {self.session_id} started (user {self.describe_user()}, "
+            f"agent {self.agent_name})"
+        )
         watchdog = asyncio.create_task(self._watchdog())
         rt.live[self.session_id] = self  # Runtime.drain ends it on SIGTERM
         try:

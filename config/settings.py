@@ -189,6 +189,29 @@ class Settings(BaseSettings):
     # The outbox file's disk cap (storage/outbox.py: dead letters are pruned first, then new sessions wait).
     outbox_max_mb: float = Field(256.0, gt=0, validation_alias=_env("ATLAS_OUTBOX_MAX_MB"))
     dead_letter_retention_days: float = Field(30.0, gt=0, validation_alias=_env("ATLAS_DEAD_LETTER_RETENTION_DAYS"))
+    # Stored transcript text (agents with store_transcripts) is deleted this many days after its turn; 0 = kept.
+    transcript_retention_days: float = Field(30.0, ge=0, validation_alias=_env("ATLAS_TRANSCRIPT_RETENTION_DAYS"))
+
+    # --- agents and tools (config/agents.py) ----------------------------------------------------
+    # A TOML file of named agents (prompt, greeting, voice, language, tools ...); unset = the built-in Atlas agent.
+    agent_config: Path | None = Field(None, validation_alias=_env("ATLAS_AGENT_CONFIG"))
+    # The agent the phone door (/twilio/voice) answers with when the request names none; unset = the default.
+    twilio_agent: str | None = Field(None, validation_alias=_env("ATLAS_TWILIO_AGENT"))
+    # Python modules imported at start-up that register tools (bots.tools.tool); comma-separated.
+    tool_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("ATLAS_TOOL_MODULES")
+    )
+    # A tool call that has not returned in this long is abandoned; the caller hears an apology (TOOL_FAILED).
+    tool_timeout_secs: float = Field(10.0, gt=0, le=120, validation_alias=_env("ATLAS_TOOL_TIMEOUT_SECS"))
+
+    # --- webhooks (storage/webhooks.py) -----------------------------------------------------------
+    # Where `session.ended` events are POSTed (signed, retried through their own outbox); unset = none sent.
+    webhook_url: str | None = Field(None, validation_alias=_env("ATLAS_WEBHOOK_URL"))
+    # The HMAC-SHA256 key that signs each event (required with ATLAS_WEBHOOK_URL).
+    webhook_secret: SecretStr | None = Field(None, validation_alias=_env("ATLAS_WEBHOOK_SECRET"))
+    webhook_timeout_secs: float = Field(5.0, gt=0, validation_alias=_env("ATLAS_WEBHOOK_TIMEOUT_SECS"))
+    # An event the receiver has not accepted this long after the call ended is dead-lettered.
+    webhook_max_age_hours: float = Field(24.0, gt=0, validation_alias=_env("ATLAS_WEBHOOK_MAX_AGE_HOURS"))
 
     # --- monitoring -------------------------------------------------------------------------------
     # Bearer token for /dashboard and /api/dashboard; unset = dashboard disabled (404)
@@ -277,13 +300,17 @@ class Settings(BaseSettings):
         "metrics_token",
         "redis_url",
         "worker_index",
+        "agent_config",
+        "twilio_agent",
+        "webhook_url",
+        "webhook_secret",
         mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "tool_modules", mode="before")
     @classmethod
     def _split_origins(cls, value):
         if isinstance(value, str):
@@ -353,6 +380,8 @@ class Settings(BaseSettings):
             missing = [f.upper() for f in fields if not getattr(self, f)]
             if missing:
                 raise ValueError(f"ATLAS_{kind.upper()}={provider} needs {', '.join(missing)}")
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("ATLAS_WEBHOOK_URL needs ATLAS_WEBHOOK_SECRET (the key receivers verify each event with)")
         if self.supabase_url and not self.supabase_service_role_key:
             raise ValueError("SUPABASE_URL needs SUPABASE_SERVICE_ROLE_KEY (the server writes with the service role)")
         if self.twilio_auth_token and not self.twilio_account_sid:

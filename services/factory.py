@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from config.prompts import system_prompt
+from config.agents import Agent
 from config.settings import Settings, secret
 from services.local.engines import LocalEngines
 
+# ElevenLabs models that speak English only; an agent in another language gets the multilingual Flash v2.5.
+ELEVENLABS_ENGLISH_ONLY = frozenset({"eleven_monolingual_v1", "eleven_flash_v2", "eleven_turbo_v2"})
+ELEVENLABS_MULTILINGUAL = "eleven_flash_v2_5"
 
-def make_stt(s: Settings, engines: LocalEngines):
+
+def make_stt(s: Settings, engines: LocalEngines, agent: Agent | None = None):
+    agent = agent or Agent()
     if s.resolved_stt == "deepgram":
         from pipecat.services.deepgram.stt import DeepgramSTTService
 
@@ -29,6 +34,7 @@ def make_stt(s: Settings, engines: LocalEngines):
             replay_secs=s.stt_replay_secs,
             settings=DeepgramSTTService.Settings(
                 model=s.deepgram_model,
+                language=agent.language,
                 interim_results=True,
                 punctuate=True,
                 smart_format=False,
@@ -49,6 +55,7 @@ def make_llm(
     local_model: str,
     on_retry: Callable[[str, str], None] | None = None,
     llm_slot: int | None = None,
+    agent: Agent | None = None,
 ):
     """Claude (with `local_url`'s OpenAI-compatible server as its fallback) or that server itself; `llm_slot`:
     the local llama-server's slot that keeps this session's conversation cached (llama.cpp's `id_slot`).
@@ -59,6 +66,7 @@ def make_llm(
     connection costs well under a millisecond."""
     loopback = local_url is not None and urlparse(local_url).hostname in ("127.0.0.1", "localhost", "::1")
     headers = {"Connection": "close"} if loopback else None
+    agent = agent or Agent()
     if s.resolved_llm == "anthropic":
         from services.anthropic.llm import ResilientAnthropicLLMService
 
@@ -66,44 +74,57 @@ def make_llm(
             api_key=secret(s.anthropic_api_key),
             base_url=s.anthropic_base_url,
             model=s.anthropic_model,
-            system_instruction=system_prompt(local_model=False),
-            max_tokens=s.max_tokens,
+            system_instruction=agent.system_prompt(local_model=False),
+            max_tokens=agent.max_tokens or s.max_tokens,
             retries=s.llm_retries,
             retry_budget=s.llm_retry_budget_secs,
             first_token_timeout=s.llm_timeout_secs,
             fallback_url=local_url,
             fallback_model=local_model,
-            fallback_max_tokens=s.llm_max_tokens,
+            fallback_max_tokens=min(agent.max_tokens or s.llm_max_tokens, s.llm_max_tokens),
             fallback_headers=headers,
             fallback_api_key=s.llm_api_key,
-            fallback_system=system_prompt(local_model=True),
+            fallback_system=agent.system_prompt(local_model=True),
             on_retry=on_retry,
         )
     from pipecat.services.openai.llm import OpenAILLMService
 
-    return OpenAILLMService(
+    from services.local.llm import LocalLLMService
+
+    return LocalLLMService(
         api_key=s.llm_api_key,
         base_url=local_url,
         default_headers=headers,
         settings=OpenAILLMService.Settings(
             model=local_model,
-            system_instruction=system_prompt(local_model=True),
-            max_tokens=s.llm_max_tokens,
+            system_instruction=agent.system_prompt(local_model=True),
+            max_tokens=agent.max_tokens or s.llm_max_tokens,
             temperature=s.llm_temperature,
             extra={} if llm_slot is None else {"extra_body": {"id_slot": llm_slot, "cache_prompt": True}},
         ),
     )
 
 
-def make_tts(s: Settings, engines: LocalEngines):
+def make_tts(s: Settings, engines: LocalEngines, agent: Agent | None = None):
+    """The agent's voice (`voice`: the provider's voice id) in its language; Piper has the one English voice."""
+    agent = agent or Agent()
     voice = engines.piper_voice
     if s.resolved_tts == "elevenlabs":
+        from pipecat.transcriptions.language import Language
+
         from services.elevenlabs.tts import FallbackElevenLabsTTSService
 
+        model = s.elevenlabs_model
+        if not agent.english and model in ELEVENLABS_ENGLISH_ONLY:
+            model = ELEVENLABS_MULTILINGUAL
         return FallbackElevenLabsTTSService(
             api_key=secret(s.elevenlabs_api_key),
             url=s.elevenlabs_base_url,
-            settings=FallbackElevenLabsTTSService.Settings(voice=s.elevenlabs_voice_id, model=s.elevenlabs_model),
+            settings=FallbackElevenLabsTTSService.Settings(
+                voice=agent.voice or s.elevenlabs_voice_id,
+                model=model,
+                language=None if agent.english else Language(agent.language),
+            ),
             fallback_voice=voice,
         )
     if s.resolved_tts == "playht":
@@ -113,7 +134,7 @@ def make_tts(s: Settings, engines: LocalEngines):
             api_key=secret(s.playht_api_key),
             user_id=s.playht_user_id or "",
             base_url=s.playht_base_url,
-            voice=s.playht_voice,
+            voice=agent.voice or s.playht_voice,
             voice_engine=s.playht_voice_engine,
             output_format=s.playht_output_format,
             speed=s.playht_speed,

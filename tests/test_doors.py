@@ -255,8 +255,14 @@ async def test_caller_hangs_up_cleanly_and_phone_vs_websocket_latency(doors, ven
 async def test_daily_start_creates_a_room_and_runs_the_bot(doors, daily_api):
     base, db = doors
     deadline = time.monotonic() + 20
+    # An agent the server does not have is refused before any room is made (a JSON body, or `?agent=`).
+    rooms = len(daily_api.requests)
+    r = httpx.post(base + "/daily/start", json={"agent": "concierge"}, timeout=20)
+    assert r.status_code == 400 and r.json()["code"] == "UNKNOWN_AGENT"
+    assert httpx.post(base + "/daily/start?agent=x", timeout=20).json()["code"] == "UNKNOWN_AGENT"
+    assert len(daily_api.requests) == rooms
     while True:  # the earlier sessions' slot may still be closing
-        r = httpx.post(base + "/daily/start", timeout=20)
+        r = httpx.post(base + "/daily/start", json={"agent": "atlas"}, timeout=20)
         if r.status_code != 429 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -273,6 +279,7 @@ async def test_daily_start_creates_a_room_and_runs_the_bot(doors, daily_api):
     # recorded as a daily session, and the room is deleted.
     rows = wait_rows(db, "daily", 1, timeout=60)
     assert rows and rows[-1]["id"] == body["sessionId"], rows
+    assert rows[-1]["agent"] == "atlas"
     assert rows[-1]["end_reason"] in ("no_participant", "join_failed")
     deadline = time.monotonic() + 20
     while name not in daily_api.deleted_rooms and time.monotonic() < deadline:

@@ -38,6 +38,8 @@ class ErrorCode(StrEnum):
     STT_RECONNECTING = "STT_RECONNECTING"  # the STT provider's socket dropped; reconnecting, audio replayed
     LLM_UNAVAILABLE = "LLM_UNAVAILABLE"  # the LLM provider failed after retries; a fallback answers
     TTS_FALLBACK = "TTS_FALLBACK"  # the TTS provider failed; the local voice speaks the rest of the reply
+    TOOL_FAILED = "TOOL_FAILED"  # a tool the agent called raised or ran out of time; the caller heard an apology
+    UNKNOWN_AGENT = "UNKNOWN_AGENT"  # session_start (or a door's request) named an agent the server does not have
     INTERNAL_ERROR = "INTERNAL_ERROR"  # anything else; the message names no internals
 
 

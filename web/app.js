@@ -149,6 +149,9 @@ async function start() {
     const start = { type: "session_start", userId: user, conversationId: crypto.randomUUID() };
     const token = ui.token.value.trim();
     if (token) start.authToken = token;
+    // `?agent=<name>` on the page's URL talks to that agent of the server (its default otherwise).
+    const agent = new URLSearchParams(location.search).get("agent");
+    if (agent) start.agent = agent;
     ws.send(JSON.stringify(start));
 
     capture.port.onmessage = (e) => {

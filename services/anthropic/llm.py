@@ -21,6 +21,7 @@ reports TTFB and token usage; what it leaves to the application, and this subcla
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -193,13 +194,7 @@ class ResilientAnthropicLLMService(AnthropicInternals):
         if self._fallback_url:
             from openai import AsyncOpenAI
 
-            messages = [{"role": "system", "content": self._fallback_system}]
-            for m in params.get("messages", []):
-                content = m.get("content")
-                if not isinstance(content, str):
-                    content = " ".join(b.get("text", "") for b in content or [] if isinstance(b, dict))
-                if content.strip():
-                    messages.append({"role": m["role"], "content": content})
+            messages = [{"role": "system", "content": self._fallback_system}, *fallback_messages(params)]
             said = False
             try:
                 if self._fallback_client is None:
@@ -228,6 +223,42 @@ class ResilientAnthropicLLMService(AnthropicInternals):
                     yield _text_event(APOLOGY_CONTINUED)
                     return
         yield _text_event(APOLOGY)
+
+
+def _block_text(block) -> str:
+    """A content block of Claude's conversation as plain text for a model without the tools."""
+    if not isinstance(block, dict):
+        return ""
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", ""))
+    if kind == "tool_use":
+        return f"(I used the tool {block.get('name')} with {json.dumps(block.get('input', {}), default=str)[:500]})"
+    if kind == "tool_result":
+        content = block.get("content", "")
+        if not isinstance(content, str):
+            content = " ".join(b.get("text", "") for b in content or [] if isinstance(b, dict))
+        failed = " (it failed)" if block.get("is_error") else ""
+        return f"(The tool answered{failed}: {content[:1000]})"
+    return ""
+
+
+def fallback_messages(params) -> list[dict]:
+    """Claude's request as chat messages for the local fallback: text only (tool calls and results become words:
+    the fallback has no tools, and an OpenAI-style server refuses a tool result without its call), roles
+    alternating (a tool result is a user turn in Claude's shape; adjacent turns of one role are joined)."""
+    messages: list[dict] = []
+    for m in params.get("messages", []):
+        content = m.get("content")
+        if not isinstance(content, str):
+            content = " ".join(t for t in (_block_text(b) for b in content or []) if t)
+        if not content.strip():
+            continue
+        if messages and messages[-1]["role"] == m["role"]:
+            messages[-1]["content"] += "\n" + content
+        else:
+            messages.append({"role": m["role"], "content": content})
+    return messages
 
 
 def _describe(error: BaseException | None) -> str:

@@ -18,6 +18,7 @@ constructed with daily-python really imported.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -47,8 +48,8 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 class DailySession(VoiceSession):
-    def __init__(self, runtime: Runtime, room: DailyRoomSession, caller: Caller):
-        super().__init__(runtime, caller, transport_name="daily")
+    def __init__(self, runtime: Runtime, room: DailyRoomSession, caller: Caller, agent: str | None = None):
+        super().__init__(runtime, caller, transport_name="daily", agent=runtime.agents.get(agent))
         self.room = room
         self.joined_at: float | None = None
 
@@ -103,14 +104,14 @@ class DailySession(VoiceSession):
 
 
 async def start_daily_session(
-    runtime: Runtime, caller: Caller, http: aiohttp.ClientSession, on_end=None
+    runtime: Runtime, caller: Caller, http: aiohttp.ClientSession, on_end=None, agent: str | None = None
 ) -> tuple[DailyRoomSession, DailySession]:
-    """Create the room and tokens, then run the bot in the background (it holds a session slot, given back
-    when it ends, with `on_end()` called then)."""
+    """Create the room and tokens, then run the bot of `agent` (None: the default) in the background (it holds a
+    session slot, given back when it ends, with `on_end()` called then)."""
     s = runtime.settings
     helper = make_helper(secret(s.daily_api_key), http, s.daily_api_url)
     room = await create_session_room(helper, max_duration_secs=s.session_max_secs, bot_name=BOT_NAME)
-    session = DailySession(runtime, room, caller)
+    session = DailySession(runtime, room, caller, agent)
 
     async def run_bot():
         try:
@@ -138,6 +139,23 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
         return _error(503, str(ErrorCode.SERVER_NOT_READY), "engines are still loading; retry in a few seconds")
     if runtime.shutting_down:
         return _error(503, str(ErrorCode.SERVER_SHUTTING_DOWN), SHUTTING_DOWN_MESSAGE)
+    # The agent: `?agent=` or a JSON body's "agent"; none = the default agent.
+    agent = request.query_params.get("agent")
+    if agent is None and request.headers.get("content-type", "").startswith("application/json"):
+        body = await request.body()
+        if len(body) > 4096:
+            return _error(413, str(ErrorCode.FRAME_TOO_LARGE), "the request body is limited to 4096 bytes")
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            return _error(400, str(ErrorCode.INVALID_JSON), "the body must be a JSON object")
+        agent = data.get("agent") if isinstance(data, dict) else None
+        if agent is not None and not isinstance(agent, str):
+            return _error(400, str(ErrorCode.INVALID_FIELD), "'agent' must be a string")
+    if agent is not None and agent not in runtime.agents.by_name:
+        runtime.monitor.error(str(ErrorCode.UNKNOWN_AGENT))
+        shown = agent if len(agent) <= 64 else agent[:64] + "..."
+        return _error(400, str(ErrorCode.UNKNOWN_AGENT), f"no agent named '{shown}' on this server")
     ip = request.client.host if request.client else "unknown"
     caller = Caller(user_agent=request.headers.get("user-agent"), ip_address=ip)
     if runtime.auth.enabled:
@@ -181,7 +199,7 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
             headers={"Retry-After": "30"},
         )
     try:
-        room, session = await start_daily_session(runtime, caller, runtime.http(), on_end=release_limits)
+        room, session = await start_daily_session(runtime, caller, runtime.http(), on_end=release_limits, agent=agent)
     except DailyAPIError as e:
         runtime.release()
         release_limits()

@@ -32,6 +32,7 @@ import re
 import time
 from urllib.parse import parse_qsl
 
+import aiohttp
 from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
@@ -47,6 +48,7 @@ from typing_extensions import TypeIs
 from bots.limits import AudioBudget, MessageRate
 from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession, clean_text
+from compat.pipecat import skip_twilio_hang_up
 from config.settings import Settings, secret
 from transports.common import close_quietly, text_too_large
 from transports.twilio.serializer import AtlasTwilioSerializer
@@ -156,6 +158,15 @@ async def twilio_voice(request: Request, runtime: Runtime) -> Response:
         return JSONResponse(
             {"type": "error", "code": "INVALID_FIELD", "message": "CallSid is missing or malformed"}, status_code=400
         )
+    # The agent: `?agent=` on the webhook URL (one per phone number), else ATLAS_TWILIO_AGENT, else the default.
+    agent = request.query_params.get("agent") or s.twilio_agent
+    if agent is not None and agent not in runtime.agents.by_name:
+        logger.error(f"POST /twilio/voice: no agent named {agent[:64]!r} (agents: {', '.join(runtime.agents.names)})")
+        runtime.monitor.error(str(ErrorCode.UNKNOWN_AGENT))
+        return JSONResponse(
+            {"type": "error", "code": "UNKNOWN_AGENT", "message": "the webhook names an unknown agent"},
+            status_code=400,
+        )
     if not runtime.ready.is_set():
         return _twiml(sorry_twiml(NOT_READY_MESSAGE))
     if runtime.shutting_down:
@@ -171,7 +182,8 @@ async def twilio_voice(request: Request, runtime: Runtime) -> Response:
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=stream_url(s, request.headers.get("host", "localhost")))
-    for name, value in (("from", caller), ("to", clean_text(form.get("To"), 64)), ("callSid", call_sid)):
+    parameters = (("from", caller), ("to", clean_text(form.get("To"), 64)), ("callSid", call_sid), ("agent", agent))
+    for name, value in parameters:
         if value:
             stream.parameter(name=name, value=value)
     tokens = stream_tokens(runtime)
@@ -238,6 +250,10 @@ class StreamStart:
             self.token_id = str(claims["jti"])
         else:  # the unsigned door (local testing): the parameters as sent
             self.caller = clean_text(params.get("from"), 64)
+        # Set by our own TwiML from the webhook's `?agent=` (Twilio signs the upgrade that carries it).
+        self.agent: str | None = params.get("agent") or None
+        if self.agent is not None and self.agent not in runtime.agents.by_name:
+            raise ProtocolError(ErrorCode.TWILIO_STREAM_REFUSED, "a stream for an agent this server does not have")
 
 
 class TwilioSession(VoiceSession):
@@ -251,15 +267,50 @@ class TwilioSession(VoiceSession):
                 ip_address=websocket.client.host if websocket.client else None,
             ),
             transport_name="twilio",
+            agent=runtime.agents.get(start.agent),
         )
         self.websocket = websocket
         self.stream_sid = start.stream_sid
         self.call_sid = start.call_sid
         self.verified = start.verified
         self.marks = ReplyMarks(self)
+        self.serializer: AtlasTwilioSerializer | None = None
 
     def describe_user(self) -> str:
         return masked(self.caller.client_user_id)
+
+    @property
+    def can_transfer(self) -> bool:  # type: ignore[override]
+        s = self.runtime.settings
+        return bool(self.verified and secret(s.twilio_auth_token) and s.twilio_account_sid)
+
+    async def transfer(self, number: str) -> str | None:
+        """Hand the call to `number`: once the reply announcing it has been sent, Twilio's REST API gives the live
+        call new TwiML, `<Dial>` to the number; Twilio then ends this media stream, and the session ends without
+        the REST hang-up (it would end the transferred call)."""
+        from twilio.twiml.voice_response import VoiceResponse
+
+        await self.wait_reply_sent(timeout=10.0)
+        s = self.runtime.settings
+        response = VoiceResponse()
+        response.dial(number)
+        url = f"{s.twilio_api_base_url}/2010-04-01/Accounts/{s.twilio_account_sid}/Calls/{self.call_sid}.json"
+        try:
+            async with self.runtime.http().post(
+                url,
+                data={"Twiml": str(response)},
+                auth=aiohttp.BasicAuth(s.twilio_account_sid or "", secret(s.twilio_auth_token)),
+            ) as answer:
+                if answer.status >= 300:
+                    body = (await answer.text())[:200]
+                    return f"Twilio refused the transfer (HTTP {answer.status}): {body}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return f"Twilio could not be reached for the transfer: {type(e).__name__}"
+        logger.info(f"call {self.call_sid}: transferred to {masked(number)}")
+        if self.serializer is not None:
+            skip_twilio_hang_up(self.serializer)
+        self.stop_soon("transferred")
+        return None
 
     async def cut_off(self, code: ErrorCode, message: str) -> None:
         await close_quietly(self.websocket, CloseCode.POLICY)
@@ -277,7 +328,7 @@ class TwilioSession(VoiceSession):
         async def on_stop():
             self.stop_soon("caller_hangup")
 
-        serializer = AtlasTwilioSerializer(
+        serializer = self.serializer = AtlasTwilioSerializer(
             self.stream_sid,
             call_sid=self.call_sid if hang_up else None,
             account_sid=s.twilio_account_sid if hang_up else None,

@@ -94,6 +94,9 @@ async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | 
         try:
             data = message["bytes"] if message.get("bytes") is not None else message.get("text") or ""
             start = parse_before_start(data, s.max_audio_frame_bytes, s.max_text_message_bytes)
+            if start.agent is not None and start.agent not in runtime.agents.by_name:
+                shown = start.agent if len(start.agent) <= 64 else start.agent[:64] + "..."
+                raise ProtocolError(ErrorCode.UNKNOWN_AGENT, f"no agent named '{shown}' on this server")
         except ProtocolError as e:
             await _send_error(websocket, runtime, e.code, e.message)
             continue
@@ -130,6 +133,7 @@ class Session(VoiceSession):
                 ip_address=ws.client.host if ws.client else None,
             ),
             transport_name="websocket",
+            agent=runtime.agents.get(start.agent),
         )
         self.websocket = websocket
         self.start = start

@@ -22,6 +22,7 @@ class SessionStart:
     conversation_id: str
     auth_token: str | None
     verified_user_id: str | None = None  # the token's `sub` when auth is on
+    agent: str | None = None  # one of the server's agents (checked by the door), None for the default
 
 
 def _string_field(msg: dict, name: str, required: bool) -> str | None:
@@ -67,6 +68,7 @@ def parse_session_start(msg: dict[str, Any]) -> SessionStart:
         user_id=_required_string(msg, "userId"),
         conversation_id=_required_string(msg, "conversationId"),
         auth_token=_string_field(msg, "authToken", False),
+        agent=_string_field(msg, "agent", False),
     )
 
 

@@ -1,0 +1,52 @@
+"""The server's agents, checked against what this process has: the agent file (config/agents.py), the tools
+registered by ATLAS_TOOL_MODULES (bots/tools.py), and the engines each agent's language needs.
+
+Kept apart from the runtime (which loads engines) so `atlas-voice serve` can refuse a bad file before it
+starts anything, with the file, the line and the key at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bots.tools import import_tool_modules, registered_tools
+from config.agents import Agent, Agents, load_agents
+from config.settings import Settings
+
+
+def agent_settings(settings: Settings, agent: Agent) -> Settings:
+    """The settings a session of `agent` runs with: the server's, with the agent's providers."""
+    update: dict[str, Any] = {k: getattr(agent, k) for k in ("stt", "llm", "tts") if getattr(agent, k)}
+    return settings.model_copy(update=update) if update else settings
+
+
+def load_agent_config(settings: Settings) -> Agents:
+    """Import the tool modules, read the agent file and check every agent; ValueError says what to fix."""
+    import_tool_modules(settings.tool_modules)
+    agents = load_agents(settings.agent_config)
+    tools = registered_tools()
+    where = f"{agents.source}: " if agents.source else ""
+    for agent in agents.by_name.values():
+        unknown = [t for t in agent.tools if t not in tools]
+        if unknown:
+            raise ValueError(
+                f"{where}agents.{agent.name}.tools: no tool named {unknown[0]!r} is registered "
+                f"(registered: {', '.join(sorted(tools))}; ATLAS_TOOL_MODULES imports the modules that add tools)"
+            )
+        s = agent_settings(settings, agent)
+        if not agent.english:
+            # Whisper tiny.en and the one Piper voice shipped are English only; the local LLM is not the limit.
+            offline = [
+                what
+                for what, local in (
+                    ("Whisper tiny.en (ATLAS_STT)", s.resolved_stt == "whisper"),
+                    ("the Piper voice (ATLAS_TTS)", s.resolved_tts == "piper"),
+                )
+                if local
+            ]
+            if offline:
+                raise ValueError(
+                    f"{where}agents.{agent.name}.language: {agent.language!r}, but {' and '.join(offline)} "
+                    "speak English only; give this agent Deepgram and ElevenLabs (or PlayHT), or language 'en'"
+                )
+    return agents
