@@ -49,4 +49,8 @@ def load_agent_config(settings: Settings) -> Agents:
                     f"{where}agents.{agent.name}.language: {agent.language!r}, but {' and '.join(offline)} "
                     "speak English only; give this agent Deepgram and ElevenLabs (or PlayHT), or language 'en'"
                 )
+    if settings.twilio_agent is not None and settings.twilio_agent not in agents.by_name:
+        raise ValueError(
+            f"ATLAS_TWILIO_AGENT={settings.twilio_agent!r} is not one of the agents ({', '.join(agents.names)})"
+        )
     return agents

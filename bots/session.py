@@ -178,11 +178,10 @@ class VoiceSession:
         self.runtime.recorder.submit(SESSIONS, UPSERT, [row])
         self.runtime.monitor.session_ended(self.transport_name, end.reason, end.summary, self.info.cost(end.summary))
         if self.runtime.webhooks is not None:
-            from storage.webhooks import session_ended_event
+            from storage.webhooks import WEBHOOKS, session_ended_event
 
             words = transcript(end.summary.turn_records) if self.info.store_transcripts else None
-            event = session_ended_event(row, words)
-            self.runtime.webhooks.submit("webhooks", INSERT, [event])
+            self.runtime.webhooks.submit(WEBHOOKS, INSERT, [session_ended_event(row, words)])
 
     @property
     def agent_name(self) -> str:

@@ -24,8 +24,8 @@ letters are deleted first (counted in `atlas_outbox_pruned_total`); if pending w
 it, `full` is True and the server admits no new session until the store has taken the backlog (live
 sessions go on and their rows are still kept: nothing is dropped).
 
-Transcript retention (`transcript_retention_secs`, from ATLAS_TRANSCRIPT_RETENTION_DAYS; None: kept): once at
-start and then hourly, the sink clears the transcript text of turns older than that (`Sink.clear_transcripts`);
+Transcript retention (`transcript_retention_secs`, from ATLAS_TRANSCRIPT_RETENTION_DAYS; None: kept): a
+minute after start (the rows a previous run left go first) and then hourly, the sink clears the transcript text of turns older than that (`Sink.clear_transcripts`);
 the rows and their numbers stay. A pass that fails is logged and tried again a few minutes later; it never
 stops the writes.
 
@@ -55,6 +55,7 @@ MAX_ATTEMPTS = 3  # failures of an unclassified kind before a row is dead-letter
 WAKE_SECS = 5.0  # the drainer looks for work (e.g. dead letters sent back by the CLI) at least this often
 HOUSEKEEPING_SECS = 3600.0  # how often dead letters and transcripts past their retention are deleted
 RETENTION_RETRY_SECS = 300.0  # a failed transcript retention pass is tried again after this long
+RETENTION_FIRST_SECS = 60.0  # the first pass waits this long after start: the rows' writes go first
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -280,6 +281,7 @@ class Recorder:
         max_bytes: int = 256 << 20,
         dead_retention_secs: float = 30 * 86400,
         transcript_retention_secs: float | None = None,
+        retention_first_secs: float = RETENTION_FIRST_SECS,
     ):
         self.sink = sink
         self.path = Path(outbox_path)
@@ -287,6 +289,7 @@ class Recorder:
         self.max_bytes = max_bytes
         self.dead_retention_secs = dead_retention_secs
         self.transcript_retention_secs = transcript_retention_secs or None  # 0: transcripts are kept
+        self.retention_first_secs = retention_first_secs
         self.transcripts_cleared = 0  # turns whose transcript text retention cleared since the process started
         self.retention_passes = 0  # transcript retention passes that succeeded
         self.retention_failures = 0
@@ -428,7 +431,8 @@ class Recorder:
         return n
 
     async def _retention_loop(self) -> None:
-        """At start, then hourly (a failed pass sooner)."""
+        """`retention_first_secs` after start, then hourly (a failed pass sooner)."""
+        await asyncio.sleep(self.retention_first_secs)
         while True:
             cleared = await self.clear_old_transcripts()
             await asyncio.sleep(RETENTION_RETRY_SECS if cleared is None else HOUSEKEEPING_SECS)

@@ -93,6 +93,8 @@ def test_the_server_checks_tools_and_languages_against_what_it_has(tmp_path):
     agents = load_agent_config(Settings(ATLAS_AGENT_CONFIG=path, ATLAS_STT="whisper", ATLAS_TTS="piper"))
     s = agent_settings(Settings(ATLAS_STT="whisper"), agents.get(None))
     assert s.resolved_stt == "deepgram" and s.resolved_tts == "elevenlabs"
+    with pytest.raises(ValueError, match="ATLAS_TWILIO_AGENT='front' is not one of the agents"):
+        load_agent_config(Settings(ATLAS_TWILIO_AGENT="front"))
     with pytest.raises(ValueError, match="importing 'no_such_module' failed"):
         load_agent_config(Settings(ATLAS_TOOL_MODULES="no_such_module"))
 

@@ -319,8 +319,10 @@ async def test_sqlite_stores_the_text_and_retention_clears_only_old_text(tmp_pat
         )
     await sink.close()
 
-    recorder = Recorder(SQLiteSink(db), tmp_path / "outbox.sqlite3", transcript_retention_secs=30 * DAY)
-    await recorder.start()  # a retention pass runs at start
+    recorder = Recorder(
+        SQLiteSink(db), tmp_path / "outbox.sqlite3", transcript_retention_secs=30 * DAY, retention_first_secs=0
+    )
+    await recorder.start()  # a retention pass runs `retention_first_secs` after start (0 here)
     deadline = time.monotonic() + 10
     while recorder.retention_passes < 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -452,6 +454,7 @@ async def test_retention_through_the_supabase_sink_clears_only_old_text(stack, t
         SupabaseSink(stack.api.url, stack.api.service_key),
         tmp_path / "outbox.sqlite3",
         transcript_retention_secs=30 * DAY,
+        retention_first_secs=0,
     )
     await recorder.start()
     deadline = time.monotonic() + 10
