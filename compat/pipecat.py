@@ -70,7 +70,9 @@ class SelectiveWorkerObserver(WorkerObserver):
     queue put and a task wake-up each) every frame's first push whatever its type, and every frame every
     processor processes, whether or not the observer implements `on_process_frame`. Here an observer that
     declares `FRAME_TYPES` is handed only pushes of those types (one without it gets every push, as in
-    Pipecat), and `on_process_frame` reaches only observers that override it.
+    Pipecat); an observer that watches every push and declares `EVERY_PUSH_TYPES` gets the later pushes of
+    those types only (the first push of the rest); and `on_process_frame` reaches only observers that
+    override it.
     Relies on: `WorkerObserver._proxies` (id -> proxy with `.observer` and `.queue`) and
     `._frames_pushed` (frame id -> frame, for `first_push`)."""
 
@@ -85,7 +87,10 @@ class SelectiveWorkerObserver(WorkerObserver):
         if data.first_push:
             self._frames_pushed[frame.id] = frame
         for proxy in proxies:
-            if data.first_push or proxy.observer.observe_every_push:
+            observer = proxy.observer
+            if data.first_push or (
+                observer.observe_every_push and isinstance(frame, getattr(observer, "EVERY_PUSH_TYPES", None) or Frame)
+            ):
                 await proxy.queue.put(data)
 
     async def on_process_frame(self, data: FrameProcessed):

@@ -203,9 +203,11 @@ class TurnMetricsObserver(BaseObserver):
         TTSTextFrame,
     )
 
+    # The output transport's release of a TTSTextFrame is a later push of it; of every other frame only the
+    # first push is read (compat.pipecat.SelectiveWorkerObserver delivers no other later push at all).
+    EVERY_PUSH_TYPES = (TTSTextFrame,)
+
     def __init__(self, on_turn_closed: Callable[[Turn], None] | None = None, **kwargs):
-        # Every push: the output transport's release of a TTSTextFrame is a later push of it (on_push_frame
-        # reads only the first push of every other frame).
         super().__init__(observe_every_push=True, **kwargs)
         self.on_turn_closed = on_turn_closed
         self.turns: list[Turn] = []

@@ -84,6 +84,21 @@ def frames() -> list[Frame]:
     return audio[:3] + texts[:1] + audio[3:] + texts[1:]
 
 
+class TranscriptsEveryPush(Recorder):
+    EVERY_PUSH_TYPES = (TranscriptionFrame,)
+
+
+async def test_selective_observer_hands_later_pushes_of_every_push_types_only():
+    """An observer that watches every push but declares EVERY_PUSH_TYPES (TurnMetricsObserver: the output
+    transport's release of a TTSTextFrame) gets one push per hop of those, and the first push of the rest."""
+    chosen = TranscriptsEveryPush((TextFrame,), every_push=True)
+    sent = frames()
+    await run_pipeline([chosen], sent, selective=True)
+    transcripts = [f for f in chosen.pushed if isinstance(f, TranscriptionFrame)]
+    others = [f for f in chosen.pushed if not isinstance(f, TranscriptionFrame)]
+    assert len(transcripts) > 1 and others == [f for f in sent if type(f) is TextFrame]
+
+
 async def test_selective_observer_hands_each_observer_what_pipecat_would_of_its_types():
     sent = frames()
     stock = [Recorder((TextFrame,)), Recorder(), Recorder((TextFrame,), every_push=True), ProcessRecorder()]
