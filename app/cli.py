@@ -187,6 +187,20 @@ def cmd_bench(bench_args: list[str]) -> int:
     return module.main(args)
 
 
+def _version() -> str:
+    """`atlas-voice 0.1.0 (Pipecat 1.14.0, Python 3.11.7)`: what a bug report needs first."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"atlas-voice {of('atlas-voice')} (Pipecat {of('pipecat-ai')}, Python {platform.python_version()})"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else argv
@@ -195,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fuzz"]:  # its own argument parser (bench/fuzz.py)
         return cmd_bench(argv)
     parser = argparse.ArgumentParser(prog="atlas-voice", description="Atlas Voice: a voice agent on Pipecat")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the server (browser page at /, voice at /ws)")

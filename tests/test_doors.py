@@ -270,6 +270,7 @@ async def test_daily_start_creates_a_room_and_runs_the_bot(doors, daily_api):
     body = r.json()
     name = body["roomUrl"].rsplit("/", 1)[1]
     assert body["roomUrl"] == daily_api.room_url(name)
+    assert (body["dailyRoom"], body["dailyToken"]) == (body["roomUrl"], body["token"])  # Pipecat clients' keys
     props = daily_api.room_properties(name)
     assert props["eject_at_room_exp"] is True and abs(props["exp"] - (time.time() + MAX_SECS)) < 15
     token = daily_api.decode_token(body["token"])

@@ -214,6 +214,9 @@ async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
         {
             "roomUrl": room.room_url,
             "token": room.user_token,
+            # The keys Pipecat's client SDKs read from a start endpoint's answer (DailyTransport's connect).
+            "dailyRoom": room.room_url,
+            "dailyToken": room.user_token,
             "sessionId": session.session_id,
             "expiresAt": room.expires_at,
         }
