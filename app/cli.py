@@ -1,4 +1,4 @@
-"""`atlas-voice`: serve, talk, daily, models, report, export, outbox, bench, fuzz."""
+"""`atlas-voice`: serve, doctor, talk, daily, models, report, export, outbox, bench, fuzz."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def cmd_serve(args) -> int:
 
         serve(settings, host, port)
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from app.doctor import run_doctor
+
+    return run_doctor(args.host, args.port)
 
 
 def cmd_talk(args) -> int:
@@ -219,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=None, help="worker processes (default ATLAS_WORKERS, or one per CPU core)"
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("doctor", help="check settings, keys, the port, engines and the store; say what to fix")
+    p.add_argument("--host", default=None, help="the address serve would listen on (default ATLAS_HOST)")
+    p.add_argument("--port", type=int, default=None, help="the port serve would listen on (default ATLAS_PORT)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("talk", help="speak WAV files to a server and measure voice-to-voice latency")
     p.add_argument("--wav", action="append", required=True, help="16-bit WAV to speak (repeatable)")

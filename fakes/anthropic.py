@@ -451,6 +451,7 @@ class FakeAnthropic(FakeServer):
         self._faults = self._fault_queue()
         self._cache: dict[str, float] = {}  # prefix hash -> expiry (time.monotonic())
         self.app.router.add_post("/v1/messages", self._messages)
+        self.app.router.add_get("/v1/models/{model_id}", self._model)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
 
     # ---- scripting (any thread) ---------------------------------------------------------------------------
@@ -533,8 +534,25 @@ class FakeAnthropic(FakeServer):
                     "our documentation at docs.anthropic.com or try again without the header.",
                 )
         ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
+        if request.method == "POST" and ctype.split(";")[0].strip().lower() != "application/json":
             raise AnthropicAPIError(400, "Content-Type must be application/json")
+
+    async def _model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{model_id}`: the model's object (`type`, `id`, `display_name`, `created_at`), 404
+        `not_found_error` for a model this key cannot use; the same auth and version checks as messages."""
+        rec = self.record(request, None)
+        rec.request_id = _rand_id("req_")
+        model = request.match_info["model_id"]
+        try:
+            self._check_headers(request)
+            if model not in self.models:
+                raise AnthropicAPIError(404, f"model: {model}")
+        except AnthropicAPIError as err:
+            return self._error(rec, err)
+        rec.status = 200
+        snapshot = KNOWN_MODELS.get(model, (model, 0))[0]
+        body = {"type": "model", "id": snapshot, "display_name": model, "created_at": "2025-10-01T00:00:00Z"}
+        return web.json_response(body, headers={"request-id": rec.request_id})
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
