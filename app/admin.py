@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from loguru import logger
 
+from app.web_assets import web_dir
 from bots.limits import FailureThrottle
 from config.settings import Settings, secret
 from monitoring.analytics import parse_since, summarize
 from storage.sinks import Sink
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = web_dir()
 DEFAULT_SINCE = "24h"
 
 # The page loads only its own script and stylesheet and talks only to this server.

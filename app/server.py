@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
@@ -21,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.admin import admin_router, check_token, client_ip
+from app.web_assets import web_dir
 from bots.limits import FailureThrottle
 from bots.runtime import Runtime
 from config.logging import configure_logging
@@ -29,7 +29,7 @@ from transports.daily.door import daily_start
 from transports.twilio.door import serve_twilio, twilio_voice
 from transports.websocket.door import serve_websocket
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = web_dir()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -207,6 +207,7 @@ SLOW_MODULES = {
     "test_conversation",
     "test_faults_bench",
     "test_round_trip",
+    "test_wheel",
 }
 
 
