@@ -52,7 +52,7 @@ async def test_a_valid_token_starts_a_session(auth_ws, artifacts):
     assert first["type"] == "session_started"
     # The session belongs to the token's user, not to the userId the client claimed.
     log = (artifacts / "server_auth.log").read_text()
-    assert f"(user {sub})" in log
+    assert f"(user {sub}, agent atlas)" in log
     assert SECRET not in log and "eyJ" not in log  # neither the secret nor any token is logged
 
 
