@@ -8,17 +8,17 @@ import os
 import sys
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, fmt: str = "text") -> None:
     from config.logging import configure_logging
 
-    configure_logging(level)
+    configure_logging(level, fmt)
 
 
 def cmd_serve(args) -> int:
     from config.settings import get_settings
 
     settings = get_settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     host = args.host or settings.host
     try:
         settings.check_exposure(host)
@@ -73,7 +73,7 @@ def cmd_daily(args) -> int:
     from config.settings import get_settings
 
     settings = get_settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     if not settings.daily_api_key:
         print("atlas-voice daily needs DAILY_API_KEY", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ WEB_DIR = web_dir()
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     runtime = Runtime(settings=settings)
     throttle = FailureThrottle(settings.admin_failures_per_minute)  # wrong admin/metrics tokens per IP
 

@@ -374,7 +374,13 @@ class VoiceSession:
         return self.worker
 
     async def run(self) -> None:
-        """Run the worker made by `make_worker` until the session ends; record it whatever happens."""
+        """Run the worker made by `make_worker` until the session ends; record it whatever happens. Every line
+        logged meanwhile, by Atlas or Pipecat (the tasks the run starts inherit the context), carries the
+        session id (`session_id` in ATLAS_LOG_FORMAT=json)."""
+        with logger.contextualize(session_id=self.session_id):
+            await self._run()
+
+    async def _run(self) -> None:
         rt = self.runtime
         runner = WorkerRunner(handle_sigint=False)
         assert self.worker is not None, "make_worker first"

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # Set by the supervisor in each worker (0, 1, ...): names the worker's own outbox file. Not for users.
     worker_index: int | None = Field(None, ge=0, validation_alias=_env("ATLAS_WORKER_INDEX"))
     log_level: str = Field("INFO", validation_alias=_env("ATLAS_LOG_LEVEL"))
+    # `json`: one JSON object a line, with the session id on every line of a session (config/logging.py).
+    log_format: Literal["text", "json"] = Field("text", validation_alias=_env("ATLAS_LOG_FORMAT"))
     # Comma-separated in the environment (NoDecode: pydantic-settings would otherwise demand JSON).
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=_env("ATLAS_ALLOWED_ORIGINS")

@@ -419,6 +419,7 @@ def local_agent_server(llm_record, artifacts, tmp_path_factory):
         "ATLAS_LLM_TEMPERATURE": "0",
         "ATLAS_AGENT_CONFIG": str(config),
         "ATLAS_TOOL_MODULES": "tests.agent_tools",
+        "ATLAS_LOG_FORMAT": "json",  # and its log, one JSON object a line (checked below)
     }
     with running_server(env, artifacts / "server_local_agents.log") as base:
         yield base.replace("http://", "ws://") + "/ws"
@@ -441,3 +442,30 @@ async def test_the_local_llm_calls_tools_too(local_agent_server, llm_record, tmp
     # The request after the result: the tool's answer in the conversation, and no tools offered again.
     assert any(m["role"] == "tool" and "5:41 AM" in m["content"] for m in requests[-1]["messages"])
     assert "tools" not in requests[-1]
+
+
+def test_json_logs_carry_the_session_id_on_every_line_of_a_session(local_agent_server, artifacts):
+    """ATLAS_LOG_FORMAT=json (the local-agent server): Pipecat's lines and ours, logged on a session's behalf,
+    carry its id; the secret-free fields are plain JSON."""
+    lines = []
+    for raw in (artifacts / "server_local_agents.log").read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue  # uvicorn's own lines
+    started = [line for line in lines if " started (user " in line["message"]]
+    assert started and {"time", "level", "message", "logger", "function", "line"} <= set(started[0])
+    session = started[0]["session_id"]
+    assert session in started[0]["message"]
+    first = lines.index(started[0])
+    last = next(i for i, line in enumerate(lines) if f"session {session} ended" in line["message"])
+    # (llama-server's own output is relayed by a task of the process, not of a session)
+    during = [
+        line
+        for line in lines[first : last + 1]
+        if line["logger"].startswith(("pipecat.", "services.", "bots."))
+        and line["logger"] != "services.local.llama_server"
+    ]
+    assert len(during) > 20 and all(line.get("session_id") == session for line in during), [
+        line for line in during if line.get("session_id") != session
+    ][:3]
