@@ -355,6 +355,10 @@ async def test_playht_raw_pcm_streams_real_speech(playht):
     assert rms > 300  # speech, not silence
     rec = playht.requests[-1]
     assert rec.headers["x-user-id"] == "test-playht-user" and rec.body["seed"] == 7
+    # The fake notes "completed" after its last write; the client may have read it all a moment before.
+    deadline = time.monotonic() + 5
+    while rec.events != ["accepted", "completed"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     assert rec.bytes_sent == len(audio) and rec.events == ["accepted", "completed"]
     assert playht.texts[-1] == TEXT
 
