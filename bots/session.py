@@ -18,8 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from loguru import logger
-from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame, EndFrame, TTSSpeakFrame
-from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.frames.frames import EndFrame, TTSSpeakFrame
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
@@ -84,24 +83,6 @@ class Caller:
             self.user_id = None
 
 
-class BotSpeech(BaseObserver):
-    """Whether the bot is speaking now, and since when it has been quiet (for a transfer that waits for the
-    reply announcing it to go out)."""
-
-    FRAME_TYPES = (BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
-
-    def __init__(self):
-        super().__init__(observe_every_push=False)
-        self.speaking = False
-        self.quiet_since = time.monotonic()
-
-    async def on_push_frame(self, data: FramePushed):
-        if isinstance(data.frame, BotStartedSpeakingFrame):
-            self.speaking = True
-        elif isinstance(data.frame, BotStoppedSpeakingFrame) and self.speaking:
-            self.speaking, self.quiet_since = False, time.monotonic()
-
-
 @dataclass
 class VoiceSession:
     runtime: Runtime
@@ -120,7 +101,6 @@ class VoiceSession:
     _side_tasks: set = field(default_factory=set, init=False)
     llm_slot: int | None = field(default=None, init=False)  # the local LLM's slot this conversation holds
     agent: Agent | None = None  # None: the server's default agent
-    speech: BotSpeech = field(default_factory=BotSpeech, init=False)
 
     def __post_init__(self):
         if self.agent is None:
@@ -215,7 +195,8 @@ class VoiceSession:
         called = time.monotonic()
         deadline = called + timeout
         while time.monotonic() < deadline:
-            if not self.speech.speaking and time.monotonic() - max(called, self.speech.quiet_since) >= quiet_secs:
+            quiet_since = max(called, self.metrics.bot_quiet_since)
+            if not self.metrics.bot_speaking and time.monotonic() - quiet_since >= quiet_secs:
                 return
             await asyncio.sleep(0.05)
 
@@ -351,7 +332,7 @@ class VoiceSession:
                 enable_metrics=True,
                 enable_usage_metrics=True,
             ),
-            observers=[*observers, self.metrics, self.speech],
+            observers=[*observers, self.metrics],
             idle_timeout_secs=None,
             enable_rtvi=False,
             enable_turn_tracking=False,  # our TurnMetricsObserver tracks turns; one observer fewer per frame

@@ -220,6 +220,10 @@ class TurnMetricsObserver(BaseObserver):
         self._last_transcript: float | None = None
         self._user_text = ""
         self._bot_speaking_turn: Turn | None = None
+        # Whether the bot is speaking now (any reply, the greeting too), and since when (monotonic) it has been
+        # quiet: a transfer waits for the reply announcing it to go out (bots/session.py).
+        self.bot_speaking = False
+        self.bot_quiet_since = time.monotonic()
         # the turn not yet ended: its preemptive request in flight (estimated input tokens), the ones
         # withdrawn, and usage reported for them; usage goes there while `_usage_ahead`
         self._speculation_tokens: int | None = None
@@ -303,8 +307,11 @@ class TurnMetricsObserver(BaseObserver):
             if self._responding and self._responding.bot_audio is None:
                 self._responding.bot_audio = t
             self._bot_speaking_turn = self._responding
+            self.bot_speaking = True
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking_turn = None
+            if self.bot_speaking:
+                self.bot_speaking, self.bot_quiet_since = False, time.monotonic()
 
     def _text(self, frame: TTSTextFrame, data: FramePushed) -> None:
         """A piece of the reply's text: pushed by the TTS (whose turn it is), then released by the output
