@@ -24,7 +24,7 @@ def cmd_serve(args) -> int:
         settings.check_exposure(host)
         from bots.agents import load_agent_config
 
-        load_agent_config(settings)  # a bad agent file or tool module stops here, before anything starts
+        agents = load_agent_config(settings)  # a bad agent file or tool module stops here, before anything starts
     except ValueError as e:
         print(f"atlas-voice serve: {e}", file=sys.stderr)
         return 2
@@ -33,7 +33,7 @@ def cmd_serve(args) -> int:
     if workers > 1:  # the supervisor imports no engine, Pipecat or app code: each worker does
         from app.workers import serve_workers
 
-        serve_workers(settings, host, port, workers)
+        serve_workers(settings, host, port, workers, agents)
     else:
         from app.server import serve
 

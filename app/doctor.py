@@ -61,11 +61,11 @@ def check_port(host: str, port: int) -> Check:
 
 
 def check_engines(s, agents) -> list[Check]:
-    from bots.agents import agent_settings
+    from bots.agents import engine_needs
     from services.local import models
     from services.local.llama_server import LlamaServerMissing, find_llama_server
 
-    resolved = [agent_settings(s, a) for a in agents.by_name.values()]
+    needs = engine_needs(s, agents)
     checks: list[Check] = []
 
     def verify(what: str, fn: Callable[[], object]) -> None:
@@ -76,12 +76,11 @@ def check_engines(s, agents) -> list[Check]:
             checks.append(Check(FAIL, what, str(e)))
 
     verify("Piper voice (every voice's fallback)", lambda: models.verified_piper_dir(s.cache_dir))
-    if any(a.resolved_stt == "whisper" for a in resolved):
+    if needs.whisper:
         verify("Whisper tiny.en", lambda: models.verified_whisper_dir(s.cache_dir))
-    local_llm = any(a.resolved_llm != "anthropic" for a in resolved) or s.llm_fallback == "local"
-    if local_llm and s.llm_url:
+    if needs.local_llm and s.llm_url:
         checks.append(Check(OK, "local LLM", f"served at ATLAS_LLM_URL={s.llm_url} (not checked here)"))
-    elif local_llm:
+    elif needs.local_llm:
         checks.append(_check_llm_model(s, models))
         try:
             checks.append(Check(OK, "llama-server", str(find_llama_server(s.llama_server))))

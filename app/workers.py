@@ -32,6 +32,7 @@ from loguru import logger
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from config.agents import Agents
 from config.settings import Settings
 
 
@@ -168,13 +169,17 @@ class _SharedLLM:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def needs_shared_llm(settings: Settings) -> bool:
-    local_llm = settings.resolved_llm != "anthropic" or settings.llm_fallback == "local"
-    return local_llm and not settings.llm_url and settings.resolved_llm != "openai"
+def needs_shared_llm(settings: Settings, agents: Agents) -> bool:
+    """The agents need this machine's own local LLM (not Claude alone, not a server at ATLAS_LLM_URL)."""
+    from bots.agents import engine_needs
+
+    needs = engine_needs(settings, agents)
+    return needs.local_llm and not settings.llm_url and not needs.openai
 
 
-def serve_workers(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Serve `host:port` with `workers` Atlas processes until SIGTERM (drain) or Ctrl-C."""
+def serve_workers(settings: Settings, host: str, port: int, workers: int, agents: Agents) -> None:
+    """Serve `host:port` with `workers` Atlas processes for `agents` (checked by `serve`) until SIGTERM (drain) or
+    Ctrl-C."""
     settings.check_exposure(host)
     own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="atlas-metrics-"))
@@ -184,13 +189,11 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> Non
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     os.environ["ATLAS_WORKERS"] = str(workers)  # each worker's /readyz waits for all of them
     llm = None
-    if needs_shared_llm(settings):
+    if needs_shared_llm(settings, agents):
         try:
-            from bots.agents import load_agent_config  # checked by `serve` already: the default agent's prompt
-
-            prompt = load_agent_config(settings).get(None).system_prompt(local_model=True)
             llm = _SharedLLM(settings, workers)
-            os.environ["ATLAS_LLM_URL"] = llm.start(prompt)
+            # the shared server's slots start with the default agent's prompt
+            os.environ["ATLAS_LLM_URL"] = llm.start(agents.get(None).system_prompt(local_model=True))
             os.environ["ATLAS_LLM_MODEL_NAME"] = "local"
         except Exception as e:
             # The workers start anyway and try the LLM themselves: each fails its load the same way and

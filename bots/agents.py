@@ -7,6 +7,7 @@ starts anything, with the file, the line and the key at fault.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from bots.tools import import_tool_modules, registered_tools
@@ -18,6 +19,25 @@ def agent_settings(settings: Settings, agent: Agent) -> Settings:
     """The settings a session of `agent` runs with: the server's, with the agent's providers."""
     update: dict[str, Any] = {k: getattr(agent, k) for k in ("stt", "llm", "tts") if getattr(agent, k)}
     return settings.model_copy(update=update) if update else settings
+
+
+@dataclass(frozen=True)
+class EngineNeeds:
+    """What the server's agents, taken together, need loaded."""
+
+    whisper: bool  # an agent hears with Whisper
+    local_llm: bool  # an agent thinks with a local/OpenAI-compatible LLM, or Claude falls back to the local one
+    openai: bool  # an agent uses ATLAS_LLM=openai (a server at ATLAS_LLM_URL)
+
+
+def engine_needs(settings: Settings, agents: Agents) -> EngineNeeds:
+    """The engines to load for these agents (the runtime, `doctor` and the worker supervisor ask the same)."""
+    resolved = [agent_settings(settings, a) for a in agents.by_name.values()]
+    return EngineNeeds(
+        whisper=any(a.resolved_stt == "whisper" for a in resolved),
+        local_llm=any(a.resolved_llm != "anthropic" for a in resolved) or settings.llm_fallback == "local",
+        openai=any(a.resolved_llm == "openai" for a in resolved),
+    )
 
 
 def load_agent_config(settings: Settings) -> Agents:

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
-from bots.agents import agent_settings, load_agent_config
+from bots.agents import agent_settings, engine_needs, load_agent_config
 from bots.auth import TokenVerifier
 from bots.limits import AbuseLimits
 from config.agents import Agent, Agents
@@ -181,7 +181,6 @@ class Runtime:
         try:
             s.check_providers()
             logger.info(f"providers: stt={s.resolved_stt} llm={s.resolved_llm} tts={s.resolved_tts}")
-            agent_settings = [self.agent_settings(a) for a in self.agents.by_name.values()]
             for agent in self.agents.by_name.values():
                 try:
                     self.agent_settings(agent).check_providers()
@@ -191,16 +190,15 @@ class Runtime:
                 logger.info(
                     f"agents from {self.agents.source}: {', '.join(self.agents.names)} (default {self.agents.default})"
                 )
-            whisper = any(a.resolved_stt == "whisper" for a in agent_settings)
+            needs = engine_needs(s, self.agents)
             self.engines = await asyncio.to_thread(
-                LocalEngines.load, stt=whisper, smart_turn=s.smart_turn, cache_dir=s.cache_dir
+                LocalEngines.load, stt=needs.whisper, smart_turn=s.smart_turn, cache_dir=s.cache_dir
             )
-            local_llm = any(a.resolved_llm != "anthropic" for a in agent_settings) or s.llm_fallback == "local"
-            if s.llm_url and local_llm:
+            if s.llm_url and needs.local_llm:
                 self.llm_base_url, self.llm_model = s.llm_url, s.llm_model_name
-            elif any(a.resolved_llm == "openai" for a in agent_settings):
+            elif needs.openai:
                 raise ValueError("ATLAS_LLM=openai needs ATLAS_LLM_URL")
-            elif local_llm:
+            elif needs.local_llm:
                 from services.local.models import resolve_llm_path
 
                 path = await asyncio.to_thread(resolve_llm_path, s.llm_model_path, s.cache_dir, False)
