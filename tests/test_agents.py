@@ -23,7 +23,7 @@ from aiohttp import web
 from fakes.anthropic import ToolUse, default_reply, tool_names, tool_results
 from fakes.twilio import FakeTwilioREST, TwilioCaller, new_sid, twilio_signature
 from storage.webhooks import verify
-from tests.conftest import VOICE, cloud_env
+from tests.conftest import VOICE, cloud_env, reset_vendors
 from tests.helpers import REPO, connected_client, free_port, running_server
 
 pytestmark = pytest.mark.timeout(900)
@@ -127,9 +127,7 @@ def agents_server(vendors, llm_record, twilio_rest, receiver, artifacts, tmp_pat
 
 @pytest.fixture(autouse=True)
 def fresh(vendors):
-    vendors["anthropic"].clear_faults()
-    vendors["anthropic"].reply = default_reply
-    vendors["anthropic"].tokens_per_second = 0
+    reset_vendors(vendors)
 
 
 def time_then_goodbye(body: dict):

@@ -22,6 +22,7 @@ from fakes.anthropic import default_reply
 from fakes.base import whisper_transcribe
 from fakes.daily import FakeDailyAPI
 from fakes.twilio import FakeTwilioREST, TwilioCaller, answer_call, new_sid, twilio_signature
+from tests.conftest import reset_vendors
 from tests.helpers import running_server, wer
 
 pytestmark = pytest.mark.timeout(900)
@@ -68,9 +69,7 @@ def doors(vendors, twilio_rest, daily_api, artifacts):
 
 @pytest.fixture(autouse=True)
 def fresh(vendors):
-    vendors["anthropic"].clear_faults()
-    vendors["anthropic"].reply = default_reply
-    vendors["anthropic"].tokens_per_second = 0
+    reset_vendors(vendors)
 
 
 def session_rows(db, transport: str) -> list[dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,16 +33,10 @@ from storage.webhooks import (
     verify,
     webhook_outbox_path,
 )
+from tests.helpers import REPO, free_port
 from vocabulary.records import SessionSummary, Usage
 
-REPO = Path(__file__).resolve().parent.parent
 SECRET = "whsec-test-3f9a1c"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

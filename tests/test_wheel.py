@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +17,8 @@ from tests.helpers import REPO, free_port
 
 def test_a_wheel_serves_the_page_outside_the_clone(tmp_path):
     dist = tmp_path / "dist"
+    # pip builds in the tree: a build/ left by an earlier build would carry files since deleted into the wheel.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO), "-w", str(dist)], check=True, timeout=600
     )
