@@ -228,6 +228,15 @@ class Settings(BaseSettings):
     alert_active_sessions: int = Field(100, validation_alias=_env("ATLAS_ALERT_ACTIVE_SESSIONS"))
     alert_window_secs: float = Field(300.0, validation_alias=_env("ATLAS_ALERT_WINDOW_SECS"))
 
+    # --- tracing (monitoring/tracing.py) ------------------------------------------------------------
+    # OpenTelemetry spans per session and per turn (STT, LLM, TTS, tool calls), through Pipecat's tracing.
+    # Off costs nothing: no tracer, and Pipecat's turn-tracking observers stay out of the pipeline.
+    tracing: bool = Field(False, validation_alias=_env("ATLAS_TRACING"))
+    # Where spans go, over OTLP/HTTP (`<endpoint>/v1/traces`); required with ATLAS_TRACING (or the
+    # exporter's own OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). Headers etc.: the exporter's OTEL_EXPORTER_OTLP_* vars.
+    otel_exporter_otlp_endpoint: str = Field("", validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    otel_service_name: str = Field("atlas-voice", min_length=1, validation_alias=_env("OTEL_SERVICE_NAME"))
+
     # --- sessions -------------------------------------------------------------------------------
     # Sessions one worker process carries at once (its capacity: /readyz says 503 at it). The bench measured
     # ~25 sessions per process at 0% errors on one core (bench/README.md); a machine carries workers x this.
@@ -392,6 +401,16 @@ class Settings(BaseSettings):
             )
         if self.twilio_account_sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", self.twilio_account_sid):
             raise ValueError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
+        if self.tracing and not self.traces_endpoint_set:
+            raise ValueError(
+                "ATLAS_TRACING=true needs OTEL_EXPORTER_OTLP_ENDPOINT, the OTLP/HTTP collector the spans go to "
+                "(e.g. http://localhost:4318)"
+            )
+
+    @property
+    def traces_endpoint_set(self) -> bool:
+        """Spans have somewhere to go: OTEL_EXPORTER_OTLP_ENDPOINT, or the exporter's own traces-only variable."""
+        return bool(self.otel_exporter_otlp_endpoint.strip() or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
     @property
     def auth_enabled(self) -> bool:
