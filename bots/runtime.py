@@ -20,6 +20,7 @@ from bots.limits import AbuseLimits
 from config.agents import Agent, Agents
 from config.settings import Settings
 from monitoring.metrics import Monitor
+from monitoring.tracing import shutdown_tracing, start_tracing
 from services.local.engines import LocalEngines
 from services.local.llama_server import LlamaServer
 from storage import make_recorder
@@ -54,6 +55,7 @@ class Runtime:
         if self.webhooks is not None:
             self.monitor.attach_recorder(self.webhooks)  # atlas_outbox_*{sink="webhook"}
         self.engines: LocalEngines | None = None  # set by `load`
+        self.tracing = False  # set by `load`: this process's spans are exported (ATLAS_TRACING)
         self.llm_base_url: str | None = None
         self.llm_model = "local"
         self.llm_server: LlamaServer | None = None
@@ -190,6 +192,7 @@ class Runtime:
                 logger.info(
                     f"agents from {self.agents.source}: {', '.join(self.agents.names)} (default {self.agents.default})"
                 )
+            self.tracing = start_tracing(s)  # ATLAS_TRACING: the process's tracer provider (monitoring/tracing.py)
             needs = engine_needs(s, self.agents)
             self.engines = await asyncio.to_thread(
                 LocalEngines.load, stt=needs.whisper, smart_turn=s.smart_turn, cache_dir=s.cache_dir
@@ -316,4 +319,6 @@ class Runtime:
         if self.webhooks is not None:
             await self.webhooks.close(timeout=self.settings.db_timeout_secs)
         await self.limits.close()
+        if self.tracing:
+            await asyncio.to_thread(shutdown_tracing)  # the spans still queued are sent
         logger.info("shutdown complete")
