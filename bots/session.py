@@ -314,6 +314,7 @@ class VoiceSession:
 
     def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
         rt = self.runtime
+        tracing = rt.settings.tracing  # the session's spans (monitoring/tracing.py)
         self.llm_slot = rt.claim_llm_slot(self.agent)  # returned when the session ends (run)
         built = build_pipeline(
             rt,
@@ -335,8 +336,16 @@ class VoiceSession:
             observers=[*observers, self.metrics],
             idle_timeout_secs=None,
             enable_rtvi=False,
-            enable_turn_tracking=False,  # our TurnMetricsObserver tracks turns; one observer fewer per frame
-            conversation_id=self.caller.conversation_id,
+            # Our TurnMetricsObserver tracks turns: Pipecat's turn tracking, one observer more per frame, only
+            # for ATLAS_TRACING, whose conversation and turn spans the services' spans hang from.
+            enable_turn_tracking=tracing,
+            enable_tracing=tracing,
+            conversation_id=self.caller.conversation_id or self.session_id,
+            additional_span_attributes=(
+                {"session.id": self.session_id, "atlas.agent": self.agent_name, "atlas.door": self.transport_name}
+                if tracing
+                else None
+            ),
         )
 
         select_frames(self.worker)  # observers get only the frame types they watch

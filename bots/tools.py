@@ -41,6 +41,8 @@ from typing import Any
 import jsonschema
 from loguru import logger
 
+from monitoring import tracing
+
 TOOL_APOLOGY = "Sorry, I couldn't get that done just now."
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_RESULT_CHARS = 4000  # what a tool returns goes into every later request of the call
@@ -229,6 +231,24 @@ def pipecat_handler(
     limit = tool.timeout_secs or timeout_secs
 
     async def handle(params) -> None:
+        # With ATLAS_TRACING, a `tool` span per call, under the `llm` span whose reply asked for it.
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": tool.name,
+            "gen_ai.tool.call.id": str(getattr(params, "tool_call_id", "") or ""),
+            "session.id": call.session_id,
+        }
+        with tracing.span("tool", attributes) as traced:
+            try:
+                outcome = await run(params)
+            except asyncio.CancelledError:  # an interruption: no failure of the tool's
+                tracing.annotate(traced, {"atlas.tool.outcome": "cancelled"})
+                raise
+            failed = outcome in ("timeout", "failed")  # arguments the model got wrong are no failure of the tool's
+            tracing.annotate(traced, {"atlas.tool.outcome": outcome}, error=outcome if failed else None)
+
+    async def run(params) -> str:
+        """Run the call; its outcome: ok, invalid_arguments, timeout or failed."""
         args = dict(params.arguments or {})
         errors = sorted(tool.validator.iter_errors(args), key=lambda e: list(e.path))
         if errors:
@@ -236,27 +256,28 @@ def pipecat_handler(
             problem = errors[0].message[:200]
             logger.info(f"tool {tool.name}: arguments refused ({problem})")
             await params.result_callback({"error": f"invalid arguments: {problem}"})
-            return
+            return "invalid_arguments"
         started = time.monotonic()
         try:
             result = await asyncio.wait_for(tool.handler(args, call), limit)
         except TimeoutError:
-            reason = f"no answer within {limit:g} s"
+            outcome, reason = "timeout", f"no answer within {limit:g} s"
         except asyncio.CancelledError:
             raise  # an interruption: Pipecat settles the call
         except Exception as e:  # noqa: BLE001 - whatever a tool raises, the call goes on
-            reason = f"{type(e).__name__}: {e}"[:300]
+            outcome, reason = "failed", f"{type(e).__name__}: {e}"[:300]
             logger.opt(exception=e).warning(f"tool {tool.name} raised")
         else:
             logger.info(f"tool {tool.name} answered in {(time.monotonic() - started) * 1000:.0f} ms")
             properties = None if tool.speaks_after else FunctionCallResultProperties(run_llm=False)
             await params.result_callback(_result_text(result), properties=properties)
-            return
+            return "ok"
         logger.warning(f"session {call.session_id}: tool {tool.name} failed: {reason}")
         await on_failure(tool.name, reason)
         await params.result_callback(
             {"error": f"the tool failed ({reason}); the caller was told it could not be done"},
             properties=FunctionCallResultProperties(run_llm=False),
         )
+        return outcome
 
     return handle

@@ -23,6 +23,7 @@ import aiohttp
 from loguru import logger
 from pipecat.frames.frames import TTSAudioRawFrame
 from pipecat.services.settings import TTSSettings
+from pipecat.utils.tracing.service_decorators import traced_tts
 
 from compat.pipecat import TTSInternals
 from services.fallback import PiperFallbackMixin
@@ -179,6 +180,7 @@ class PlayHTHttpTTSService(PiperFallbackMixin, TTSInternals):
         except Exception as e:  # connection refused, reset mid-stream, timeout, bad MP3
             raise PlayHTError(f"{type(e).__name__}: {e}") from e
 
+    @traced_tts  # Pipecat's `tts` span (ATLAS_TRACING), as its own TTS services have
     async def run_tts(self, text: str, context_id: str):
         if self._use_fallback(context_id):
             async for frame in self._piper_frames(text, context_id):
