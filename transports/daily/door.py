@@ -18,7 +18,6 @@ constructed with daily-python really imported.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
@@ -26,7 +25,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from loguru import logger
 
-from bots.auth import AuthError
 from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession
 from config.settings import secret
@@ -37,14 +35,11 @@ from services.daily.rooms import (
     delete_room,
     make_helper,
 )
+from transports.common import admit, error_response, read_start_request, refusal_response
 from vocabulary.audio import CLIENT_SAMPLE_RATE
-from vocabulary.errors import SHUTTING_DOWN_MESSAGE, ErrorCode, ProtocolError
+from vocabulary.errors import ErrorCode, ProtocolError
 
 BOT_NAME = "Atlas"
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"type": "error", "code": code, "message": message}, status_code=status)
 
 
 class DailySession(VoiceSession):
@@ -132,83 +127,25 @@ async def start_daily_session(
 
 
 async def daily_start(request: Request, runtime: Runtime) -> JSONResponse:
-    s, limits = runtime.settings, runtime.limits
-    if not s.daily_api_key:
-        return _error(404, "DAILY_DISABLED", "the Daily door is off until DAILY_API_KEY is set")
-    if not runtime.ready.is_set():
-        return _error(503, str(ErrorCode.SERVER_NOT_READY), "engines are still loading; retry in a few seconds")
-    if runtime.shutting_down:
-        return _error(503, str(ErrorCode.SERVER_SHUTTING_DOWN), SHUTTING_DOWN_MESSAGE)
-    # The agent: `?agent=` or a JSON body's "agent"; none = the default agent.
-    agent = request.query_params.get("agent")
-    if agent is None and request.headers.get("content-type", "").startswith("application/json"):
-        body = await request.body()
-        if len(body) > 4096:
-            return _error(413, str(ErrorCode.FRAME_TOO_LARGE), "the request body is limited to 4096 bytes")
-        try:
-            data = json.loads(body or b"{}")
-        except ValueError:
-            return _error(400, str(ErrorCode.INVALID_JSON), "the body must be a JSON object")
-        agent = data.get("agent") if isinstance(data, dict) else None
-        if agent is not None and not isinstance(agent, str):
-            return _error(400, str(ErrorCode.INVALID_FIELD), "'agent' must be a string")
-    if agent is not None and agent not in runtime.agents.by_name:
-        runtime.monitor.error(str(ErrorCode.UNKNOWN_AGENT))
-        shown = agent if len(agent) <= 64 else agent[:64] + "..."
-        return _error(400, str(ErrorCode.UNKNOWN_AGENT), f"no agent named '{shown}' on this server")
-    ip = request.client.host if request.client else "unknown"
-    caller = Caller(user_agent=request.headers.get("user-agent"), ip_address=ip)
-    if runtime.auth.enabled:
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        try:
-            caller.user_id = await runtime.auth.verify(token)
-        except AuthError as e:
-            runtime.monitor.error(str(ErrorCode.AUTH_FAILED))
-            return _error(401, str(ErrorCode.AUTH_FAILED), str(e))
-    held: list[tuple] = []
-
-    def release_limits() -> None:
-        for limit, key in held:
-            limit.release(key)
-        held.clear()
-
-    for limit, key in ((limits.by_ip, ip), (limits.by_user, caller.user_id or f"anon:{ip}")):
-        try:
-            await limit.acquire(key)
-        except ProtocolError as e:
-            release_limits()
-            runtime.monitor.error(str(e.code))
-            logger.warning(f"/daily/start refused for {limit.what} {key[:64]!r}: {e.code}")
-            return JSONResponse(
-                {"type": "error", "code": str(e.code), "message": e.message},
-                status_code=503 if e.code == ErrorCode.LIMITS_UNAVAILABLE else 429,
-                headers={"Retry-After": "60"},
-            )
-        held.append((limit, key))
-    if not runtime.admit():
-        release_limits()
-        runtime.monitor.error(str(ErrorCode.SERVER_BUSY))
-        return JSONResponse(
-            {
-                "type": "error",
-                "code": str(ErrorCode.SERVER_BUSY),
-                "message": runtime.busy_message(),
-            },
-            status_code=429,
-            headers={"Retry-After": "30"},
-        )
+    if not runtime.settings.daily_api_key:
+        return error_response(404, "DAILY_DISABLED", "the Daily door is off until DAILY_API_KEY is set")
+    start = await read_start_request(request, runtime)
+    if isinstance(start, JSONResponse):
+        return start
+    admission = await admit(runtime, start.caller, "/daily/start")
+    if isinstance(admission, ProtocolError):
+        return refusal_response(admission)
     try:
-        room, session = await start_daily_session(runtime, caller, runtime.http(), on_end=release_limits, agent=agent)
+        room, session = await start_daily_session(
+            runtime, start.caller, runtime.http(), on_end=admission.release_limits, agent=start.agent
+        )
     except DailyAPIError as e:
-        runtime.release()
-        release_limits()
+        admission.release()
         runtime.monitor.error("DAILY_API_ERROR")
         logger.warning(f"/daily/start: {e}")
-        return _error(502, "DAILY_API_ERROR", "the room could not be created; retry shortly")
+        return error_response(502, "DAILY_API_ERROR", "the room could not be created; retry shortly")
     except Exception:
-        runtime.release()
-        release_limits()
+        admission.release()
         raise
     return JSONResponse(
         {

@@ -40,7 +40,6 @@ from pipecat.frames.frames import BotStoppedSpeakingFrame, OutputTransportMessag
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import (
-    FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
 from typing_extensions import TypeIs
@@ -50,10 +49,10 @@ from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession, clean_text
 from compat.pipecat import skip_twilio_hang_up
 from config.settings import Settings, secret
-from transports.common import close_quietly, text_too_large
+from transports.common import audio_socket_params, close_quietly, text_too_large
 from transports.twilio.serializer import AtlasTwilioSerializer
 from transports.twilio.tokens import MAX_PARAMETER_CHARS, TOKEN_PARAMETER, StreamTokens
-from vocabulary.audio import CLIENT_SAMPLE_RATE, PHONE_RATE
+from vocabulary.audio import PHONE_RATE
 from vocabulary.errors import CloseCode, ErrorCode, ProtocolError
 
 BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes. Goodbye."
@@ -345,17 +344,7 @@ class TwilioSession(VoiceSession):
             budget=AudioBudget(s.audio_burst_secs),
             on_flood=self.on_flood,
         )
-        transport = FastAPIWebsocketTransport(
-            self.websocket,
-            FastAPIWebsocketParams(
-                audio_in_enabled=True,
-                audio_out_enabled=True,
-                add_wav_header=False,
-                audio_in_sample_rate=CLIENT_SAMPLE_RATE,
-                audio_out_sample_rate=PHONE_RATE,
-                serializer=serializer,
-            ),
-        )
+        transport = FastAPIWebsocketTransport(self.websocket, audio_socket_params(serializer, PHONE_RATE))
         # Replies are made at the phone's 8 kHz (the cloud voice renders it; Piper is resampled once), so the
         # serializer's stream resampler has nothing to do.
         self.make_worker(transport, observers=[self.marks], out_rate=PHONE_RATE)

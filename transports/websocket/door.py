@@ -22,7 +22,6 @@ from dataclasses import replace
 from fastapi import WebSocket, WebSocketDisconnect
 from loguru import logger
 from pipecat.frames.frames import OutputTransportMessageUrgentFrame
-from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from starlette.websockets import WebSocketState
 
 from bots.auth import AuthError
@@ -30,7 +29,7 @@ from bots.limits import AudioBudget, KeyedLimit, MessageRate, SharedKeyedLimit
 from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession
 from processors.client_events import ClientEventsObserver
-from transports.common import close_quietly
+from transports.common import audio_socket_params, close_quietly
 from transports.websocket.messages import session_end_message
 from transports.websocket.protocol import SessionStart, parse_before_start
 from transports.websocket.serializer import AtlasProtocolSerializer
@@ -194,17 +193,7 @@ class Session(VoiceSession):
             on_error=self.count_error,
             audio_batch_ms=s.audio_in_batch_ms,
         )
-        transport = AtlasWebsocketTransport(
-            self.websocket,
-            FastAPIWebsocketParams(
-                audio_in_enabled=True,
-                audio_out_enabled=True,
-                audio_in_sample_rate=CLIENT_SAMPLE_RATE,
-                audio_out_sample_rate=out_rate,
-                serializer=serializer,
-                allowed_origins=[],
-            ),
-        )
+        transport = AtlasWebsocketTransport(self.websocket, audio_socket_params(serializer, out_rate))
         self.make_worker(transport, observers=[ClientEventsObserver(self._send)], out_rate=out_rate)
 
         @transport.event_handler("on_client_disconnected")
