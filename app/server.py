@@ -1,6 +1,8 @@
 """The HTTP server: the browser page at `/`, `/livez`, `/readyz`, `/healthz`, `/metrics` (Prometheus),
 `/dashboard` (admin), and the voice doors: `/ws` (browsers, the Atlas protocol), `/twilio/voice` +
-`/twilio/ws` (phone calls) and `/daily/start` (a Daily room with the bot in it).
+`/twilio/ws` (phone calls), `/daily/start` (a Daily room with the bot in it), and Pipecat's clients:
+`/start`, `/sessions/<ticket>/api/offer` (RTVI over WebRTC) and `/rtvi/ws` (RTVI over a WebSocket), with
+Pipecat's prebuilt page at `/client/`.
 
 Engines load in the background after the server starts listening, so `/healthz` can say
 "loading" (503) and then "ok" (200) rather than the port being closed for a minute. `/healthz` names
@@ -20,12 +22,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.admin import admin_router, check_token, client_ip
-from app.web_assets import web_dir
+from app.web_assets import prebuilt_client_dir, web_dir
 from bots.limits import FailureThrottle
 from bots.runtime import Runtime
 from config.logging import configure_logging
 from config.settings import Settings, get_settings, is_loopback, secret
 from transports.daily.door import daily_start
+from transports.rtvi.door import WS_PATH as RTVI_WS_PATH
+from transports.rtvi.door import RTVIDoors
 from transports.twilio.door import serve_twilio, twilio_voice
 from transports.websocket.door import serve_websocket
 
@@ -36,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
     runtime = Runtime(settings=settings)
+    rtvi = RTVIDoors(runtime)
     throttle = FailureThrottle(settings.admin_failures_per_minute)  # wrong admin/metrics tokens per IP
 
     @asynccontextmanager
@@ -46,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             task.cancel()
+            await rtvi.close()
             await runtime.close()
 
     app = FastAPI(title="Atlas Voice", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -115,6 +121,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/daily/start")
     async def daily_start_endpoint(request: Request):
         return await daily_start(request, runtime)
+
+    @app.post("/start")
+    async def start_endpoint(request: Request):
+        return await rtvi.start(request)
+
+    @app.api_route("/sessions/{ticket}/api/offer", methods=["POST", "PATCH"])
+    async def webrtc_offer(ticket: str, request: Request):
+        return await rtvi.offer(ticket, request)
+
+    @app.websocket(RTVI_WS_PATH)
+    async def rtvi_ws(websocket: WebSocket):
+        await rtvi.serve_websocket(websocket)
+
+    # Pipecat's prebuilt client, from its PyPI package (pipecat-ai-prebuilt), as Pipecat's runner serves it.
+    app.mount("/client", StaticFiles(directory=prebuilt_client_dir(), html=True), name="client")
 
     @app.post("/twilio/voice")
     async def twilio_voice_webhook(request: Request):

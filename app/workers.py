@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -33,7 +34,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from config.agents import Agents
-from config.settings import Settings
+from config.settings import Settings, secret
 
 
 class _Worker(Process):
@@ -188,6 +189,8 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int, agents
         stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     os.environ["ATLAS_WORKERS"] = str(workers)  # each worker's /readyz waits for all of them
+    if not secret(settings.start_ticket_secret):  # a ticket from /start is redeemed in whichever worker
+        os.environ["ATLAS_START_TICKET_SECRET"] = secrets.token_urlsafe(32)
     llm = None
     if needs_shared_llm(settings, agents):
         try:

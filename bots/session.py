@@ -25,7 +25,7 @@ from pipecat.workers.runner import WorkerRunner
 from bots.pipeline import build_pipeline
 from bots.runtime import Runtime
 from bots.tools import TOOL_APOLOGY, ToolCall
-from compat.pipecat import select_frames
+from compat.pipecat import SafeErrorsRTVIProcessor, select_frames
 from config.agents import Agent
 from processors.turn_metrics import Turn, TurnMetricsObserver
 from storage.records import (
@@ -312,7 +312,11 @@ class VoiceSession:
                 )
                 return
 
-    def make_worker(self, transport, *, observers=(), out_rate: int | None = None) -> PipelineWorker:
+    def make_worker(
+        self, transport, *, observers=(), out_rate: int | None = None, rtvi: bool = False
+    ) -> PipelineWorker:
+        """The session's worker on the shared pipeline. `rtvi`: Pipecat's RTVI processor and observer join it
+        (the doors of Pipecat's own clients), telling the client what happens as RTVI messages."""
         rt = self.runtime
         tracing = rt.settings.tracing  # the session's spans (monitoring/tracing.py)
         self.llm_slot = rt.claim_llm_slot(self.agent)  # returned when the session ends (run)
@@ -335,7 +339,8 @@ class VoiceSession:
             ),
             observers=[*observers, self.metrics],
             idle_timeout_secs=None,
-            enable_rtvi=False,
+            enable_rtvi=rtvi,
+            rtvi_processor=SafeErrorsRTVIProcessor() if rtvi else None,
             # Our TurnMetricsObserver tracks turns: Pipecat's turn tracking, one observer more per frame, only
             # for ATLAS_TRACING, whose conversation and turn spans the services' spans hang from.
             enable_turn_tracking=tracing,

@@ -23,9 +23,10 @@ from pipecat.audio.turn.smart_turn.base_smart_turn import BaseSmartTurn
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
-from pipecat.frames.frames import Frame
+from pipecat.frames.frames import ErrorFrame, Frame
 from pipecat.observers.base_observer import BaseObserver, FrameProcessed, FramePushed
 from pipecat.pipeline.worker_observer import WorkerObserver
+from pipecat.processors.frameworks.rtvi import RTVIProcessor
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.anthropic.llm import AnthropicLLMService
 from pipecat.services.deepgram.stt import DeepgramSTTService
@@ -38,6 +39,9 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketTransport,
 )
 from pipecat.utils.text.simple_text_aggregator import SimpleTextAggregator
+
+from vocabulary.errors import ErrorCode
+from vocabulary.frames import CodedErrorFrame
 
 # --- live objects ---------------------------------------------------------------------------------------
 
@@ -404,6 +408,25 @@ class WebsocketOutputInternals(FastAPIWebsocketOutputTransport):
 def use_output(transport: FastAPIWebsocketTransport, output_cls: type) -> None:
     """Replace the output half Pipecat's transport made (`_output`) with `output_cls`, built the same way."""
     transport._output = output_cls(transport, transport._client, transport._params, name=transport._output_name)
+
+
+# --- RTVI ----------------------------------------------------------------------------------------------------
+
+
+class SafeErrorsRTVIProcessor(RTVIProcessor):
+    """Pipecat's RTVI processor, whose `error` messages carry only what a client may see.
+
+    Pipecat sends every ErrorFrame that reaches it as an RTVI `error` with the frame's own text
+    (`_send_error_frame`), and a service's error text can hold a vendor's answer or a URL. Here the message is
+    `<CODE>: <message>`: a CodedErrorFrame's stable code and client message (vocabulary/errors.py), else
+    PIPELINE_ERROR with a sentence that names no internals."""
+
+    async def _send_error_frame(self, frame):
+        if isinstance(frame, CodedErrorFrame):
+            text = f"{frame.code}: {frame.client_message}"
+        else:
+            text = f"{ErrorCode.PIPELINE_ERROR}: a speech engine failed; the session goes on"
+        await RTVIProcessor._send_error_frame(self, ErrorFrame(error=text, fatal=frame.fatal))
 
 
 # --- vendor SDKs under Pipecat's services ----------------------------------------------------------------

@@ -181,6 +181,16 @@ class Settings(BaseSettings):
     daily_api_key: SecretStr | None = Field(None, validation_alias=_env("DAILY_API_KEY"))
     daily_api_url: str = Field("https://api.daily.co/v1", validation_alias=_env("DAILY_API_URL"))
 
+    # --- Pipecat clients: the RTVI doors (transports/rtvi) -----------------------------------------
+    # STUN/TURN servers for the WebRTC door, comma-separated URLs (stun:host:port, turn:host:port); the server
+    # uses them to find its own public address and hands them to the client. Empty: host candidates only, which
+    # reach clients on the same network (or a server with a public address).
+    webrtc_ice_servers: str = Field("", validation_alias=_env("ATLAS_WEBRTC_ICE_SERVERS"))
+    # The key that signs the start tickets `POST /start` hands out (the WebRTC offer or the RTVI socket redeems
+    # one, in whichever process the request reaches). Empty: a random key per process; `serve --workers N` makes
+    # one for its workers. Several machines behind one balancer: set the same value on each.
+    start_ticket_secret: SecretStr | None = Field(None, validation_alias=_env("ATLAS_START_TICKET_SECRET"))
+
     # --- recording (Supabase, or the embedded SQLite file when SUPABASE_URL is unset) -------------
     supabase_url: str | None = Field(None, validation_alias=_env("SUPABASE_URL"))
     supabase_service_role_key: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_SERVICE_ROLE_KEY"))
@@ -315,6 +325,7 @@ class Settings(BaseSettings):
         "twilio_agent",
         "webhook_url",
         "webhook_secret",
+        "start_ticket_secret",
         mode="before",
     )
     @classmethod

@@ -42,7 +42,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from vocabulary.records import STAGES, SessionSummary, TurnRecord, sorted_percentile
 
-TRANSPORTS = ("websocket", "twilio", "daily")
+TRANSPORTS = ("websocket", "twilio", "daily", "webrtc", "rtvi_ws")
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
 COST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ALERTS = ("p95_latency", "error_rate", "cost_per_session", "active_sessions")

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loguru import logger
+
 from storage.records import INSERT, SESSIONS, TURNS
 
 SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
@@ -34,6 +36,16 @@ ADDED_COLUMNS = {
         "bot_text": "TEXT CHECK (bot_text IS NULL OR length(bot_text) <= 4000)",
     },
 }
+# CHECK constraints widened since a store's file may have been made: (table, old text, new text). SQLite cannot
+# alter a constraint; its documented shortcut for loosening one (https://sqlite.org/lang_altertable.html, "making
+# other kinds of table schema changes") rewrites the table's stored CREATE statement, as done on open.
+WIDENED_CHECKS = [
+    (
+        "voice_sessions",
+        "CHECK (transport IN ('websocket', 'twilio', 'daily'))",
+        "CHECK (transport IN ('websocket', 'twilio', 'daily', 'webrtc', 'rtvi_ws'))",
+    ),
+]
 TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}
 _COLUMN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -113,6 +125,7 @@ class SQLiteSink(Sink):
                 for name, decl in columns.items():
                     if name not in have:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            _widen_checks(conn)
             self._conn = conn
         return self._conn
 
@@ -207,3 +220,24 @@ class SQLiteSink(Sink):
     async def close(self) -> None:
         await self._run(self._close)
         self._executor.shutdown(wait=False)
+
+
+def _widen_checks(conn: sqlite3.Connection) -> None:
+    """Loosen the CHECK constraints of WIDENED_CHECKS in a file made before they were widened (every row that
+    passed the old check passes the new one, so no row needs a look)."""
+    for table, old, new in WIDENED_CHECKS:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        if old not in sql:
+            continue
+        (version,) = conn.execute("PRAGMA schema_version").fetchone()
+        with conn:
+            conn.execute("PRAGMA writable_schema = ON")
+            conn.execute(
+                "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", (sql.replace(old, new), table)
+            )
+            conn.execute(f"PRAGMA schema_version = {int(version) + 1}")
+            conn.execute("PRAGMA writable_schema = OFF")
+        (ok,) = conn.execute("PRAGMA integrity_check").fetchone()
+        if ok != "ok":
+            raise sqlite3.DatabaseError(f"{table}: integrity check after widening a constraint: {ok}")
+        logger.info(f"sqlite store: {table}'s constraint widened ({new})")

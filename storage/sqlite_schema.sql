@@ -8,7 +8,7 @@ CREATE TABLE IF NOT EXISTS voice_sessions (
   user_id TEXT,
   client_user_id TEXT,
   conversation_id TEXT,
-  transport TEXT NOT NULL DEFAULT 'websocket' CHECK (transport IN ('websocket', 'twilio', 'daily')),
+  transport TEXT NOT NULL DEFAULT 'websocket' CHECK (transport IN ('websocket', 'twilio', 'daily', 'webrtc', 'rtvi_ws')),
   started_at TEXT NOT NULL,
   ended_at TEXT,
   end_reason TEXT,

@@ -74,3 +74,40 @@ async def test_a_bad_token_gets_auth_failed_and_the_socket_closes(auth_ws, bad, 
     assert reason in first["message"]
     assert code == 1008
     assert SECRET not in json.dumps(first)
+
+
+async def test_the_rtvi_doors_need_the_token_and_the_session_is_the_tokens_user(auth_ws, artifacts):
+    """`POST /start` (Pipecat's clients) checks the Bearer token as every door does; the ticket it answers
+    carries the verified user to the session, and a ticket cannot be forged."""
+    import httpx
+    from pipecat.frames.frames import OutputTransportMessageUrgentFrame
+    from pipecat.serializers.protobuf import ProtobufFrameSerializer
+
+    base = auth_ws.replace("ws://", "http://").removesuffix("/ws")
+    async with httpx.AsyncClient(timeout=10) as http:
+        for headers in ({}, {"Authorization": "Bearer not-a-jwt"}, {"Authorization": f"Bearer {token(exp_in=-120)}"}):
+            refused = await http.post(base + "/start", json={"transport": "websocket"}, headers=headers)
+            assert refused.status_code == 401 and refused.json()["code"] == "AUTH_FAILED", refused.text
+        sub = str(uuid.uuid4())
+        started = await http.post(
+            base + "/start", json={"transport": "websocket"}, headers={"Authorization": f"Bearer {token(sub=sub)}"}
+        )
+        assert started.status_code == 200, started.text
+        answer = started.json()
+        # A ticket of our own making (another key) is refused at the socket.
+        forged = jwt.encode({"aud": "atlas:start", "kind": "websocket", "sub": sub, "jti": "x", "exp": 2**31}, "k")
+    async with websockets.connect(f"{answer['wsUrl']}?token={forged}") as ws:
+        refusal = await ProtobufFrameSerializer().deserialize(await ws.recv())
+        assert refusal.message["type"] == "error" and refusal.message["data"]["error"].startswith("AUTH_FAILED")
+    ready = {"label": "rtvi-ai", "type": "client-ready", "id": "1", "data": {"version": "2.2.0"}}
+    async with websockets.connect(f"{answer['wsUrl']}?token={answer['token']}") as ws:
+        await ws.send(await ProtobufFrameSerializer().serialize(OutputTransportMessageUrgentFrame(message=ready)))
+        for _ in range(50):
+            frame = await ProtobufFrameSerializer().deserialize(await ws.recv())
+            if getattr(frame, "message", {}).get("type") == "bot-ready":
+                break
+        else:
+            raise AssertionError("no bot-ready")
+    log = (artifacts / "server_auth.log").read_text()
+    assert "rtvi_ws session" in log and f"(user {sub}, agent atlas)" in log
+    assert "eyJ" not in log  # no token or ticket is logged

@@ -229,3 +229,39 @@ def test_websocket_output_internals():
     transport = FastAPIWebsocketTransport(Socket(), FastAPIWebsocketParams(serializer=None))
     compat.use_output(transport, Output)
     assert isinstance(transport.output(), Output) and transport.output().serializer is None
+
+
+async def test_rtvi_errors_carry_only_the_code_and_the_client_message():
+    """RTVIProcessor sends an ErrorFrame through `_send_error_frame`; ours sends `<CODE>: <message>` instead of
+    the frame's own text, which may quote a vendor."""
+    from pipecat.frames.frames import ErrorFrame, OutputTransportMessageUrgentFrame
+    from pipecat.processors.frameworks.rtvi import RTVIProcessor
+
+    from vocabulary.frames import coded_error
+
+    assert is_coroutine(RTVIProcessor, "_send_error_frame")
+    assert "_send_error_frame(frame)" in source(RTVIProcessor.process_frame)
+    sent: list = []
+    rtvi = compat.SafeErrorsRTVIProcessor()
+
+    async def push_frame(frame, direction=None):
+        if isinstance(frame, OutputTransportMessageUrgentFrame):
+            sent.append(frame.message)
+
+    rtvi.push_frame = push_frame  # type: ignore[method-assign]
+    await rtvi._send_error_frame(coded_error("TOOL_FAILED", "the tool 'x' failed", "KeyError: api.vendor.com/secret"))
+    await rtvi._send_error_frame(ErrorFrame(error="Deepgram 401 from wss://api.deepgram.com?token=abc"))
+    assert [m["data"]["error"] for m in sent] == [
+        "TOOL_FAILED: the tool 'x' failed",
+        "PIPELINE_ERROR: a speech engine failed; the session goes on",
+    ]
+    assert all(m["type"] == "error" and m["label"] == "rtvi-ai" for m in sent)
+
+
+def test_webrtc_input_takes_its_audio_through_push_audio_frame():
+    """The WebRTC door's audio budget overrides `push_audio_frame` on Pipecat's SmallWebRTC input (made a
+    subclass with compat.become): the input must still deliver every received frame through it."""
+    from pipecat.transports.smallwebrtc.transport import SmallWebRTCInputTransport
+
+    assert "await self.push_audio_frame(audio_frame)" in source(SmallWebRTCInputTransport._receive_audio)
+    assert "__init__" not in vars(__import__("transports.rtvi.door", fromlist=["x"])._BudgetedWebRTCInput)

@@ -1,0 +1,1 @@
+"""The doors of Pipecat's own clients: RTVI over WebRTC and over a WebSocket."""
