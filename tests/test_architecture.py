@@ -46,3 +46,36 @@ def test_an_upward_import_breaks_the_layers(tmp_path):
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "vocabulary.audio -> transports.common" in result.stdout
+
+
+def test_every_module_the_server_imports_is_installed_by_serve():
+    """`serve` installs requirements-serve.lock, without the test tools: every third-party module the layers
+    import must come from a distribution in it (jsonschema, once reached only through a test tool, did not)."""
+    import ast
+    import importlib.metadata
+    import re
+
+    pinned = {
+        re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
+        for line in (REPO / "requirements-serve.lock").read_text().splitlines()
+        if "==" in line and not line.startswith((" ", "#"))
+    }
+    own = set(packages()) | {"tests", "fakes", "bench"}
+    providers = importlib.metadata.packages_distributions()
+    missing: dict[str, str] = {}
+    for package in packages():
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in own or top in sys.stdlib_module_names:
+                        continue
+                    dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(top, [])}
+                    if not dists & pinned:
+                        missing[top] = str(path.relative_to(REPO))
+    assert not missing, f"imported by the server but not installed by `serve`: {missing}"
