@@ -50,7 +50,7 @@ def cmd_doctor(args) -> int:
 def cmd_talk(args) -> int:
     from app.talk import run_talk
 
-    return asyncio.run(run_talk(args.url, args.wav, args.repeat, args.out, args.timeout, args.agent))
+    return asyncio.run(run_talk(args.url, args.wav, args.repeat, args.out, args.timeout, args.agent, args.speed))
 
 
 def cmd_models(args) -> int:
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="speak the list this many times")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
     p.add_argument("--agent", default=None, help="the server's agent to talk to (default: the server's default)")
+    p.add_argument("--speed", type=float, default=None, help="the voice's speed, 0.7 to 1.2 (default: 1.0)")
     p.set_defaults(func=cmd_talk)
 
     p = sub.add_parser("daily", help="create a Daily room and run the bot in it (needs DAILY_API_KEY)")

@@ -85,10 +85,12 @@ class VoiceClient:
         conversation_id: str | None = None,
         auth_token: str = "",
         agent: str | None = None,
+        speed: float | None = None,
     ):
         self.url = url
         self.auth_token = auth_token
         self.agent = agent
+        self.speed = speed
         self.on_event = on_event or (lambda e: None)
         self.user_id = user_id
         self.conversation_id = conversation_id or f"conv-{int(time.time() * 1000)}"
@@ -108,7 +110,7 @@ class VoiceClient:
         import websockets
 
         self.ws = await websockets.connect(self.url, max_size=None)
-        start = {
+        start: dict[str, str | float] = {
             "type": "session_start",
             "userId": self.user_id,
             "conversationId": self.conversation_id,
@@ -116,6 +118,8 @@ class VoiceClient:
         }
         if self.agent:
             start["agent"] = self.agent
+        if self.speed is not None:
+            start["speed"] = self.speed
         await self.ws.send(json.dumps(start))
         started = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
         if started.get("type") != "session_started":
@@ -265,9 +269,15 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 async def run_talk(
-    url: str, wavs: list[str], repeat: int, out: str | None, timeout: float, agent: str | None = None
+    url: str,
+    wavs: list[str],
+    repeat: int,
+    out: str | None,
+    timeout: float,
+    agent: str | None = None,
+    speed: float | None = None,
 ) -> int:
-    client = VoiceClient(url, on_event=_print_event, agent=agent)
+    client = VoiceClient(url, on_event=_print_event, agent=agent, speed=speed)
     await client.connect()
     await client.send_silence(0.5)
     for _ in range(repeat):

@@ -102,11 +102,13 @@ def build_pipeline(
     agent: Agent | None = None,
     tool_call: ToolCall | None = None,
     on_tool_failure=None,
+    speed: float = 1.0,
 ) -> BuiltPipeline:
     """The pipeline for one session of `agent` (the default agent when None) on `transport`; `on_backlog(lag_secs)`
     is called once if the session falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio; `llm_slot`:
     the local LLM's slot that keeps the session's conversation cached (Runtime.claim_llm_slot); `tool_call`: what
-    the agent's tools are told about the session, and `on_tool_failure(name, reason)` awaited when one fails."""
+    the agent's tools are told about the session, and `on_tool_failure(name, reason)` awaited when one fails;
+    `speed`: the voice's speed (1.0 the voice's own)."""
     agent = agent or runtime.agents.get(None)
     s = runtime.agent_settings(agent)
     engines = runtime.engines
@@ -121,7 +123,7 @@ def build_pipeline(
         llm_slot=llm_slot,
         agent=agent,
     )
-    tts = make_tts(s, engines, agent)
+    tts = make_tts(s, engines, agent, speed)
     tools = [registered_tools()[name] for name in agent.tools]
     if tools:
         call = tool_call or ToolCall(session_id="", agent=agent.name, door="")

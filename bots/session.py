@@ -41,7 +41,7 @@ from storage.records import (
 from vocabulary.audio import CLIENT_SAMPLE_RATE
 from vocabulary.errors import ErrorCode
 from vocabulary.frames import CodedErrorFrame, coded_error
-from vocabulary.records import SessionEnd
+from vocabulary.records import SessionEnd, TurnRecord
 
 END_CALL_GRACE_SECS = 20.0  # an ending call whose goodbye has not finished playing by then is cut
 
@@ -101,11 +101,12 @@ class VoiceSession:
     _side_tasks: set = field(default_factory=set, init=False)
     llm_slot: int | None = field(default=None, init=False)  # the local LLM's slot this conversation holds
     agent: Agent | None = None  # None: the server's default agent
+    speed: float = 1.0  # the voice's speed (session_start `speed`, checked by the door)
 
     def __post_init__(self):
         if self.agent is None:
             self.agent = self.runtime.agents.get(None)
-        self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn)
+        self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn, on_reply_started=self._reply_started)
         c = self.caller
         self.info = SessionInfo(
             id=self.session_id,
@@ -134,6 +135,17 @@ class VoiceSession:
         record = turn.record()
         self.runtime.recorder.submit(TURNS, INSERT, [turn_row(self.info, record)])
         self.runtime.monitor.turn_recorded(self.transport_name, record)
+        self.on_turn_recorded(record)
+
+    def on_turn_recorded(self, record: TurnRecord) -> None:
+        """A turn closed and was recorded (called from inside the pipeline: do not wait here); doors override."""
+
+    def _reply_started(self, turn: Turn) -> None:
+        self.on_reply_started(turn.record())
+
+    def on_reply_started(self, record: TurnRecord) -> None:
+        """A turn's reply began to play: its latency, stage by stage, is known (called from inside the pipeline:
+        do not wait here); doors that tell their client override."""
 
     def count_error(self, code: str) -> None:
         """An error the session reported (to its client, or for a phone call, to the log)."""
@@ -328,6 +340,7 @@ class VoiceSession:
             agent=self.agent,
             tool_call=self.tool_call(),
             on_tool_failure=self.on_tool_failure,
+            speed=self.speed,
         )
         self.worker = PipelineWorker(
             built.pipeline,

@@ -207,9 +207,17 @@ class TurnMetricsObserver(BaseObserver):
     # first push is read (compat.pipecat.SelectiveWorkerObserver delivers no other later push at all).
     EVERY_PUSH_TYPES = (TTSTextFrame,)
 
-    def __init__(self, on_turn_closed: Callable[[Turn], None] | None = None, **kwargs):
+    def __init__(
+        self,
+        on_turn_closed: Callable[[Turn], None] | None = None,
+        on_reply_started: Callable[[Turn], None] | None = None,
+        **kwargs,
+    ):
+        """`on_turn_closed(turn)`: the turn is over (the next one began, or the session ended); `on_reply_started
+        (turn)`: the turn's reply began to play, every stage up to its first audio is known."""
         super().__init__(observe_every_push=True, **kwargs)
         self.on_turn_closed = on_turn_closed
+        self.on_reply_started = on_reply_started
         self.turns: list[Turn] = []
         self._wall_offset: float | None = None
         self._closed = 0  # turns[:_closed] have been handed to on_turn_closed
@@ -306,6 +314,8 @@ class TurnMetricsObserver(BaseObserver):
         elif isinstance(frame, BotStartedSpeakingFrame):
             if self._responding and self._responding.bot_audio is None:
                 self._responding.bot_audio = t
+                if self.on_reply_started is not None:
+                    self.on_reply_started(self._responding)
             self._bot_speaking_turn = self._responding
             self.bot_speaking = True
         elif isinstance(frame, BotStoppedSpeakingFrame):

@@ -105,10 +105,12 @@ def make_llm(
     )
 
 
-def make_tts(s: Settings, engines: LocalEngines, agent: Agent | None = None):
-    """The agent's voice (`voice`: the provider's voice id) in its language; Piper has the one English voice."""
+def make_tts(s: Settings, engines: LocalEngines, agent: Agent | None = None, speed: float = 1.0):
+    """The agent's voice (`voice`: the provider's voice id) in its language, at `speed` (1.0: the voice's own;
+    ElevenLabs' `speed` voice setting, PlayHT's speed times PLAYHT_SPEED, Piper's length scale); Piper has the one
+    English voice, and is every cloud voice's fallback, at the same speed."""
     agent = agent or Agent()
-    voice = engines.piper_voice
+    voice = engines.piper_voice if speed == 1.0 else VoiceAtSpeed(engines.piper_voice, speed)
     if s.resolved_tts == "elevenlabs":
         from pipecat.transcriptions.language import Language
 
@@ -124,6 +126,7 @@ def make_tts(s: Settings, engines: LocalEngines, agent: Agent | None = None):
                 voice=agent.voice or s.elevenlabs_voice_id,
                 model=model,
                 language=None if agent.english else Language(agent.language),
+                speed=None if speed == 1.0 else speed,
             ),
             fallback_voice=voice,
         )
@@ -137,10 +140,26 @@ def make_tts(s: Settings, engines: LocalEngines, agent: Agent | None = None):
             voice=agent.voice or s.playht_voice,
             voice_engine=s.playht_voice_engine,
             output_format=s.playht_output_format,
-            speed=s.playht_speed,
+            speed=s.playht_speed * speed,
             timeout=s.tts_timeout_secs,
             fallback_voice=voice,
         )
     from services.local.engines import SharedPiperTTSService
 
     return SharedPiperTTSService(voice)
+
+
+class VoiceAtSpeed:
+    """The process-wide Piper voice, speaking faster or slower for one session: Pipecat's Piper service calls
+    `voice.synthesize(text)`, and the shared voice must not change for the other sessions, so each call gets a
+    `SynthesisConfig` whose length scale is the voice's own divided by `speed`."""
+
+    def __init__(self, voice, speed: float):
+        from piper.config import SynthesisConfig
+
+        self._voice = voice
+        self.config = voice.config
+        self._syn_config = SynthesisConfig(length_scale=(voice.config.length_scale or 1.0) / speed)
+
+    def synthesize(self, text: str, syn_config=None, **kwargs):
+        return self._voice.synthesize(text, syn_config=syn_config or self._syn_config, **kwargs)

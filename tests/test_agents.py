@@ -467,3 +467,41 @@ def test_json_logs_carry_the_session_id_on_every_line_of_a_session(local_agent_s
     assert len(during) > 20 and all(line.get("session_id") == session for line in during), [
         line for line in during if line.get("session_id") != session
     ][:3]
+
+
+async def test_a_sessions_voice_speed_reaches_elevenlabs_and_each_reply_reports_its_latency(
+    agents_server, vendors, speech
+):
+    """`speed` in session_start becomes ElevenLabs' `speed` voice setting for that session only; the client gets
+    `turn_metrics` as the reply starts to play; a speed out of bounds is refused before anything starts."""
+    base, _db = agents_server
+    eleven = vendors["elevenlabs"]
+    n_eleven = len(eleven.connections)
+    from app.talk import VoiceClient
+
+    url = base.replace("http://", "ws://") + "/ws"
+    client = VoiceClient(url, agent="recepcion", speed=1.15)
+    await client.connect()
+    await client.send_silence(0.3)
+    await client.say(speech["dinner"])
+    await client.wait_reply_done(timeout=60)
+    await client.stop()
+    contexts = [c for conn in eleven.connections[n_eleven:] for c in conn.contexts]
+    assert contexts and all((c.voice_settings or {}).get("speed") == 1.15 for c in contexts), [
+        c.voice_settings for c in contexts
+    ]
+    metrics = [e for e in client.events if e.get("type") == "turn_metrics"]
+    assert metrics and metrics[0]["voiceToVoiceMs"] > 0 and metrics[0]["llmMs"] is not None, metrics
+    order = [e["type"] for e in client.events]
+    assert order.index("turn_metrics") < order.index("session_end")
+    # Another session at the default speed sends no speed at all.
+    n_eleven = len(eleven.connections)
+    plain = VoiceClient(url, agent="recepcion")
+    await plain.connect()
+    await plain.send_silence(0.3)
+    await plain.say(speech["dinner"])
+    await plain.wait_reply_done(timeout=60)
+    await plain.stop()
+    assert all("speed" not in (c.voice_settings or {}) for conn in eleven.connections[n_eleven:] for c in conn.contexts)
+    with pytest.raises(RuntimeError, match="INVALID_FIELD"):
+        await VoiceClient(url, speed=2.0).connect()

@@ -52,6 +52,36 @@ def test_session_start_fields():
         assert e.value.code == ErrorCode.INVALID_FIELD
 
 
+def test_session_start_speed_is_bounded():
+    base = {"type": "session_start", "userId": "u", "conversationId": "c"}
+    assert parse_session_start(base).speed == 1.0
+    assert parse_session_start({**base, "speed": 1.2}).speed == 1.2
+    assert parse_session_start({**base, "speed": 0.7}).speed == 0.7
+    for bad in (0.69, 1.21, 5, "fast", True, float("nan"), [1]):
+        with pytest.raises(ProtocolError) as e:
+            parse_session_start({**base, "speed": bad})
+        assert e.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_piper_speaks_a_sessions_speed_without_changing_the_shared_voice():
+    """Piper's length scale per session: slower is longer; the process-wide voice stays as it was."""
+    from piper import PiperVoice
+
+    from services.factory import VoiceAtSpeed
+    from services.local import models
+
+    voice = PiperVoice.load(str(models.verified_piper_dir(None) / f"{models.PIPER_VOICE}.onnx"))
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+
+    def seconds(v) -> float:
+        return sum(len(c.audio_int16_bytes) for c in v.synthesize(text)) / 2 / voice.config.sample_rate
+
+    normal, slow, fast = seconds(voice), seconds(VoiceAtSpeed(voice, 0.8)), seconds(VoiceAtSpeed(voice, 1.2))
+    # Length scale stretches the phonemes (1.5x from 1.2 to 0.8), not the voice's fixed silences: ~1.25x here.
+    assert slow / fast > 1.15 and fast < normal * 0.95 and slow > normal * 1.05, (slow, normal, fast)
+    assert seconds(voice) == pytest.approx(normal, rel=0.02)  # the shared voice itself is unchanged
+
+
 def test_audio_checks():
     check_audio(b"\x00" * 640, 65536)
     with pytest.raises(ProtocolError) as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -16,7 +17,7 @@ from starlette.websockets import WebSocketState
 from bots.auth import AuthError
 from bots.runtime import Runtime
 from bots.session import Caller
-from vocabulary.audio import CLIENT_SAMPLE_RATE
+from vocabulary.audio import CLIENT_SAMPLE_RATE, MAX_VOICE_SPEED, MIN_VOICE_SPEED
 from vocabulary.errors import SHUTTING_DOWN_MESSAGE, ErrorCode, ProtocolError
 
 MAX_START_BODY_BYTES = 4096
@@ -133,6 +134,19 @@ def refusal_response(e: ProtocolError) -> JSONResponse:
     unavailable = e.code == ErrorCode.LIMITS_UNAVAILABLE
     retry = "30" if e.code == ErrorCode.SERVER_BUSY else "60"
     return error_response(503 if unavailable else 429, str(e.code), e.message, {"Retry-After": retry})
+
+
+def parse_speed(value: Any) -> float:
+    """A session's voice speed: a number from MIN_VOICE_SPEED to MAX_VOICE_SPEED (None: 1.0), else ProtocolError."""
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "'speed' must be a number")
+    if not MIN_VOICE_SPEED <= value <= MAX_VOICE_SPEED:
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD, f"'speed' must be from {MIN_VOICE_SPEED:g} to {MAX_VOICE_SPEED:g}, got {value:g}"
+        )
+    return float(value)
 
 
 def audio_socket_params(serializer, out_rate: int) -> FastAPIWebsocketParams:

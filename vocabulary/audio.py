@@ -18,3 +18,7 @@ def stamped(frame: InputAudioRawFrame) -> InputAudioRawFrame:
     """Mark a caller audio frame with when it arrived (see RECEIVED_AT)."""
     frame.metadata[RECEIVED_AT] = time.monotonic()
     return frame
+
+
+# A session's voice speed (`speed` in session_start): ElevenLabs' documented range; Piper and PlayHT take the same.
+MIN_VOICE_SPEED, MAX_VOICE_SPEED = 0.7, 1.2

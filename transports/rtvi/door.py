@@ -53,13 +53,13 @@ from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession
 from compat.pipecat import become
 from config.settings import secret
-from processors.turn_metrics import Turn
 from transports.common import (
     Admission,
     admit,
     audio_socket_params,
     close_quietly,
     error_response,
+    parse_speed,
     read_start_request,
     refusal_response,
 )
@@ -67,6 +67,7 @@ from transports.rtvi.serializer import BoundedProtobufSerializer
 from transports.rtvi.tickets import KINDS, StartTickets
 from vocabulary.audio import CLIENT_SAMPLE_RATE
 from vocabulary.errors import CloseCode, ErrorCode, ProtocolError, error_message
+from vocabulary.records import TurnRecord
 
 MAX_OFFER_BYTES = 64 * 1024
 WS_PATH = "/rtvi/ws"
@@ -96,8 +97,7 @@ class RTVISession(VoiceSession):
         await super().on_tool_failure(name, reason)
         await self.tell(ErrorCode.TOOL_FAILED, f"the tool '{name}' failed; the conversation goes on")
 
-    def _record_turn(self, turn: Turn) -> None:
-        super()._record_turn(turn)
+    def on_turn_recorded(self, record: TurnRecord) -> None:
         self.touch_audio()  # a media stream never stops sending: a session is idle when nobody talks
 
 
@@ -222,7 +222,11 @@ class RTVIDoors:
         if not self.runtime.can_admit():  # full now: say so before the client sets up its media
             self.runtime.monitor.error(str(ErrorCode.SERVER_BUSY))
             return error_response(429, str(ErrorCode.SERVER_BUSY), self.runtime.busy_message(), {"Retry-After": "30"})
-        ticket = self.tickets.issue(kind, start.caller.user_id, start.agent)
+        try:
+            speed = parse_speed(start.body.get("speed"))
+        except ProtocolError as e:
+            return error_response(400, str(e.code), e.message)
+        ticket = self.tickets.issue(kind, start.caller.user_id, start.agent, speed)
         if kind == "websocket":
             scheme = "wss" if _is_https(request) else "ws"
             host = request.headers.get("host", f"{request.url.hostname}:{request.url.port}")
@@ -288,6 +292,7 @@ class RTVIDoors:
 
         async def on_connection(connection: SmallWebRTCConnection) -> None:
             session = WebRTCSession(self.runtime, caller, claims["agent"] or None, connection)
+            session.speed = float(claims.get("speed", 1.0))
             started.append(session)
             self.runtime.track(asyncio.create_task(self._run(session, admission)))
 
@@ -345,7 +350,9 @@ class RTVIDoors:
             close = CloseCode.TRY_AGAIN if retry else CloseCode.POLICY
             await _refuse(websocket, admission.code, admission.message, close)
             return
-        await self._run(WebsocketRTVISession(rt, caller, claims["agent"] or None, websocket), admission)
+        session = WebsocketRTVISession(rt, caller, claims["agent"] or None, websocket)
+        session.speed = float(claims.get("speed", 1.0))
+        await self._run(session, admission)
 
 
 async def _no_new_connection(_connection) -> None:

@@ -34,7 +34,7 @@ class StartTickets:
         self._ttl = ttl_secs
         self._used: dict[str, float] = {}
 
-    def issue(self, kind: str, user_id: str | None, agent: str | None) -> str:
+    def issue(self, kind: str, user_id: str | None, agent: str | None, speed: float = 1.0) -> str:
         assert kind in KINDS
         now = time.time()
         claims = {
@@ -42,6 +42,7 @@ class StartTickets:
             "kind": kind,
             "sub": user_id or "",
             "agent": agent or "",
+            "speed": speed,
             "iat": int(now),
             "exp": int(now + self._ttl) + 1,
             "jti": uuid.uuid4().hex,

@@ -30,13 +30,14 @@ from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession
 from processors.client_events import ClientEventsObserver
 from transports.common import audio_socket_params, close_quietly
-from transports.websocket.messages import session_end_message
+from transports.websocket.messages import session_end_message, turn_metrics_message
 from transports.websocket.protocol import SessionStart, parse_before_start
 from transports.websocket.serializer import AtlasProtocolSerializer
 from transports.websocket.transport import AtlasWebsocketTransport
 from vocabulary.audio import CLIENT_SAMPLE_RATE
 from vocabulary.errors import SHUTTING_DOWN_MESSAGE, CloseCode, ErrorCode, ProtocolError, error_message
 from vocabulary.frames import CodedErrorFrame
+from vocabulary.records import TurnRecord
 
 CLOSE_NORMAL = CloseCode.NORMAL
 CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
@@ -136,6 +137,7 @@ class Session(VoiceSession):
         )
         self.websocket = websocket
         self.start = start
+        self.speed = start.speed
         self.rate = rate  # the connection's message rate, carried on from the handshake
         self.budget = budget  # the connection's audio budget (seconds of audio, real time + a burst)
         self.serializer: AtlasProtocolSerializer | None = None
@@ -146,6 +148,11 @@ class Session(VoiceSession):
     async def _send(self, message: dict) -> None:
         if self.worker is not None and not self.worker.has_finished():
             await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message=message))
+
+    def on_reply_started(self, record: TurnRecord) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(turn_metrics_message(record)))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def cut_off(self, code: ErrorCode, message: str) -> None:
         await _send_json(self.websocket, error_message(code, message))

@@ -31,6 +31,19 @@ def turn_breakdown(t: TurnRecord) -> dict[str, Any]:
     }
 
 
+def turn_metrics_message(t: TurnRecord) -> dict[str, Any]:
+    """`turn_metrics`: a turn's latency as it closes (the page shows the last turn's)."""
+    return {
+        "type": "turn_metrics",
+        "turn": t.index,
+        "voiceToVoiceMs": t.voice_to_voice_ms,
+        "sttMs": t.stt_ms,
+        "llmMs": t.llm_first_token_ms,
+        "ttsMs": t.tts_first_audio_ms,
+        "interrupted": t.interrupted,
+    }
+
+
 def session_metrics(s: SessionSummary) -> dict[str, Any]:
     """The `metrics` object of `session_end`."""
     u = s.usage

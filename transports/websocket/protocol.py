@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from transports.common import text_too_large
+from transports.common import parse_speed, text_too_large
 from vocabulary.errors import ErrorCode, ProtocolError
 
 MAX_ID_LENGTH = 256
@@ -23,6 +23,7 @@ class SessionStart:
     auth_token: str | None
     verified_user_id: str | None = None  # the token's `sub` when auth is on
     agent: str | None = None  # one of the server's agents (checked by the door), None for the default
+    speed: float = 1.0  # the voice's speed, MIN_VOICE_SPEED..MAX_VOICE_SPEED
 
 
 def _string_field(msg: dict, name: str, required: bool) -> str | None:
@@ -69,6 +70,7 @@ def parse_session_start(msg: dict[str, Any]) -> SessionStart:
         conversation_id=_required_string(msg, "conversationId"),
         auth_token=_string_field(msg, "authToken", False),
         agent=_string_field(msg, "agent", False),
+        speed=parse_speed(msg.get("speed")),
     )
 
 
