@@ -140,10 +140,11 @@ def admin_router(
         try:
             sessions = await sink.fetch("voice_sessions", since_iso)
             turns = await sink.fetch("voice_turns", since_iso)
+            feedback = await sink.fetch("voice_feedback", since_iso)
         except Exception as e:  # any store failure: the details go to the log, not to the client
             logger.error(f"admin API: reading the session store failed: {type(e).__name__}: {e}")
             return _error(503, "STORE_UNAVAILABLE", "the session store could not be read; see the server log")
-        data = summarize(sessions, turns, chosen, since=since_iso)
+        data = summarize(sessions, turns, chosen, feedback=feedback, since=since_iso)
         data["range"] = since.strip() or "all"
         data["store"] = getattr(sink, "name", "sink")
         return JSONResponse(data, headers=API_HEADERS)

@@ -57,6 +57,8 @@ def format_report(summary: dict, *, since_label: str, store: str) -> str:
         f"  {'Error rate':<20}{_pct(t['error_rate']):>14}   (of turns)",
         f"  {'Interruptions':<20}{t['interruptions']:>14}",
         f"  {'Audio minutes':<20}{t['audio_minutes']:>14.2f}",
+        f"  {'Satisfied':<20}{_pct(t['satisfaction_rate']):>14}   (rated 4-5, of {t['ratings']} ratings; target > 85%)",
+        f"  {'Reported an issue':<20}{_pct(t['issue_rate']):>14}   (rated 1-2; target < 5%)",
         "",
         f"{'Latency (ms)':<22}{'turns':>8}{'p50':>12}{'p95':>12}",
     ]
@@ -142,12 +144,16 @@ def _store_description(settings) -> str:
     return f"sqlite {settings.resolved_sqlite_path}"
 
 
-async def _fetch(settings, since_iso: str | None) -> tuple[list[dict], list[dict]]:
+async def _fetch(settings, since_iso: str | None) -> tuple[list[dict], list[dict], list[dict]]:
     from storage import make_sink
 
     sink = make_sink(settings)
     try:
-        return await sink.fetch("voice_sessions", since_iso), await sink.fetch("voice_turns", since_iso)
+        return (
+            await sink.fetch("voice_sessions", since_iso),
+            await sink.fetch("voice_turns", since_iso),
+            await sink.fetch("voice_feedback", since_iso),
+        )
     finally:
         await sink.close()
 
@@ -167,7 +173,7 @@ def run_report(since: str = "24h", png: str | Path = "report.png", bucket: str |
         print(f"no sessions since {since_text}: nothing has been recorded yet ({store} does not exist)")
         return 0
     try:
-        sessions, turns = asyncio.run(_fetch(settings, since_iso))
+        sessions, turns, feedback = asyncio.run(_fetch(settings, since_iso))
     except Exception as e:
         print(
             f"atlas-voice report: could not read the session store ({store}): {type(e).__name__}: {e}", file=sys.stderr
@@ -176,7 +182,7 @@ def run_report(since: str = "24h", png: str | Path = "report.png", bucket: str |
     if not sessions and not turns:
         print(f"no sessions since {since_text} ({since}) in {store}")
         return 0
-    summary = summarize(sessions, turns, bucket, since=since_iso, now=datetime.now(UTC))
+    summary = summarize(sessions, turns, bucket, feedback=feedback, since=since_iso, now=datetime.now(UTC))
     print(format_report(summary, since_label=since or "all", store=store))
     start = f"since {parse_ts(since_iso):%Y-%m-%d %H:%M} UTC" if since_iso else "all recorded"
     path = write_chart(

@@ -28,6 +28,7 @@ from bots.runtime import Runtime
 from config.logging import configure_logging
 from config.settings import Settings, get_settings, is_loopback, secret
 from transports.daily.door import daily_start
+from transports.feedback import post_feedback
 from transports.rtvi.door import WS_PATH as RTVI_WS_PATH
 from transports.rtvi.door import RTVIDoors
 from transports.twilio.door import serve_twilio, twilio_voice
@@ -121,6 +122,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/daily/start")
     async def daily_start_endpoint(request: Request):
         return await daily_start(request, runtime)
+
+    @app.post("/feedback")
+    async def feedback(request: Request):
+        return await post_feedback(request, runtime)
 
     @app.post("/start")
     async def start_endpoint(request: Request):

@@ -189,8 +189,8 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int, agents
         stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     os.environ["ATLAS_WORKERS"] = str(workers)  # each worker's /readyz waits for all of them
-    if not secret(settings.start_ticket_secret):  # a ticket from /start is redeemed in whichever worker
-        os.environ["ATLAS_START_TICKET_SECRET"] = secrets.token_urlsafe(32)
+    if not secret(settings.session_token_secret):  # a token Atlas hands out is redeemed in whichever worker
+        os.environ["ATLAS_SESSION_TOKEN_SECRET"] = secrets.token_urlsafe(32)
     llm = None
     if needs_shared_llm(settings, agents):
         try:

@@ -9,6 +9,7 @@ rotation and lets the live sessions finish.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -17,8 +18,9 @@ from loguru import logger
 from bots.agents import agent_settings, engine_needs, load_agent_config
 from bots.auth import TokenVerifier
 from bots.limits import AbuseLimits
+from bots.tokens import FeedbackTokens
 from config.agents import Agent, Agents
-from config.settings import Settings
+from config.settings import Settings, secret
 from monitoring.metrics import Monitor
 from monitoring.tracing import shutdown_tracing, start_tracing
 from services.local.engines import LocalEngines
@@ -67,9 +69,25 @@ class Runtime:
         self.tasks: set[asyncio.Task] = set()  # background sessions (Daily bots)
         self.live: dict[str, Any] = {}  # running VoiceSessions by id, every door (drained on shutdown)
         self.twilio_tokens: Any = None  # transports.twilio.tokens.StreamTokens, made on first use
+        # What lets a client rate a session it had (session_end's feedbackToken; bots/feedback.py).
+        self.feedback_tokens = FeedbackTokens(secret(settings.session_token_secret))
+        self._rated: dict[str, float] = {}  # session id -> when this process first counted its rating
         self.shutting_down = False
         self._drain_cut = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
+
+    def first_rating(self, session_id: str) -> bool:
+        """Whether this is the first rating of the session this process sees (within a day; at most 100 000
+        remembered): /metrics counts a session once, however often its rating is posted."""
+        now = time.monotonic()
+        if len(self._rated) > 100_000 or (self._rated and next(iter(self._rated.values())) < now - 86400):
+            self._rated = {k: t for k, t in self._rated.items() if t > now - 86400}
+            while len(self._rated) > 100_000:
+                del self._rated[next(iter(self._rated))]
+        if session_id in self._rated:
+            return False
+        self._rated[session_id] = now
+        return True
 
     def agent_settings(self, agent: Agent) -> Settings:
         """The settings a session of `agent` runs with: the server's, with the agent's providers and voice."""

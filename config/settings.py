@@ -186,10 +186,10 @@ class Settings(BaseSettings):
     # uses them to find its own public address and hands them to the client. Empty: host candidates only, which
     # reach clients on the same network (or a server with a public address).
     webrtc_ice_servers: str = Field("", validation_alias=_env("ATLAS_WEBRTC_ICE_SERVERS"))
-    # The key that signs the start tickets `POST /start` hands out (the WebRTC offer or the RTVI socket redeems
-    # one, in whichever process the request reaches). Empty: a random key per process; `serve --workers N` makes
-    # one for its workers. Several machines behind one balancer: set the same value on each.
-    start_ticket_secret: SecretStr | None = Field(None, validation_alias=_env("ATLAS_START_TICKET_SECRET"))
+    # The key that signs the tokens Atlas hands clients (bots/tokens.py): `POST /start`'s tickets, a session's
+    # feedback token. Empty: a random key per process; `serve --workers N` makes one for its workers. Several
+    # machines behind one balancer: set the same value on each (a token is redeemed wherever a request lands).
+    session_token_secret: SecretStr | None = Field(None, validation_alias=_env("ATLAS_SESSION_TOKEN_SECRET"))
 
     # --- recording (Supabase, or the embedded SQLite file when SUPABASE_URL is unset) -------------
     supabase_url: str | None = Field(None, validation_alias=_env("SUPABASE_URL"))
@@ -237,6 +237,14 @@ class Settings(BaseSettings):
     alert_cost_per_session_usd: float = Field(0.50, validation_alias=_env("ATLAS_ALERT_COST_PER_SESSION_USD"))
     alert_active_sessions: int = Field(100, validation_alias=_env("ATLAS_ALERT_ACTIVE_SESSIONS"))
     alert_window_secs: float = Field(300.0, validation_alias=_env("ATLAS_ALERT_WINDOW_SECS"))
+    # Satisfaction (ratings of 4-5 among the session ratings of POST /feedback) below this fraction over the last
+    # ATLAS_ALERT_SATISFACTION_WINDOW_SECS fires `satisfaction` (the plan's target: over 85% satisfied), once at
+    # least ATLAS_ALERT_SATISFACTION_MIN_RATINGS ratings are in the window.
+    alert_satisfaction: float = Field(0.85, ge=0, le=1, validation_alias=_env("ATLAS_ALERT_SATISFACTION"))
+    alert_satisfaction_window_secs: float = Field(
+        3600.0, gt=0, validation_alias=_env("ATLAS_ALERT_SATISFACTION_WINDOW_SECS")
+    )
+    alert_satisfaction_min_ratings: int = Field(10, ge=1, validation_alias=_env("ATLAS_ALERT_SATISFACTION_MIN_RATINGS"))
 
     # --- tracing (monitoring/tracing.py) ------------------------------------------------------------
     # OpenTelemetry spans per session and per turn (STT, LLM, TTS, tool calls), through Pipecat's tracing.
@@ -325,7 +333,7 @@ class Settings(BaseSettings):
         "twilio_agent",
         "webhook_url",
         "webhook_secret",
-        "start_ticket_secret",
+        "session_token_secret",
         mode="before",
     )
     @classmethod

@@ -179,11 +179,24 @@ def _session_row(s: dict, started: datetime | None) -> dict:
     }
 
 
+def feedback_stats(ratings: list[dict]) -> dict:
+    """The plan's two feedback rates over `voice_feedback` rows: satisfied (4-5) and reported an issue (1-2)."""
+    values = [int(_num(r.get("rating"))) for r in ratings if r.get("rating") is not None]
+    n = len(values)
+    return {
+        "ratings": n,
+        "satisfaction_rate": sum(1 for v in values if v >= 4) / n if n else None,
+        "issue_rate": sum(1 for v in values if v <= 2) / n if n else None,
+        "avg_rating": sum(values) / n if n else None,
+    }
+
+
 def summarize(
     sessions: list[dict],
     turns: list[dict],
     bucket: str | None = None,
     *,
+    feedback: list[dict] | None = None,
     since: str | None = None,
     now: datetime | None = None,
     recent: int = 20,
@@ -193,7 +206,8 @@ def summarize(
 
     `bucket` is "hour" or "day" for the time series; None picks by the span: from `since` (or the
     first row) to `now` (or the last row when `since` is None). `since` is only used for that
-    choice and echoed back; the rows are expected to be filtered already.
+    choice and echoed back; the rows are expected to be filtered already. `feedback`: the
+    `voice_feedback` rows (the sessions' ratings).
     """
     if bucket is not None and bucket not in BUCKETS:
         raise ValueError(f"bucket={bucket!r}: use 'hour' or 'day'")
@@ -231,6 +245,7 @@ def summarize(
         "llm_input_tokens": int(sum(_num(s.get("llm_input_tokens")) for s in sessions)),
         "llm_output_tokens": int(sum(_num(s.get("llm_output_tokens")) for s in sessions)),
         "tts_characters": int(sum(_num(s.get("tts_characters")) for s in sessions)),
+        **feedback_stats(feedback or []),
     }
 
     # Time series per bucket.
@@ -293,4 +308,10 @@ def summarize(
         "errors_by_code": errors_by_code,
         "session_costs": session_costs,
         "recent_sessions": recent_sessions,
+        # What people said, newest first: the comments of the latest ratings.
+        "feedback_comments": [
+            {"session_id": r.get("id"), "rating": int(_num(r.get("rating"))), "comment": r.get("comment")}
+            for r in sorted(feedback or [], key=lambda r: str(r.get("created_at") or ""), reverse=True)
+            if r.get("comment")
+        ][:recent],
     }

@@ -45,7 +45,9 @@ from vocabulary.records import STAGES, SessionSummary, TurnRecord, sorted_percen
 TRANSPORTS = ("websocket", "twilio", "daily", "webrtc", "rtvi_ws")
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
 COST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-ALERTS = ("p95_latency", "error_rate", "cost_per_session", "active_sessions")
+ALERTS = ("p95_latency", "error_rate", "cost_per_session", "active_sessions", "satisfaction")
+RATINGS = ("1", "2", "3", "4", "5")
+SATISFIED, ISSUE = 4, 2  # a rating >= 4 is satisfied, <= 2 reported an issue (the plan's two feedback rates)
 MIN_WINDOW_TURNS = 5  # the windowed alerts stay quiet (and resolve) below this many turns in the window
 
 
@@ -173,6 +175,9 @@ class Monitor:
         self.cost_threshold_usd = float(settings.alert_cost_per_session_usd)
         self.active_threshold = int(settings.alert_active_sessions)
         self.window_secs = float(settings.alert_window_secs)
+        self.satisfaction_threshold = float(settings.alert_satisfaction)
+        self.satisfaction_window_secs = float(settings.alert_satisfaction_window_secs)
+        self.satisfaction_min_ratings = int(settings.alert_satisfaction_min_ratings)
 
         # With several workers (multiprocess mode) every gauge says how the workers' values combine: `livesum`
         # (the machine's total), `livemax` (any worker), `liveall` (one series per worker, labelled `pid`).
@@ -270,6 +275,12 @@ class Monitor:
         self.llm_input_tokens = Counter("atlas_llm_input_tokens", "LLM input tokens (ended sessions).", registry=r)
         self.llm_output_tokens = Counter("atlas_llm_output_tokens", "LLM output tokens (ended sessions).", registry=r)
         self.tts_characters = Counter("atlas_tts_characters", "Characters sent to TTS (ended sessions).", registry=r)
+        self.feedback = Counter(
+            "atlas_feedback",
+            "Session ratings received (POST /feedback), by rating 1-5 and door: satisfied 4-5, an issue 1-2.",
+            ["rating", "transport"],
+            registry=r,
+        )
         self.alert_active = Gauge(
             "atlas_alert_active",
             "1 while the alert is firing (in any worker), else 0.",
@@ -283,7 +294,7 @@ class Monitor:
         self.alert_threshold = Gauge(
             "atlas_alert_threshold",
             "The configured threshold (p95_latency in seconds, error_rate as a fraction, "
-            "cost_per_session in USD, active_sessions in sessions).",
+            "cost_per_session in USD, active_sessions in sessions, satisfaction as a fraction).",
             ["alert"],
             registry=r,
             multiprocess_mode="livemax",
@@ -309,11 +320,14 @@ class Monitor:
                 self.preempt_requests.labels(transport, outcome)
             for stage in STAGES:
                 self.stage_latency.labels(stage.name, transport)
+            for rating in RATINGS:
+                self.feedback.labels(rating, transport)
         thresholds = {
             "p95_latency": self.p95_threshold_ms / 1000.0,
             "error_rate": self.error_rate_threshold,
             "cost_per_session": self.cost_threshold_usd,
             "active_sessions": self.active_threshold,
+            "satisfaction": self.satisfaction_threshold,
         }
         for name in ALERTS:
             self.alert_active.labels(name).set(0)
@@ -327,6 +341,7 @@ class Monitor:
         self._window: deque[tuple[float, float | None, bool]] = deque()  # (t, v2v ms, errored), oldest first
         self._v2v_sorted: list[float] = []  # the window's voice-to-voice values, ascending
         self._window_errored = 0
+        self._ratings: deque[tuple[float, int]] = deque()  # (t, rating) within the satisfaction window
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -413,6 +428,14 @@ class Monitor:
             self._window_errored += errored
             self._evaluate_window(now)
 
+    def feedback_recorded(self, transport: str, rating: int) -> None:
+        """A session was rated (1-5): counted, and the satisfaction alert re-evaluated."""
+        self.feedback.labels(str(rating), transport).inc()
+        with self._lock:
+            now = self.clock()
+            self._ratings.append((now, rating))
+            self._evaluate_satisfaction(now)
+
     def provider_retry(self, provider: str, reason: str) -> None:
         """A provider call that failed and was tried again: invisible to the caller when the retry works."""
         self.provider_retries.labels(provider, reason).inc()
@@ -490,7 +513,25 @@ class Monitor:
             f"{active} active sessions (threshold {self.active_threshold})",
         )
 
+    def _evaluate_satisfaction(self, now: float) -> None:
+        ratings, horizon = self._ratings, now - self.satisfaction_window_secs
+        while ratings and ratings[0][0] < horizon:
+            ratings.popleft()
+        span = f"the last {self.satisfaction_window_secs:g} s"
+        n, least, threshold = len(ratings), self.satisfaction_min_ratings, self.satisfaction_threshold
+        if n < least:
+            self._set_alert("satisfaction", False, f"{n} ratings in {span} (fewer than {least})")
+            return
+        satisfied = sum(1 for _, rating in ratings if rating >= SATISFIED)
+        rate = satisfied / n
+        self._set_alert(
+            "satisfaction",
+            rate < threshold,
+            f"{satisfied}/{n} ratings satisfied (4-5) over {span} ({rate:.1%}), threshold {threshold:.0%}",
+        )
+
     def _evaluate_window(self, now: float) -> None:
+        self._evaluate_satisfaction(now)
         window, horizon = self._window, now - self.window_secs
         while window and window[0][0] < horizon:
             _, v2v, errored = window.popleft()

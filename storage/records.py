@@ -24,6 +24,7 @@ from vocabulary.records import STAGES, SessionSummary, TurnRecord
 
 SESSIONS = "voice_sessions"
 TURNS = "voice_turns"
+FEEDBACK = "voice_feedback"  # one rating per session, `id` the session's (supabase/migrations/..._feedback.sql)
 
 # A write is (table, mode, rows). "insert" adds rows that are not there yet and leaves existing
 # ones alone (ON CONFLICT (id) DO NOTHING); "upsert" inserts or overwrites (DO UPDATE).
@@ -142,6 +143,17 @@ class SessionInfo:
 def turn_id(session_id: str, index: int) -> str:
     """A stable id per (session, turn): a replayed write can never make a second row."""
     return str(uuid.uuid5(uuid.UUID(session_id), f"turn-{index}"))
+
+
+def feedback_row(session_id: str, user_id: str | None, rating: int, comment: str | None) -> dict:
+    """A session's rating (1-5) and comment, written (UPSERT) over any earlier one of the same session."""
+    return {
+        "id": session_id,
+        "user_id": user_id,
+        "rating": rating,
+        "comment": comment,
+        "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+    }
 
 
 def turn_row(session: SessionInfo, turn: TurnRecord) -> dict:

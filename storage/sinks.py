@@ -20,7 +20,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from storage.records import INSERT, SESSIONS, TURNS
+from storage.records import FEEDBACK, INSERT, SESSIONS, TURNS
 
 SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
 # Columns added since a store's file may have been made (`CREATE TABLE IF NOT EXISTS` leaves an old table
@@ -46,7 +46,7 @@ WIDENED_CHECKS = [
         "CHECK (transport IN ('websocket', 'twilio', 'daily', 'webrtc', 'rtvi_ws'))",
     ),
 ]
-TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at"}
+TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at", FEEDBACK: "created_at"}
 _COLUMN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 

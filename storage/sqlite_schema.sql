@@ -83,3 +83,14 @@ CREATE TABLE IF NOT EXISTS voice_turns (
 
 CREATE INDEX IF NOT EXISTS idx_voice_turns_session ON voice_turns (session_id, turn_index);
 CREATE INDEX IF NOT EXISTS idx_voice_turns_created ON voice_turns (created_at DESC);
+
+-- How the call went (supabase/migrations/20261207100000_feedback.sql): one rating per session, `id` the session's.
+CREATE TABLE IF NOT EXISTS voice_feedback (
+  id TEXT PRIMARY KEY REFERENCES voice_sessions(id) ON DELETE CASCADE,
+  user_id TEXT,
+  rating INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 5),
+  comment TEXT CHECK (comment IS NULL OR length(comment) <= 1000),
+  created_at TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS idx_voice_feedback_created ON voice_feedback (created_at DESC);

@@ -31,7 +31,7 @@ from fastapi.testclient import TestClient
 from app.admin import admin_router
 from config.settings import Settings
 from monitoring.analytics import STAGES, parse_since, percentile, summarize
-from storage.records import SESSIONS, TURNS, iso
+from storage.records import FEEDBACK, SESSIONS, TURNS, iso
 from storage.sinks import SQLiteSink
 from tests.helpers import REPO, free_port
 
@@ -80,6 +80,31 @@ PLAN = [
     (1.2, "daily", 2, 0, 0, DEEPGRAM_ONLY, True),
     (0.3, "websocket", 2, 1, 0, DEEPGRAM_HAIKU_11LABS, False),  # in progress: no usage yet
 ]
+
+
+# Ratings of the plan's sessions (by index): (rating, comment)
+RATINGS = {
+    1: (5, "Quick and friendly."),
+    2: (2, "It cut me off twice."),
+    3: (4, None),
+    5: (5, None),
+    6: (1, "<b>could not hear me</b>"),  # shown as text, never as HTML
+    7: (4, "Good answers."),
+    8: (5, None),
+}
+
+
+def _feedback_rows(sessions: list[dict]) -> list[dict]:
+    return [
+        {
+            "id": sessions[k]["id"],
+            "user_id": None,
+            "rating": rating,
+            "comment": comment,
+            "created_at": sessions[k]["ended_at"],
+        }
+        for k, (rating, comment) in RATINGS.items()
+    ]
 
 
 def _seed_rows(now: float) -> tuple[list[dict], list[dict]]:
@@ -190,6 +215,7 @@ def store(tmp_path_factory) -> Path:
         sink = SQLiteSink(path)
         await sink.write(SESSIONS, "upsert", sessions)
         await sink.write(TURNS, "insert", turns)
+        await sink.write(FEEDBACK, "upsert", _feedback_rows(sessions))
         await sink.close()
 
     run(seed())
@@ -233,6 +259,13 @@ def expected_totals(path: Path, since: str | None) -> dict:
         ),
         "v2v_p50": float(np.percentile(v2v, 50)) if v2v else None,
         "v2v_p95": float(np.percentile(v2v, 95)) if v2v else None,
+        "ratings": one(path, f"SELECT COUNT(*) FROM voice_feedback {t_where}", *args),
+        "satisfaction_rate": one(
+            path, f"SELECT AVG(CASE WHEN rating >= 4 THEN 1.0 ELSE 0.0 END) FROM voice_feedback {t_where}", *args
+        ),
+        "issue_rate": one(
+            path, f"SELECT AVG(CASE WHEN rating <= 2 THEN 1.0 ELSE 0.0 END) FROM voice_feedback {t_where}", *args
+        ),
     }
 
 
@@ -406,6 +439,9 @@ def test_report_prints_the_figures_and_writes_a_png(store, tmp_path):
     assert float(figure("Error rate").rstrip("%")) == pytest.approx(want["error_rate"] * 100, abs=0.005)
     assert int(figure("Interruptions")) == want["interruptions"]
     assert float(figure("Audio minutes")) == pytest.approx(want["audio_minutes"], abs=0.005)
+    assert float(figure("Satisfied").rstrip("%")) == pytest.approx(want["satisfaction_rate"] * 100, abs=0.005)
+    assert f"of {want['ratings']} ratings" in out
+    assert float(figure("Reported an issue").rstrip("%")) == pytest.approx(want["issue_rate"] * 100, abs=0.005)
 
     v2v = re.search(r"^\s+voice_to_voice\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.MULTILINE)
     assert v2v, out
@@ -674,6 +710,15 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
         assert value == pytest.approx(want["error_rate"]) and text == f"{want['error_rate'] * 100:.1f}%"
         value, text = _value(page, "tile-audio-minutes")
         assert value == pytest.approx(want["audio_minutes"]) and text == f"{want['audio_minutes']:.1f}"
+        value, text = _value(page, "tile-satisfaction")
+        assert value == pytest.approx(want["satisfaction_rate"]) and text == f"{want['satisfaction_rate'] * 100:.1f}%"
+        value, text = _value(page, "tile-issues")
+        assert value == pytest.approx(want["issue_rate"]) and text == f"{want['issue_rate'] * 100:.1f}%"
+        assert _value(page, "tile-ratings")[0] == want["ratings"]
+        # Under the plan's targets (85% satisfied, under 5% with an issue): both shown as bad.
+        assert "bad" in page.get_attribute('[data-testid="tile-satisfaction"]', "class")
+        comments = page.locator('[data-testid="feedback-comments"] li').all_inner_texts()
+        assert "1/5 <b>could not hear me</b>" in comments and "5/5 Quick and friendly." in comments
         for q in ("p50", "p95"):
             value, text = _value(page, f"tile-v2v-{q}")
             assert value == pytest.approx(want[f"v2v_{q}"])

@@ -322,6 +322,37 @@ def test_error_rate_needs_a_minimum_of_turns():
     assert "error_rate" in m.active_alerts()
 
 
+def test_satisfaction_alert_counts_ratings_in_its_own_window(logs):
+    clock = Clock()
+    m = Monitor(
+        Settings(
+            ATLAS_ALERT_SATISFACTION=0.85,
+            ATLAS_ALERT_SATISFACTION_WINDOW_SECS=600,
+            ATLAS_ALERT_SATISFACTION_MIN_RATINGS=10,
+        ),
+        clock=clock,
+    )
+    for _ in range(8):
+        m.feedback_recorded("websocket", 2)  # all unhappy, but too few ratings to judge
+        clock.t += 1
+    assert "satisfaction" not in m.active_alerts()
+    for rating in (5, 4):
+        m.feedback_recorded("websocket", rating)
+    assert "2/10 ratings satisfied" in m.active_alerts()["satisfaction"]
+    s = scrape(m)
+    assert value(s, "atlas_feedback_total", rating="2", transport="websocket") == 8
+    assert value(s, "atlas_alert_active", alert="satisfaction") == 1
+    assert value(s, "atlas_alert_threshold", alert="satisfaction") == 0.85
+    clock.t += 601  # the unhappy hour is over; 17 of 20 new ratings satisfied is exactly 85%: not under it
+    for i in range(20):
+        m.feedback_recorded("webrtc", 5 if i < 17 else 1)
+    assert "satisfaction" not in m.active_alerts()
+    assert [line.split(":")[0] for line in alert_lines(logs, "satisfaction")] == [
+        "WARNING ALERT satisfaction firing",
+        "INFO ALERT satisfaction resolved",
+    ]
+
+
 def test_cost_alert_per_session(logs):
     m = Monitor(Settings(alert_cost_per_session_usd=0.25))
     m.session_started("websocket")
@@ -405,13 +436,19 @@ def test_alert_rules_match_the_default_settings_and_severities():
         "AtlasErrorRateHigh",
         "AtlasSessionCostHigh",
         "AtlasActiveSessionsHigh",
+        "AtlasSatisfactionLow",
     }
     assert {name: rule["labels"]["severity"] for name, rule in rules.items()} == {
         "AtlasP95LatencyHigh": "page",
         "AtlasErrorRateHigh": "slack",
         "AtlasSessionCostHigh": "finance",
         "AtlasActiveSessionsHigh": "scale",
+        "AtlasSatisfactionLow": "product",
     }
+    satisfaction = rules["AtlasSatisfactionLow"]["expr"]
+    assert f"< {s.alert_satisfaction:g}\n" in satisfaction
+    assert f">= {s.alert_satisfaction_min_ratings}\n" in satisfaction
+    assert all(w == f"[{s.alert_satisfaction_window_secs / 3600:g}h]" for w in re.findall(r"\[\w+\]", satisfaction))
     assert f"> {s.alert_p95_ms / 1000:g}\n" in rules["AtlasP95LatencyHigh"]["expr"]
     assert f"> {s.alert_error_rate:g}\n" in rules["AtlasErrorRateHigh"]["expr"]
     assert f'le="{s.alert_cost_per_session_usd:g}"' in rules["AtlasSessionCostHigh"]["expr"]
@@ -449,6 +486,9 @@ tests:
       - {series: 'atlas_session_cost_usd_count{instance="b"}', values: '0x6 1x14'}
       - {series: 'atlas_session_cost_usd_bucket{instance="b",le="0.5"}', values: '0x6 1x14'}
       - {series: 'atlas_active_sessions{transport="websocket",instance="b"}', values: '60x20'}
+      # ratings: 2 a minute rated 5 everywhere; from minute 20 on instance a, 3 a minute rated 2
+      - {series: 'atlas_feedback_total{rating="5",transport="websocket",instance="a"}', values: '0+2x90'}
+      - {series: 'atlas_feedback_total{rating="2",transport="websocket",instance="a"}', values: '0x20 0+3x70'}
     alert_rule_test:
       - eval_time: 8m
         alertname: AtlasP95LatencyHigh
@@ -465,6 +505,12 @@ tests:
       - eval_time: 8m
         alertname: AtlasActiveSessionsHigh
         exp_alerts: [{exp_labels: {instance: a, severity: scale, notify: scale}}]
+      - eval_time: 15m
+        alertname: AtlasSatisfactionLow
+        exp_alerts: []
+      - eval_time: 40m
+        alertname: AtlasSatisfactionLow
+        exp_alerts: [{exp_labels: {severity: product, notify: product}}]
 """
 
 

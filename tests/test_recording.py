@@ -19,7 +19,7 @@ from config.prices import rates_for
 from fakes.supabase_local.stack import SECRET, Stack
 from fakes.supabase_local.stack import client as supabase_client
 from storage.outbox import OutboxFile, Recorder
-from storage.records import INSERT, SESSIONS, TURNS, UPSERT
+from storage.records import FEEDBACK, INSERT, SESSIONS, TURNS, UPSERT
 from storage.sinks import SQLiteSink
 from storage.supabase import SupabaseSink
 from tests.conftest import cloud_env, reset_vendors
@@ -199,7 +199,7 @@ async def test_sqlite_store_has_the_migration_tables(stack, tmp_path):
     await sink.fetch(SESSIONS)  # creates the file
     await sink.close()
     with sqlite3.connect(tmp_path / "atlas.sqlite3") as db:
-        for table in (SESSIONS, TURNS):
+        for table in (SESSIONS, TURNS, FEEDBACK):
             columns = {r[1] for r in db.execute(f"select * from pragma_table_xinfo('{table}')")}
             assert columns == pg_columns(stack, table), table
 

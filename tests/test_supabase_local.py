@@ -400,3 +400,41 @@ async def test_users_read_only_their_own_voice_sessions_and_turns(stack, service
         assert (await anon.table("voice_sessions").select("id").execute()).data == []
     finally:
         await http.aclose()
+
+
+async def test_users_rate_only_their_own_sessions(stack, service):
+    """voice_feedback's RLS: a user gives, reads and changes the rating of their own session only; anon nothing."""
+    sessions = {user: str(uuid.uuid4()) for user in (stack.user_a, stack.user_b)}
+    for user, sid in sessions.items():
+        await service.table("voice_sessions").insert({"id": sid, "user_id": str(user)}).execute()
+    a, b = stack.user_a, stack.user_b
+    sb, http = await as_user(stack, a)
+    try:
+        await sb.table("voice_feedback").insert({"id": sessions[a], "user_id": str(a), "rating": 4}).execute()
+        await sb.table("voice_feedback").update({"rating": 5, "comment": "great"}).eq("id", sessions[a]).execute()
+        # B's session, even claiming to be B: refused by the policy
+        with pytest.raises(APIError):
+            await sb.table("voice_feedback").insert({"id": sessions[b], "user_id": str(b), "rating": 1}).execute()
+        with pytest.raises(APIError):
+            await sb.table("voice_feedback").insert({"id": sessions[b], "user_id": str(a), "rating": 1}).execute()
+        with pytest.raises(APIError):  # the rating's bounds hold for everyone
+            await sb.table("voice_feedback").upsert({"id": sessions[a], "user_id": str(a), "rating": 6}).execute()
+        mine = (await sb.table("voice_feedback").select("id,rating,comment").execute()).data
+    finally:
+        await http.aclose()
+    assert mine == [{"id": sessions[a], "rating": 5, "comment": "great"}]
+    await service.table("voice_feedback").insert({"id": sessions[b], "user_id": str(b), "rating": 2}).execute()
+    sb, http = await as_user(stack, a)
+    try:
+        assert {r["id"] for r in (await sb.table("voice_feedback").select("id").execute()).data} == {sessions[a]}
+        # B's rating cannot be changed by A: no row of B's is visible to update
+        await sb.table("voice_feedback").update({"rating": 5}).eq("id", sessions[b]).execute()
+    finally:
+        await http.aclose()
+    row = (await service.table("voice_feedback").select("rating").eq("id", sessions[b]).execute()).data
+    assert row == [{"rating": 2}]
+    anon, http = await client(stack, stack.api.anon_key)
+    try:
+        assert (await anon.table("voice_feedback").select("id").execute()).data == []
+    finally:
+        await http.aclose()

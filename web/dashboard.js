@@ -185,6 +185,12 @@
     tile("tile-errors", t.errors, `${fmtInt(t.errors)} turns with an error`);
     tile("tile-interruptions", t.interruptions, fmtInt(t.interruptions));
     tile("tile-audio-minutes", t.audio_minutes, fmtDec(t.audio_minutes));
+    tile("tile-satisfaction", t.satisfaction_rate, fmtPct(t.satisfaction_rate));
+    tile("tile-ratings", t.ratings, `${fmtInt(t.ratings || 0)} ratings · target over 85%`);
+    tile("tile-issues", t.issue_rate, fmtPct(t.issue_rate));
+    $("tile-satisfaction").classList.toggle("bad", t.satisfaction_rate != null && t.satisfaction_rate < 0.85);
+    $("tile-issues").classList.toggle("bad", t.issue_rate != null && t.issue_rate >= 0.05);
+    renderComments(d.feedback_comments || []);
 
     renderStages(d);
     renderLatencyCharts(d);
@@ -247,6 +253,19 @@
         xs, keys: d.series.map((b) => b.start), bucket: d.bucket, format: fmtMs, stage,
         series: ["p50", "p95"].map((q) => ({ name: q, values: d.series.map((b) => b[q][stage]) })),
       });
+    }
+  }
+
+  function renderComments(rows) {
+    const list = $("comments");
+    list.textContent = "";
+    $("comments-section").hidden = rows.length === 0;
+    for (const r of rows) {
+      const li = document.createElement("li");
+      const stars = document.createElement("strong");
+      stars.textContent = `${r.rating}/5`;
+      li.append(stars, " ", r.comment);  // text nodes: a comment is never HTML
+      list.appendChild(li);
     }
   }
 

@@ -200,7 +200,7 @@ class RTVIDoors:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         s = runtime.settings
-        self.tickets = StartTickets(secret(s.start_ticket_secret), s.session_start_timeout_secs)
+        self.tickets = StartTickets(secret(s.session_token_secret), s.session_start_timeout_secs)
         self.ice_urls = [u.strip() for u in s.webrtc_ice_servers.split(",") if u.strip()]
         self.webrtc = SmallWebRTCRequestHandler(ice_servers=[IceServer(urls=u) for u in self.ice_urls] or None)
         self._pc_ticket: dict[str, str] = {}  # peer connection id -> the jti of the ticket that opened it

@@ -25,6 +25,7 @@ from pipecat.frames.frames import OutputTransportMessageUrgentFrame
 from starlette.websockets import WebSocketState
 
 from bots.auth import AuthError
+from bots.feedback import record_feedback
 from bots.limits import AudioBudget, KeyedLimit, MessageRate, SharedKeyedLimit
 from bots.runtime import Runtime
 from bots.session import Caller, VoiceSession
@@ -143,7 +144,12 @@ class Session(VoiceSession):
         self.serializer: AtlasProtocolSerializer | None = None
 
     def session_end_message(self) -> dict:
-        return session_end_message(self.final())
+        """`session_end`, with the token that lets the client rate this session afterwards (`POST /feedback`)."""
+        token = self.runtime.feedback_tokens.issue(self.session_id, self.caller.user_id, self.transport_name)
+        return {**session_end_message(self.final()), "feedbackToken": token}
+
+    def on_feedback(self, rating: int, comment: str | None) -> None:
+        record_feedback(self.runtime, self.session_id, self.caller.user_id, self.transport_name, rating, comment)
 
     async def _send(self, message: dict) -> None:
         if self.worker is not None and not self.worker.has_finished():
@@ -199,6 +205,7 @@ class Session(VoiceSession):
             session_end=self.session_end_message,
             on_error=self.count_error,
             audio_batch_ms=s.audio_in_batch_ms,
+            on_feedback=self.on_feedback,
         )
         transport = AtlasWebsocketTransport(self.websocket, audio_socket_params(serializer, out_rate))
         self.make_worker(transport, observers=[ClientEventsObserver(self._send)], out_rate=out_rate)

@@ -12,7 +12,7 @@ from vocabulary.errors import ErrorCode, ProtocolError
 
 MAX_ID_LENGTH = 256
 
-CONTROL_TYPES = {"mute", "unmute", "interrupt", "session_stop"}
+CONTROL_TYPES = {"mute", "unmute", "interrupt", "session_stop", "feedback"}
 CLIENT_TYPES = CONTROL_TYPES | {"session_start"}
 
 

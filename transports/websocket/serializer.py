@@ -24,6 +24,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.serializers.base_serializer import FrameSerializer
 
+from bots.feedback import parse_feedback
 from transports.common import AudioBatcher
 from transports.websocket.protocol import check_audio, parse_text_message
 from vocabulary.audio import CLIENT_SAMPLE_RATE, stamped
@@ -36,9 +37,10 @@ class AtlasProtocolSerializer(FrameSerializer):
 
     In: binary PCM s16le 16 kHz mono -> InputAudioRawFrame; `mute`/`unmute` gate the audio (muted
     audio becomes silence of the same length, so the VAD closes any open turn); `interrupt` ->
-    InterruptionFrame; `session_stop` is handed to `on_session_stop`. Bad input becomes an urgent
-    `error` message that travels to the output transport; the session goes on. Every `error`
-    sent is reported to `on_error` (the session's error count and /metrics).
+    InterruptionFrame; `session_stop` is handed to `on_session_stop`; `feedback` (checked) to
+    `on_feedback`, answered `feedback_received`. Bad input becomes an urgent `error` message that travels
+    to the output transport; the session goes on. Every `error` sent is reported to `on_error` (the
+    session's error count and /metrics).
 
     Out: audio -> `audio_chunk` (base64 PCM at the session's output rate) stamped with the
     reply sentence it belongs to; spoken text -> `bot_transcript`; an interruption while the client
@@ -60,6 +62,7 @@ class AtlasProtocolSerializer(FrameSerializer):
         rate=None,
         budget=None,
         on_flood=None,
+        on_feedback=None,
     ):
         super().__init__()
         self._batch = AudioBatcher(CLIENT_SAMPLE_RATE, audio_batch_ms)
@@ -72,6 +75,7 @@ class AtlasProtocolSerializer(FrameSerializer):
         self._rate = rate  # bots.limits.MessageRate: over it, messages are dropped before parsing
         self._budget = budget  # bots.limits.AudioBudget: audio over real time (+ a burst) is dropped
         self._on_flood = on_flood  # called once when the message rate says the connection is flooding
+        self._on_feedback = on_feedback  # called with a `feedback` message's (rating, comment)
         self.muted = False
         self.end_sent = False  # session_end written (the door sends it itself when the pipeline never started)
         self.sentence_index = -1  # the first SentenceStartFrame makes it 0
@@ -119,6 +123,13 @@ class AtlasProtocolSerializer(FrameSerializer):
             return InterruptionFrame()
         elif kind == "session_stop" and self._on_session_stop:
             await self._on_session_stop()
+        elif kind == "feedback" and self._on_feedback:
+            try:
+                rating, comment = parse_feedback(msg)
+            except ProtocolError as e:
+                return OutputTransportMessageUrgentFrame(message=e.to_message())
+            self._on_feedback(rating, comment)
+            return OutputTransportMessageUrgentFrame(message={"type": "feedback_received", "rating": rating})
         return None
 
     # ---- server -> client -------------------------------------------------------------------
