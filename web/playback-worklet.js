@@ -1,5 +1,7 @@
 // Gapless playback of the server's PCM: one ring buffer, resampled from the stream's rate to the
-// AudioContext's rate. `flush` drops everything queued (on interruption).
+// AudioContext's rate. `flush` drops everything queued (on interruption). It reports
+// {type: "buffered", seconds, playing, played} when playback starts or stops and on a flush: `played` is
+// the seconds of reply audio sent to the speakers so far.
 class PlaybackProcessor extends AudioWorkletProcessor {
   constructor() {
     super();
@@ -12,6 +14,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.frac = 0;
     this.last = 0;
     this.playing = false;
+    this.played = 0; // samples of audio played
     this.port.onmessage = (e) => {
       const m = e.data;
       if (m.type === "format") {
@@ -51,7 +54,9 @@ class PlaybackProcessor extends AudioWorkletProcessor {
   }
 
   report() {
-    this.port.postMessage({ type: "buffered", seconds: this.size / sampleRate, playing: this.playing });
+    this.port.postMessage({
+      type: "buffered", seconds: this.size / sampleRate, playing: this.playing, played: this.played / sampleRate,
+    });
   }
 
   process(_inputs, outputs) {
@@ -62,6 +67,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
       this.read = (this.read + 1) % this.capacity;
       this.size--;
     }
+    this.played += n;
     for (; n < out.length; n++) out[n] = 0;
     const playing = this.size > 0;
     if (playing !== this.playing) {
