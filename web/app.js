@@ -97,7 +97,7 @@ const atlas = (window.atlas = {
 let ws = null, ctx = null, mic = null, capture = null, playback = null, source = null;
 let outRate = 22050, muted = false, running = false, callStarted = false, stopTimer = null;
 let botLine = null, partialLine = null, lastSessionId = null;
-let wakeLock = null, noticeTimer = null;
+let wakeLock = null, noticeTimer = null, startTimer = null;
 
 // --- the state shown and announced ------------------------------------------------------------------------
 
@@ -287,6 +287,21 @@ document.addEventListener("visibilitychange", () => {
   if (ctx && ctx.state === "suspended") ctx.resume().catch(() => {});
 });
 
+// Storage may be off (private browsing, a policy): the page works without remembering.
+function stored(storage, key) {
+  try {
+    return storage.getItem(key);
+  } catch (_) {
+    return null;
+  }
+}
+
+function store(storage, key, value) {
+  try {
+    storage.setItem(key, value);
+  } catch (_) { /* not remembered */ }
+}
+
 // --- voice speed ------------------------------------------------------------------------------------------
 
 function clampSpeed(v) {
@@ -300,12 +315,12 @@ function showSpeed() {
   ui.speedValue.textContent = atlas.speed.toFixed(2) + "\u00d7";
 }
 
-ui.speed.value = String(clampSpeed(localStorage.getItem("atlas-speed") ?? 1));
+ui.speed.value = String(clampSpeed(stored(localStorage, "atlas-speed") ?? 1));
 showSpeed();
 ui.speed.addEventListener("input", showSpeed);
 ui.speed.addEventListener("change", () => {
   showSpeed();
-  localStorage.setItem("atlas-speed", String(atlas.speed));
+  store(localStorage, "atlas-speed", String(atlas.speed));
 });
 
 // --- sign-in token ----------------------------------------------------------------------------------------
@@ -317,12 +332,12 @@ ui.speed.addEventListener("change", () => {
   const params = new URLSearchParams(location.hash.slice(1));
   const token = params.get("access_token");
   if (token) {
-    sessionStorage.setItem("atlas-token", token);
+    store(sessionStorage, "atlas-token", token);
     history.replaceState(null, "", location.pathname + location.search);
   }
-  ui.token.value = sessionStorage.getItem("atlas-token") || "";
+  ui.token.value = stored(sessionStorage, "atlas-token") || "";
   ui.signin.hidden = !ui.token.value;
-  ui.token.onchange = () => sessionStorage.setItem("atlas-token", ui.token.value.trim());
+  ui.token.onchange = () => store(sessionStorage, "atlas-token", ui.token.value.trim());
 })();
 
 // --- turn latency -----------------------------------------------------------------------------------------
@@ -409,6 +424,8 @@ function onMessage(ev) {
       break;
     case "error":
       showError(m);
+      // Before session_started, an error means this start failed (the server ignores that session_start).
+      if (!atlas.sessionId && atlas.state === "connecting") cleanup();
       break;
     case "session_end":
       atlas.sessionEnd = m;
@@ -494,8 +511,8 @@ async function start() {
       sock.onclose = () => { clearTimeout(timer); reject(new StartError("CONNECTION", "connection refused")); };
     });
     sock.onclose = (ev) => onClosed(sock, ev);
-    const user = localStorage.getItem("atlas-user") || `browser-${crypto.randomUUID()}`;
-    localStorage.setItem("atlas-user", user);
+    const user = stored(localStorage, "atlas-user") || `browser-${crypto.randomUUID()}`;
+    store(localStorage, "atlas-user", user);
     const msg = { type: "session_start", userId: user, conversationId: crypto.randomUUID(), speed: atlas.speed };
     const token = ui.token.value.trim();
     if (token) msg.authToken = token;
@@ -503,6 +520,12 @@ async function start() {
     const agent = new URLSearchParams(location.search).get("agent");
     if (agent) msg.agent = agent;
     sock.send(JSON.stringify(msg));
+    startTimer = setTimeout(() => {
+      if (ws === sock && !atlas.sessionId) {
+        showError({ code: "START_FAILED", message: "no session_started in 30 s" });
+        cleanup();
+      }
+    }, 30000);
     ui.start.textContent = "Stop";
     ui.start.classList.add("stop");
     ui.start.disabled = false;
@@ -539,6 +562,7 @@ function stop() {
 
 function cleanup() {
   clearTimeout(stopTimer);
+  clearTimeout(startTimer);
   running = false;
   releaseWakeLock();
   if (ws) {
@@ -563,6 +587,10 @@ function cleanup() {
 }
 
 ui.start.addEventListener("click", () => (ws ? stop() : start()));
+// Leaving the page ends the call properly (the server records it as stopped, not dropped).
+window.addEventListener("pagehide", () => {
+  if (ws && ws.readyState === WebSocket.OPEN && atlas.sessionId) ws.send(JSON.stringify({ type: "session_stop" }));
+});
 ui.mute.addEventListener("click", () => {
   muted = !muted;
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: muted ? "mute" : "unmute" }));
@@ -642,7 +670,8 @@ ui.feedback.addEventListener("submit", async (e) => {
       fb.state = "sent";
       ui.feedback.classList.add("done");
       ui.feedbackResult.className = "feedback-result ok";
-      ui.feedbackResult.textContent = "Thank you! Your rating helps make Atlas better.";
+      const stars = fb.rating === 1 ? "1 star" : `${fb.rating} stars`;
+      ui.feedbackResult.textContent = `Thank you! You rated this call ${stars}. It helps make Atlas better.`;
       ui.feedbackSend.textContent = "Sent";
       return;
     }
@@ -655,7 +684,9 @@ ui.feedback.addEventListener("submit", async (e) => {
       FEEDBACK_UNAVAILABLE: "This server does not take feedback.",
       CONNECTION: "Your feedback could not be sent: Atlas could not be reached. Try again.",
       RATE_LIMITED: "Too much feedback was sent from here just now. Try again in a minute.",
-      AUTH_FAILED: "This feedback form has expired, so it could not be sent.",
+      AUTH_FAILED: "This call can no longer be rated (its feedback link has expired or is not valid).",
+      FRAME_TOO_LARGE: "Your comment is too long to send. Shorten it, then press Send.",
+      INVALID_JSON: "Your feedback could not be read by the server. Reload the page to try again.",
       INVALID_FIELD: `Your feedback could not be sent: ${err.message}`,
     }[fb.error.code] || ERROR_TEXT.FEEDBACK_FAILED + (err.message ? ` (${err.message})` : "");
     ui.feedbackResult.className = "feedback-result bad";
