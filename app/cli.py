@@ -23,8 +23,10 @@ def cmd_serve(args) -> int:
     try:
         settings.check_exposure(host)
         from bots.agents import load_agent_config
+        from bots.rollout import rollout_from_settings
 
         agents = load_agent_config(settings)  # a bad agent file or tool module stops here, before anything starts
+        rollout_from_settings(settings, agents)  # and so does a rollout naming no agent of it
     except ValueError as e:
         print(f"atlas-voice serve: {e}", file=sys.stderr)
         return 2
@@ -120,6 +122,38 @@ def cmd_export(args) -> int:
     from app.export import run_export
 
     return run_export(args.session, args.format, args.out)
+
+
+def cmd_rollout(args) -> int:
+    """Show the rollout, or set ATLAS_ROLLOUT_FILE's (bots/rollout.py): running servers follow it within a second."""
+    _configure_logging("WARNING")
+    from bots.agents import load_agent_config
+    from bots.rollout import rollout_from_settings, write_rollout_file
+    from config.settings import get_settings
+
+    settings = get_settings()
+    try:
+        agents = load_agent_config(settings)
+        if args.action == "show":
+            rollout = rollout_from_settings(settings, agents)
+            where = settings.rollout_file or ("ATLAS_ROLLOUT" if settings.rollout.strip() else "no rollout set")
+            print(f"{rollout.current()} ({where}); the rest: {agents.default} (control)")
+            return 0
+        if settings.rollout_file is None:
+            print(
+                "atlas-voice rollout set: set ATLAS_ROLLOUT_FILE (the file the servers read the rollout from) first",
+                file=sys.stderr,
+            )
+            return 2
+        split = write_rollout_file(settings.rollout_file, ",".join(args.split), agents)
+    except ValueError as e:
+        print(f"atlas-voice rollout: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"atlas-voice rollout: {settings.rollout_file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"{split} written to {settings.rollout_file}; new sessions follow it (running servers look every second)")
+    return 0
 
 
 def cmd_outbox(args) -> int:
@@ -266,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["json", "text"], default="json", help="default json")
     p.add_argument("--out", default=None, help="write to this file (default: standard output)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("rollout", help="show the rollout of variants, or set it (ATLAS_ROLLOUT_FILE) with no restart")
+    p.add_argument("action", choices=["show", "set"])
+    p.add_argument("split", nargs="*", help='set: variant=percent items, e.g. "v2=50" (none: no variant)')
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("outbox", help="rows no store took (dead letters): list, send again, or delete them")
     p.add_argument("action", choices=["list", "retry", "purge"])

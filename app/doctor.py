@@ -247,6 +247,14 @@ def run_doctor(host: str | None = None, port: int | None = None, out=sys.stdout)
         checks.append(Check(OK, "agents", f"{', '.join(agents.names)} (default {agents.default})"))
     except ValueError as e:
         checks.append(Check(FAIL, "agents", str(e)))
+    if agents is not None and (s.rollout.strip() or s.rollout_file is not None):
+        from bots.rollout import rollout_from_settings
+
+        try:
+            split = rollout_from_settings(s, agents).current()
+            checks.append(Check(OK, "rollout", f"{split}; the rest: {agents.default}"))
+        except ValueError as e:
+            checks.append(Check(FAIL, "rollout", str(e)))
     checks.append(check_port(host or s.host, port or s.port))
     if agents is not None:
         checks.extend(check_engines(s, agents))

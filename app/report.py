@@ -70,6 +70,19 @@ def format_report(summary: dict, *, since_label: str, store: str) -> str:
         lines.append(f"  {day['day']:<20}{day['sessions']:>8}{_usd(day['cost_usd']):>14}")
     if not summary["cost_per_day"]:
         lines.append("  (no sessions)")
+    if summary["variants"]:
+        lines += [
+            "",
+            "Rollout variants (ATLAS_ROLLOUT)",
+            f"  {'variant':<14}{'sessions':>9}{'v2v p50':>10}{'v2v p95':>10}{'errors':>9}"
+            f"{'cost/session':>14}{'satisfied':>11}{'issues':>9}{'ratings':>9}",
+        ]
+        for v in summary["variants"]:
+            lines.append(
+                f"  {v['variant']:<14}{v['sessions']:>9}{_ms(v['v2v_p50']):>10}{_ms(v['v2v_p95']):>10}"
+                f"{_pct(v['error_rate']):>9}{_usd(v['avg_cost_per_session_usd']):>14}"
+                f"{_pct(v['satisfaction_rate']):>11}{_pct(v['issue_rate']):>9}{v['ratings']:>9}"
+            )
     lines += ["", f"{'Errors by code':<22}{'turns':>8}"]
     for e in summary["errors_by_code"]:
         lines.append(f"  {e['code']:<20}{e['count']:>8}")

@@ -18,6 +18,7 @@ from loguru import logger
 from bots.agents import agent_settings, engine_needs, load_agent_config
 from bots.auth import TokenVerifier
 from bots.limits import AbuseLimits
+from bots.rollout import Rollout, rollout_from_settings
 from bots.tokens import FeedbackTokens
 from config.agents import Agent, Agents
 from config.settings import Settings, secret
@@ -51,6 +52,7 @@ class Runtime:
         self.auth: TokenVerifier = TokenVerifier.from_settings(settings)
         # Agents and their tools: checked here, so a bad file or an unknown tool stops the server at start-up.
         self.agents: Agents = load_agent_config(settings)
+        self.rollout: Rollout = rollout_from_settings(settings, self.agents)  # who gets which agent (bots/rollout.py)
         self._agent_settings: dict[str, Settings] = {}
         # `session.ended` events for ATLAS_WEBHOOK_URL, through their own outbox (storage/webhooks.py).
         self.webhooks: Recorder | None = make_webhook_recorder(settings)

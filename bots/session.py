@@ -100,12 +100,15 @@ class VoiceSession:
     pipeline_started: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _side_tasks: set = field(default_factory=set, init=False)
     llm_slot: int | None = field(default=None, init=False)  # the local LLM's slot this conversation holds
-    agent: Agent | None = None  # None: the server's default agent
+    agent: Agent | None = None  # the agent the client asked for; None: the rollout's choice (bots/rollout.py)
     speed: float = 1.0  # the voice's speed (session_start `speed`, checked by the door)
+    rollout_key: str | None = None  # who the caller is, for the rollout's stable split (None: the caller's address)
+    variant: str | None = field(default=None, init=False)  # the rollout's variant; None: no rollout, or asked for
 
     def __post_init__(self):
         if self.agent is None:
-            self.agent = self.runtime.agents.get(None)
+            key = self.rollout_key or self.caller.user_id or self.caller.client_user_id or self.caller.ip_address
+            self.agent, self.variant = self.runtime.rollout.assign(key)
         self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn, on_reply_started=self._reply_started)
         c = self.caller
         self.info = SessionInfo(
@@ -120,6 +123,7 @@ class VoiceSession:
             ip_address=c.ip_address,
             store_transcripts=self.agent.store_transcripts,
             agent=self.agent.name,
+            variant=self.variant,
         )
 
     # --- telemetry ---------------------------------------------------------------------------
@@ -397,7 +401,7 @@ class VoiceSession:
         rt.monitor.session_started(self.transport_name)
         logger.info(
             f"{self.transport_name} session {self.session_id} started (user {self.describe_user()}, "
-            f"agent {self.agent_name})"
+            f"agent {self.agent_name}{f', variant {self.variant}' if self.variant else ''})"
         )
         watchdog = asyncio.create_task(self._watchdog())
         rt.live[self.session_id] = self  # Runtime.drain ends it on SIGTERM

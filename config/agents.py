@@ -135,6 +135,11 @@ class Agents:
         """The named agent (the default for None); KeyError for a name not on the list."""
         return self.by_name[name or self.default]
 
+    def named(self, name: str | None) -> Agent | None:
+        """The agent a client asked for by name (None when it named none: the rollout chooses); KeyError for a
+        name not on the list."""
+        return None if not name else self.by_name[name]
+
     @property
     def names(self) -> list[str]:
         return sorted(self.by_name)

@@ -215,6 +215,11 @@ class Settings(BaseSettings):
     )
     # A tool call that has not returned in this long is abandoned; the caller hears an apology (TOOL_FAILED).
     tool_timeout_secs: float = Field(10.0, gt=0, le=120, validation_alias=_env("ATLAS_TOOL_TIMEOUT_SECS"))
+    # Rollout by percentage (bots/rollout.py): "variant=percent" items, each variant an agent of the agent file
+    # (e.g. "v2=10"); the rest of the users get the default agent. Empty: no rollout.
+    rollout: str = Field("", validation_alias=_env("ATLAS_ROLLOUT"))
+    # A file holding the rollout instead, read again whenever it changes (no restart): `atlas-voice rollout set`.
+    rollout_file: Path | None = Field(None, validation_alias=_env("ATLAS_ROLLOUT_FILE"))
 
     # --- webhooks (storage/webhooks.py) -----------------------------------------------------------
     # Where `session.ended` events are POSTed (signed, retried through their own outbox); unset = none sent.
@@ -334,6 +339,7 @@ class Settings(BaseSettings):
         "webhook_url",
         "webhook_secret",
         "session_token_secret",
+        "rollout_file",
         mode="before",
     )
     @classmethod

@@ -191,6 +191,46 @@ def feedback_stats(ratings: list[dict]) -> dict:
     }
 
 
+def variant_stats(sessions: list[dict], turns: list[dict], feedback: list[dict]) -> list[dict]:
+    """The rollout's variants side by side (`voice_sessions.variant`; sessions outside a rollout are left out):
+    sessions, voice-to-voice p50/p95 and error rate over their turns, cost per ended session, and the feedback
+    rates. `control` first, then the variants by name."""
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for s in sessions:
+        if s.get("variant"):
+            by_variant[str(s["variant"])].append(s)
+    variant_of = {s.get("id"): str(s["variant"]) for s in sessions if s.get("variant")}
+    turns_of: dict[str, list[dict]] = defaultdict(list)
+    for t in turns:
+        v = variant_of.get(t.get("session_id"))
+        if v is not None:
+            turns_of[v].append(t)
+    ratings_of: dict[str, list[dict]] = defaultdict(list)
+    for r in feedback:
+        v = variant_of.get(r.get("id"))
+        if v is not None:
+            ratings_of[v].append(r)
+    out = []
+    for name in sorted(by_variant, key=lambda v: (v != "control", v)):
+        rows, v_turns = by_variant[name], turns_of[name]
+        ended = [s for s in rows if s.get("ended_at")]
+        v2v = [float(t["voice_to_voice_ms"]) for t in v_turns if t.get("voice_to_voice_ms") is not None]
+        errors = sum(1 for t in v_turns if t.get("error_code"))
+        out.append(
+            {
+                "variant": name,
+                "sessions": len(rows),
+                "turns": len(v_turns),
+                "v2v_p50": percentile(v2v, 50),
+                "v2v_p95": percentile(v2v, 95),
+                "error_rate": errors / len(v_turns) if v_turns else None,
+                "avg_cost_per_session_usd": sum(_cost(s) for s in ended) / len(ended) if ended else None,
+                **feedback_stats(ratings_of[name]),
+            }
+        )
+    return out
+
+
 def summarize(
     sessions: list[dict],
     turns: list[dict],
@@ -308,6 +348,7 @@ def summarize(
         "errors_by_code": errors_by_code,
         "session_costs": session_costs,
         "recent_sessions": recent_sessions,
+        "variants": variant_stats(sessions, turns, feedback or []),
         # What people said, newest first: the comments of the latest ratings.
         "feedback_comments": [
             {"session_id": r.get("id"), "rating": int(_num(r.get("rating"))), "comment": r.get("comment")}

@@ -82,6 +82,7 @@ class SessionInfo:
     ip_address: str | None = None
     store_transcripts: bool = False  # the agent keeps what was said (turn rows carry user_text, bot_text)
     agent: str | None = None  # the agent that answers (config/agents.py)
+    variant: str | None = None  # the rollout's variant (bots/rollout.py); None: no rollout, or the agent was asked for
     rates: Rates = field(init=False)
 
     def __post_init__(self):
@@ -100,6 +101,8 @@ class SessionInfo:
             "user_agent": (self.user_agent or "")[:512] or None,
             "ip_address": self.ip_address,
             "agent": self.agent,
+            # only under a rollout: a store not yet migrated takes the rows of every other session
+            **({"variant": self.variant} if self.variant is not None else {}),
         }
 
     def end_row(self, summary: SessionSummary, *, ended_at: float, end_reason: str) -> dict:

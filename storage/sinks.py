@@ -26,7 +26,10 @@ SCHEMA = Path(__file__).with_name("sqlite_schema.sql")
 # Columns added since a store's file may have been made (`CREATE TABLE IF NOT EXISTS` leaves an old table
 # as it is): added on open, as supabase/migrations adds them to Postgres.
 ADDED_COLUMNS = {
-    "voice_sessions": {"agent": "TEXT CHECK (agent IS NULL OR length(agent) <= 64)"},
+    "voice_sessions": {
+        "agent": "TEXT CHECK (agent IS NULL OR length(agent) <= 64)",
+        "variant": "TEXT CHECK (variant IS NULL OR length(variant) <= 64)",
+    },
     "voice_turns": {
         "preempted": "INTEGER NOT NULL DEFAULT 0",
         "preempt_cancelled": "INTEGER NOT NULL DEFAULT 0",

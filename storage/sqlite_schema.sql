@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS voice_sessions (
   user_agent TEXT,
   ip_address TEXT,
   agent TEXT CHECK (agent IS NULL OR length(agent) <= 64),
+  variant TEXT CHECK (variant IS NULL OR length(variant) <= 64),
   CHECK (ended_at IS NULL OR ended_at > started_at)
 );
 

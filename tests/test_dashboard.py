@@ -94,6 +94,10 @@ RATINGS = {
 }
 
 
+# The rollout's variant of each session (by index): none for the first two (before the rollout began).
+VARIANTS = [None, None, "control", "v2", "control", "v2", "control", "v2", "control", "v2"]
+
+
 def _feedback_rows(sessions: list[dict]) -> list[dict]:
     return [
         {
@@ -182,6 +186,7 @@ def _seed_rows(now: float) -> tuple[list[dict], list[dict]]:
                 "errors_count": n_errors if ended else 0,
                 "user_agent": "pytest",
                 "ip_address": "127.0.0.1",
+                **({"variant": VARIANTS[k]} if VARIANTS[k] else {}),
             }
         )
     return sessions, turns
@@ -213,7 +218,8 @@ def store(tmp_path_factory) -> Path:
 
     async def seed():
         sink = SQLiteSink(path)
-        await sink.write(SESSIONS, "upsert", sessions)
+        for row in sessions:  # a write's rows share their columns (the outbox batches them so): variant or not
+            await sink.write(SESSIONS, "upsert", [row])
         await sink.write(TURNS, "insert", turns)
         await sink.write(FEEDBACK, "upsert", _feedback_rows(sessions))
         await sink.close()
@@ -267,6 +273,46 @@ def expected_totals(path: Path, since: str | None) -> dict:
             path, f"SELECT AVG(CASE WHEN rating <= 2 THEN 1.0 ELSE 0.0 END) FROM voice_feedback {t_where}", *args
         ),
     }
+
+
+def expected_variants(path: Path) -> dict[str, dict]:
+    """The rollout comparison straight from SQL (numpy for the percentiles)."""
+    out = {}
+    for (variant,) in sql(path, "SELECT DISTINCT variant FROM voice_sessions WHERE variant IS NOT NULL"):
+        v2v = [
+            r[0]
+            for r in sql(
+                path,
+                "SELECT t.voice_to_voice_ms FROM voice_turns t JOIN voice_sessions s ON s.id = t.session_id "
+                "WHERE s.variant = ? AND t.voice_to_voice_ms IS NOT NULL",
+                variant,
+            )
+        ]
+        turns, errors = sql(
+            path,
+            "SELECT COUNT(*), SUM(t.error_code IS NOT NULL) FROM voice_turns t JOIN voice_sessions s "
+            "ON s.id = t.session_id WHERE s.variant = ?",
+            variant,
+        )[0]
+        ratings, satisfied, issues = sql(
+            path,
+            "SELECT COUNT(*), SUM(f.rating >= 4), SUM(f.rating <= 2) FROM voice_feedback f "
+            "JOIN voice_sessions s ON s.id = f.id WHERE s.variant = ?",
+            variant,
+        )[0]
+        out[variant] = {
+            "sessions": one(path, "SELECT COUNT(*) FROM voice_sessions WHERE variant = ?", variant),
+            "v2v_p50": float(np.percentile(v2v, 50)),
+            "v2v_p95": float(np.percentile(v2v, 95)),
+            "error_rate": errors / turns,
+            "cost": one(
+                path, "SELECT AVG(cost_usd) FROM voice_sessions WHERE variant = ? AND ended_at IS NOT NULL", variant
+            ),
+            "satisfaction_rate": satisfied / ratings if ratings else None,
+            "issue_rate": issues / ratings if ratings else None,
+            "ratings": ratings,
+        }
+    return out
 
 
 async def _fetch_all(path: Path, since: str | None):
@@ -441,6 +487,16 @@ def test_report_prints_the_figures_and_writes_a_png(store, tmp_path):
     assert float(figure("Audio minutes")) == pytest.approx(want["audio_minutes"], abs=0.005)
     assert float(figure("Satisfied").rstrip("%")) == pytest.approx(want["satisfaction_rate"] * 100, abs=0.005)
     assert f"of {want['ratings']} ratings" in out
+    for name, v in expected_variants(store).items():
+        m = re.search(
+            rf"^\s+{name}\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%\s+\$([\d.]+)\s+(\S+)\s+(\S+)\s+(\d+)$", out, re.M
+        )
+        assert m, (name, out)
+        assert int(m.group(1)) == v["sessions"] and int(m.group(8)) == v["ratings"]
+        assert float(m.group(2)) == pytest.approx(v["v2v_p50"], abs=0.05)
+        assert float(m.group(3)) == pytest.approx(v["v2v_p95"], abs=0.05)
+        assert float(m.group(4)) == pytest.approx(v["error_rate"] * 100, abs=0.005)
+        assert float(m.group(5)) == pytest.approx(v["cost"], abs=5e-7)
     assert float(figure("Reported an issue").rstrip("%")) == pytest.approx(want["issue_rate"] * 100, abs=0.005)
 
     v2v = re.search(r"^\s+voice_to_voice\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.MULTILINE)
@@ -717,6 +773,25 @@ def test_dashboard_page_shows_the_database_figures(browser, dashboard_url, store
         assert _value(page, "tile-ratings")[0] == want["ratings"]
         # Under the plan's targets (85% satisfied, under 5% with an issue): both shown as bad.
         assert "bad" in page.get_attribute('[data-testid="tile-satisfaction"]', "class")
+        # The rollout's variants side by side, as SQL computes them.
+        for name, v in expected_variants(store).items():
+            row = page.locator(f'[data-testid="variants"] tr[data-variant="{name}"]')
+
+            def cell(key, row=row):
+                raw = row.locator(f'td[data-key="{key}"]').get_attribute("data-value")
+                return float(raw) if raw else None
+
+            assert cell("sessions") == v["sessions"] and cell("ratings") == v["ratings"], name
+            assert cell("v2v-p50") == pytest.approx(v["v2v_p50"]) and cell("v2v-p95") == pytest.approx(v["v2v_p95"])
+            assert cell("error-rate") == pytest.approx(v["error_rate"]) and cell("cost") == pytest.approx(v["cost"])
+            if v["ratings"]:
+                assert cell("satisfaction") == pytest.approx(v["satisfaction_rate"])
+                assert cell("issues") == pytest.approx(v["issue_rate"])
+        order = page.eval_on_selector_all(
+            '[data-testid="variants"] tbody tr', "rows => rows.map(r => r.dataset.variant)"
+        )
+        assert order == ["control", "v2"]
+        page.screenshot(path=str(REPO / "tests" / "artifacts" / "dashboard_variants.png"), full_page=True)
         comments = page.locator('[data-testid="feedback-comments"] li').all_inner_texts()
         assert "1/5 <b>could not hear me</b>" in comments and "5/5 Quick and friendly." in comments
         for q in ("p50", "p95"):

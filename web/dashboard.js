@@ -191,6 +191,7 @@
     $("tile-satisfaction").classList.toggle("bad", t.satisfaction_rate != null && t.satisfaction_rate < 0.85);
     $("tile-issues").classList.toggle("bad", t.issue_rate != null && t.issue_rate >= 0.05);
     renderComments(d.feedback_comments || []);
+    renderVariants(d.variants || []);
 
     renderStages(d);
     renderLatencyCharts(d);
@@ -253,6 +254,35 @@
         xs, keys: d.series.map((b) => b.start), bucket: d.bucket, format: fmtMs, stage,
         series: ["p50", "p95"].map((q) => ({ name: q, values: d.series.map((b) => b[q][stage]) })),
       });
+    }
+  }
+
+  function renderVariants(rows) {
+    const body = $("variants-body");
+    body.textContent = "";
+    $("variants-section").hidden = rows.length === 0;
+    for (const v of rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.variant = v.variant;
+      const cells = [
+        ["variant", v.variant, v.variant],
+        ["sessions", v.sessions, fmtInt(v.sessions)],
+        ["v2v-p50", v.v2v_p50, fmtMs(v.v2v_p50)],
+        ["v2v-p95", v.v2v_p95, fmtMs(v.v2v_p95)],
+        ["error-rate", v.error_rate, fmtPct(v.error_rate)],
+        ["cost", v.avg_cost_per_session_usd, fmtUsd(v.avg_cost_per_session_usd)],
+        ["satisfaction", v.satisfaction_rate, fmtPct(v.satisfaction_rate)],
+        ["issues", v.issue_rate, fmtPct(v.issue_rate)],
+        ["ratings", v.ratings, fmtInt(v.ratings)],
+      ];
+      for (const [key, value, text] of cells) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        td.dataset.key = key;
+        td.dataset.value = isNum(value) ? String(value) : "";
+        tr.appendChild(td);
+      }
+      body.appendChild(tr);
     }
   }
 

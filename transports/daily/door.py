@@ -44,7 +44,7 @@ BOT_NAME = "Atlas"
 
 class DailySession(VoiceSession):
     def __init__(self, runtime: Runtime, room: DailyRoomSession, caller: Caller, agent: str | None = None):
-        super().__init__(runtime, caller, transport_name="daily", agent=runtime.agents.get(agent))
+        super().__init__(runtime, caller, transport_name="daily", agent=runtime.agents.named(agent))
         self.room = room
         self.joined_at: float | None = None
 

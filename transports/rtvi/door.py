@@ -116,7 +116,7 @@ class _BudgetedWebRTCInput(SmallWebRTCInputTransport):
 
 class WebRTCSession(RTVISession):
     def __init__(self, runtime: Runtime, caller: Caller, agent: str | None, connection: SmallWebRTCConnection):
-        super().__init__(runtime, caller, transport_name="webrtc", agent=runtime.agents.get(agent))
+        super().__init__(runtime, caller, transport_name="webrtc", agent=runtime.agents.named(agent))
         self.connection = connection
         self.connected = asyncio.Event()
 
@@ -162,7 +162,7 @@ class WebRTCSession(RTVISession):
 
 class WebsocketRTVISession(RTVISession):
     def __init__(self, runtime: Runtime, caller: Caller, agent: str | None, websocket: WebSocket):
-        super().__init__(runtime, caller, transport_name="rtvi_ws", agent=runtime.agents.get(agent))
+        super().__init__(runtime, caller, transport_name="rtvi_ws", agent=runtime.agents.named(agent))
         self.websocket = websocket
 
     async def cut_off(self, code: ErrorCode, message: str) -> None:

@@ -266,7 +266,7 @@ class TwilioSession(VoiceSession):
                 ip_address=websocket.client.host if websocket.client else None,
             ),
             transport_name="twilio",
-            agent=runtime.agents.get(start.agent),
+            agent=runtime.agents.named(start.agent),
         )
         self.websocket = websocket
         self.stream_sid = start.stream_sid

@@ -134,7 +134,7 @@ class Session(VoiceSession):
                 ip_address=ws.client.host if ws.client else None,
             ),
             transport_name="websocket",
-            agent=runtime.agents.get(start.agent),
+            agent=runtime.agents.named(start.agent),
         )
         self.websocket = websocket
         self.start = start
