@@ -23,6 +23,7 @@ WEB = REPO / "web"
 PAGE_FILES = ["index.html", "app.js", "style.css", "capture-worklet.js", "playback-worklet.js"]
 MIC_BLOCKED = "Microphone access is blocked. Allow it from the address bar, then press Start."
 PHONES = ["Galaxy S8", "Pixel 5", "iPhone 12", "iPhone 11 Pro Max"]  # 360, 393, 390 and 414 px wide
+SHOTS = {"Pixel 5": "page_phone", "iPhone 12": "page_phone_iphone"}
 
 # The capture worklet as it was before the low-pass filter (linear interpolation straight to 16 kHz), to show
 # what the filter fixes.
@@ -320,7 +321,7 @@ def test_desktop_and_phone_layouts(page_site, artifacts):
         try:
             for name, options, shot in [
                 ("desktop", {"viewport": {"width": 1280, "height": 800}}, "page_desktop"),
-                *[(phone, p.devices[phone], "page_phone" if phone == "Pixel 5" else None) for phone in PHONES],
+                *[(phone, p.devices[phone], SHOTS.get(phone)) for phone in PHONES],
             ]:
                 context = browser.new_context(**{k: v for k, v in options.items() if k != "default_browser_type"})
                 page = context.new_page()
