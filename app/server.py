@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.admin import admin_router, check_token, client_ip
+from app.history import history_router
 from app.web_assets import prebuilt_client_dir, web_dir
 from bots.limits import FailureThrottle
 from bots.runtime import Runtime
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     app.include_router(admin_router(lambda: runtime.recorder.sink, settings, throttle))
+    app.include_router(history_router(runtime, throttle))
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):

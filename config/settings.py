@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     # --- recording (Supabase, or the embedded SQLite file when SUPABASE_URL is unset) -------------
     supabase_url: str | None = Field(None, validation_alias=_env("SUPABASE_URL"))
     supabase_service_role_key: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_SERVICE_ROLE_KEY"))
+    # The project's public anon key: with it, a user's history (GET /api/history) is read as that user, so
+    # Supabase's RLS decides what they see; without it the service role reads, filtered by the token's user.
+    supabase_anon_key: SecretStr | None = Field(None, validation_alias=_env("SUPABASE_ANON_KEY"))
     db_timeout_secs: float = Field(5.0, validation_alias=_env("ATLAS_DB_TIMEOUT_SECS"))
     sqlite_path: Path | None = Field(None, validation_alias=_env("ATLAS_SQLITE_PATH"))
     outbox_path: Path | None = Field(None, validation_alias=_env("ATLAS_OUTBOX_PATH"))
@@ -323,6 +326,7 @@ class Settings(BaseSettings):
         "supabase_jwks_url",
         "supabase_url",
         "supabase_service_role_key",
+        "supabase_anon_key",
         "admin_token",
         "sqlite_path",
         "outbox_path",

@@ -13,7 +13,10 @@ def make_sink(settings: Settings) -> Sink:
         from storage.supabase import SupabaseSink
 
         return SupabaseSink(
-            settings.supabase_url, secret(settings.supabase_service_role_key), timeout_secs=settings.db_timeout_secs
+            settings.supabase_url,
+            secret(settings.supabase_service_role_key),
+            timeout_secs=settings.db_timeout_secs,
+            anon_key=secret(settings.supabase_anon_key),
         )
     return SQLiteSink(settings.resolved_sqlite_path)
 

@@ -50,6 +50,19 @@ WIDENED_CHECKS = [
     ),
 ]
 TIME_COLUMN = {SESSIONS: "started_at", TURNS: "created_at", FEEDBACK: "created_at"}
+# What a user's history shows of each session, and of each turn (the text only where the agent kept it).
+HISTORY_COLUMNS = (
+    "id",
+    "transport",
+    "agent",
+    "started_at",
+    "ended_at",
+    "end_reason",
+    "turns_count",
+    "avg_latency_ms",
+    "cost_usd",
+)
+HISTORY_TURN_COLUMNS = ("turn_index", "created_at", "voice_to_voice_ms", "interrupted", "user_text", "bot_text")
 _COLUMN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -91,6 +104,15 @@ class Sink:
     async def clear_transcripts(self, before_iso: str) -> int:
         """Set `user_text` and `bot_text` to NULL on the turns created before `before_iso` (ISO 8601) that
         still hold text; returns how many rows were cleared."""
+        raise NotImplementedError
+
+    async def fetch_history(self, user_id: str, limit: int, user_token: str | None = None) -> list[dict]:
+        """The user's sessions, newest first (at most `limit`): HISTORY_COLUMNS and their `rating`/`comment`.
+        `user_token`: the user's own access token, for a store that can read as the user (Supabase's RLS)."""
+        raise NotImplementedError
+
+    async def fetch_history_turns(self, user_id: str, session_id: str, user_token: str | None = None) -> list[dict]:
+        """One of the user's sessions' turns (HISTORY_TURN_COLUMNS, in order); [] when the session is not theirs."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -182,8 +204,9 @@ class SQLiteSink(Sink):
     @staticmethod
     def _turn_types(rows: list[dict]) -> list[dict]:
         for r in rows:
-            r["interrupted"] = bool(r["interrupted"])
-            r["preempted"] = bool(r["preempted"])
+            for flag in ("interrupted", "preempted"):
+                if flag in r:
+                    r[flag] = bool(r[flag])
         return rows
 
     def _fetch_session(self, session_id: str) -> dict | None:
@@ -211,6 +234,30 @@ class SQLiteSink(Sink):
 
     async def clear_transcripts(self, before_iso: str) -> int:
         return await self._run(self._clear_transcripts, utc_iso(before_iso))
+
+    def _fetch_history(self, user_id: str, limit: int) -> list[dict]:
+        columns = ", ".join(f"s.{c}" for c in HISTORY_COLUMNS)
+        cursor = self._db().execute(
+            f"SELECT {columns}, f.rating, f.comment FROM {SESSIONS} s LEFT JOIN {FEEDBACK} f ON f.id = s.id "
+            "WHERE s.user_id = ? ORDER BY s.started_at DESC LIMIT ?",
+            (user_id, limit),
+        )
+        return [dict(r) for r in cursor]
+
+    async def fetch_history(self, user_id: str, limit: int, user_token: str | None = None) -> list[dict]:
+        return await self._run(self._fetch_history, user_id, limit)
+
+    def _fetch_history_turns(self, user_id: str, session_id: str) -> list[dict]:
+        columns = ", ".join(f"t.{c}" for c in HISTORY_TURN_COLUMNS)
+        cursor = self._db().execute(
+            f"SELECT {columns} FROM {TURNS} t JOIN {SESSIONS} s ON s.id = t.session_id "
+            "WHERE t.session_id = ? AND s.user_id = ? ORDER BY t.turn_index",
+            (session_id, user_id),
+        )
+        return self._turn_types([dict(r) for r in cursor])
+
+    async def fetch_history_turns(self, user_id: str, session_id: str, user_token: str | None = None) -> list[dict]:
+        return await self._run(self._fetch_history_turns, user_id, session_id)
 
     def describe(self) -> str:
         return f"sqlite {self.path}"

@@ -25,8 +25,16 @@ from postgrest import APIError
 from postgrest.types import CountMethod, ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from storage.records import INSERT, SESSIONS, TURNS
-from storage.sinks import TIME_COLUMN, PermanentWriteError, Sink, TransientWriteError, utc_iso
+from storage.records import FEEDBACK, INSERT, SESSIONS, TURNS
+from storage.sinks import (
+    HISTORY_COLUMNS,
+    HISTORY_TURN_COLUMNS,
+    TIME_COLUMN,
+    PermanentWriteError,
+    Sink,
+    TransientWriteError,
+    utc_iso,
+)
 
 PAGE = 1000
 
@@ -40,9 +48,10 @@ def _is_permanent(e: APIError) -> bool:
 class SupabaseSink(Sink):
     name = "supabase"
 
-    def __init__(self, url: str, service_key: str, timeout_secs: float = 5.0):
+    def __init__(self, url: str, service_key: str, timeout_secs: float = 5.0, anon_key: str = ""):
         self.url = url
         self._key = service_key
+        self._anon_key = anon_key  # with it, a user's history is read as that user: Supabase's RLS applies
         self._timeout = timeout_secs
         self._client: AsyncClient | None = None
         self._http: httpx.AsyncClient | None = None
@@ -99,6 +108,50 @@ class SupabaseSink(Sink):
             rows.extend(cast(list[dict], page.data))
             if len(page.data) < PAGE:
                 return rows
+
+    async def _reader(self, user_token: str | None) -> tuple[AsyncClient, httpx.AsyncClient | None]:
+        """The client a user's history is read with: as the user (the anon key and their token: RLS decides
+        what they see) when SUPABASE_ANON_KEY is set and the user's token is at hand; else the service role."""
+        if not (self._anon_key and user_token):
+            return await self._sb(), None
+        http = httpx.AsyncClient(http2=False, timeout=httpx.Timeout(self._timeout))
+        options = AsyncClientOptions(
+            httpx_client=http,
+            postgrest_client_timeout=self._timeout,
+            postgrest_client_retry=False,
+            headers={"Authorization": f"Bearer {user_token}"},
+        )
+        return await acreate_client(self.url, self._anon_key, options=options), http
+
+    async def fetch_history(self, user_id: str, limit: int, user_token: str | None = None) -> list[dict]:
+        sb, http = await self._reader(user_token)
+        try:
+            query = sb.table(SESSIONS).select(",".join(HISTORY_COLUMNS)).eq("user_id", user_id)
+            rows = cast(list[dict], (await query.order("started_at", desc=True).limit(limit).execute()).data)
+            ids = [r["id"] for r in rows]
+            ratings: dict[str, dict] = {}
+            if ids:
+                found = await sb.table(FEEDBACK).select("id,rating,comment").in_("id", ids).execute()
+                ratings = {r["id"]: r for r in cast(list[dict], found.data)}
+            for r in rows:
+                given = ratings.get(r["id"], {})
+                r["rating"], r["comment"] = given.get("rating"), given.get("comment")
+            return rows
+        finally:
+            if http is not None:
+                await http.aclose()
+
+    async def fetch_history_turns(self, user_id: str, session_id: str, user_token: str | None = None) -> list[dict]:
+        sb, http = await self._reader(user_token)
+        try:
+            mine = await sb.table(SESSIONS).select("id").eq("id", session_id).eq("user_id", user_id).execute()
+            if not mine.data:
+                return []
+            query = sb.table(TURNS).select(",".join(HISTORY_TURN_COLUMNS)).eq("session_id", session_id)
+            return cast(list[dict], (await query.order("turn_index").execute()).data)
+        finally:
+            if http is not None:
+                await http.aclose()
 
     async def clear_transcripts(self, before_iso: str) -> int:
         before = utc_iso(before_iso)
