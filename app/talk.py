@@ -86,8 +86,16 @@ class VoiceClient:
         auth_token: str = "",
         agent: str | None = None,
         speed: float | None = None,
+        reconnect: bool = False,
     ):
+        """`reconnect`: when the connection drops mid-session (no session_end), connect again with backoff and
+        resume the conversation with the session's resume token (session_start `resume`)."""
         self.url = url
+        self.reconnect = reconnect
+        self.resume_token: str | None = None
+        self.reconnects = 0  # conversations resumed after a drop
+        self._online = asyncio.Event()
+        self._closing = False
         self.auth_token = auth_token
         self.agent = agent
         self.speed = speed
@@ -124,14 +132,87 @@ class VoiceClient:
         started = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
         if started.get("type") != "session_started":
             raise RuntimeError(f"server refused the session: {started}")
-        self.session_id = started["sessionId"]
-        self.out_rate = started["audioFormat"]["sampleRate"]
-        self.events.append(started)
-        self.on_event(started)
+        self._started(started)
         self._reader = asyncio.create_task(self._read())
         return started
 
+    def _started(self, started: dict) -> None:
+        self.session_id = started["sessionId"]
+        self.resume_token = started.get("resumeToken")
+        self.out_rate = started["audioFormat"]["sampleRate"]
+        self.events.append(started)
+        self.on_event(started)
+        self._online.set()
+
+    def _should_reconnect(self) -> bool:
+        code = getattr(self.ws, "close_code", None)
+        return (
+            self.reconnect
+            and not self._closing
+            and self.session_end is None
+            and self.resume_token is not None
+            and code not in (1000, 1008)  # a normal end, or a refusal: no point coming back
+        )
+
+    async def _resume(self) -> bool:
+        """Connect again with backoff (0.5 s doubling, 6 tries) and resume the conversation; False if it cannot."""
+        import websockets
+
+        self._online.clear()
+        delay = 0.5
+        for _ in range(6):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
+            try:
+                ws = await websockets.connect(self.url, max_size=None)
+            except OSError:
+                continue
+            start: dict = {
+                "type": "session_start",
+                "userId": self.user_id,
+                "conversationId": self.conversation_id,
+                "authToken": self.auth_token,
+                "resume": {"sessionId": self.session_id, "token": self.resume_token},
+            }
+            if self.speed is not None:
+                start["speed"] = self.speed
+            await ws.send(json.dumps(start))
+            try:
+                answer = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            except Exception:
+                await ws.close()
+                continue
+            if answer.get("type") != "session_started":
+                self.events.append(answer)
+                self.on_event(answer)
+                await ws.close()
+                return False  # RESUME_FAILED and the like: the conversation is over
+            self.ws = ws
+            self.reconnects += 1
+            self._started(answer)
+            return True
+        return False
+
     async def _read(self) -> None:
+        while True:
+            await self._read_socket()
+            if not (self._should_reconnect() and await self._resume()):
+                break
+        self._online.set()  # nothing to wait for any more
+        self._changed.set()
+
+    async def _send(self, data) -> None:
+        """Send on the live socket; while it is being resumed, wait for it (what is sent meanwhile is lost, as on
+        a phone line that drops)."""
+        if not self._online.is_set():
+            await asyncio.wait_for(self._online.wait(), 60)
+        try:
+            await self.ws.send(data)
+        except Exception:
+            if not self.reconnect or self.session_end is not None:
+                raise
+
+    async def _read_socket(self) -> None:
         try:
             async for raw in self.ws:
                 if isinstance(raw, bytes):
@@ -172,7 +253,7 @@ class VoiceClient:
         n = IN_RATE * FRAME_MS // 1000
         t0 = time.monotonic()
         for i in range(0, len(pcm), n):
-            await self.ws.send(pcm[i : i + n].tobytes())
+            await self._send(pcm[i : i + n].tobytes())
             if realtime:
                 delay = t0 + (i // n + 1) * FRAME_MS / 1000 - time.monotonic()
                 if delay > 0:
@@ -200,7 +281,7 @@ class VoiceClient:
         i = 0
         listening_since = None
         while time.monotonic() < deadline:
-            await self.ws.send(silence)
+            await self._send(silence)
             i += 1
             delay = t0 + i * FRAME_MS / 1000 - time.monotonic()
             if delay > 0:
@@ -233,6 +314,7 @@ class VoiceClient:
         raise TimeoutError("expected event did not arrive")
 
     async def stop(self, timeout: float = 15.0) -> dict | None:
+        self._closing = True
         await self.ws.send(json.dumps({"type": "session_stop"}))
         try:
             await self.wait_for(lambda e: e.get("type") == "session_end", timeout, keep_audio=False)
@@ -241,6 +323,7 @@ class VoiceClient:
         return self.session_end
 
     async def close(self) -> None:
+        self._closing = True
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
@@ -277,7 +360,7 @@ async def run_talk(
     agent: str | None = None,
     speed: float | None = None,
 ) -> int:
-    client = VoiceClient(url, on_event=_print_event, agent=agent, speed=speed)
+    client = VoiceClient(url, on_event=_print_event, agent=agent, speed=speed, reconnect=True)
     await client.connect()
     await client.send_silence(0.5)
     for _ in range(repeat):

@@ -103,12 +103,13 @@ def build_pipeline(
     tool_call: ToolCall | None = None,
     on_tool_failure=None,
     speed: float = 1.0,
+    history: list[dict] | None = None,
 ) -> BuiltPipeline:
     """The pipeline for one session of `agent` (the default agent when None) on `transport`; `on_backlog(lag_secs)`
     is called once if the session falls more than ATLAS_MAX_AUDIO_LAG_SECS behind its caller's audio; `llm_slot`:
     the local LLM's slot that keeps the session's conversation cached (Runtime.claim_llm_slot); `tool_call`: what
     the agent's tools are told about the session, and `on_tool_failure(name, reason)` awaited when one fails;
-    `speed`: the voice's speed (1.0 the voice's own)."""
+    `speed`: the voice's speed (1.0 the voice's own); `history`: the messages of a resumed conversation."""
     agent = agent or runtime.agents.get(None)
     s = runtime.agent_settings(agent)
     engines = runtime.engines
@@ -178,7 +179,8 @@ def build_pipeline(
     else:
         stop = [SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=s.user_speech_timeout_secs)]
 
-    context = LLMContext(tools=tools_schema(tools)) if tools else LLMContext()
+    messages: list = [dict(m) for m in history or []]  # a resumed conversation goes on where it stopped
+    context = LLMContext(messages, tools=tools_schema(tools)) if tools else LLMContext(messages)
     aggregators = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=stop)),

@@ -19,7 +19,7 @@ from bots.agents import agent_settings, engine_needs, load_agent_config
 from bots.auth import TokenVerifier
 from bots.limits import AbuseLimits
 from bots.rollout import Rollout, rollout_from_settings
-from bots.tokens import FeedbackTokens
+from bots.tokens import FeedbackTokens, ResumeTokens
 from config.agents import Agent, Agents
 from config.settings import Settings, secret
 from monitoring.metrics import Monitor
@@ -28,6 +28,7 @@ from services.local.engines import LocalEngines
 from services.local.llama_server import LlamaServer
 from storage import make_recorder
 from storage.outbox import Recorder
+from storage.resume import ResumeStore
 from storage.webhooks import make_webhook_recorder
 from vocabulary.errors import SHUTTING_DOWN_MESSAGE, ErrorCode
 
@@ -73,10 +74,27 @@ class Runtime:
         self.twilio_tokens: Any = None  # transports.twilio.tokens.StreamTokens, made on first use
         # What lets a client rate a session it had (session_end's feedbackToken; bots/feedback.py).
         self.feedback_tokens = FeedbackTokens(secret(settings.session_token_secret))
+        # What lets a dropped client resume its conversation (session_started's resumeToken; bots/session.py).
+        self.resume_tokens = ResumeTokens(
+            secret(settings.session_token_secret), settings.session_max_secs + settings.resume_window_secs
+        )
+        # Ended conversations a client may resume, shared by the processes its reconnection may reach.
+        self.resume_store = ResumeStore(
+            settings.resume_store_path, getattr(self.limits, "redis", None), getattr(settings, "redis_prefix", "atlas")
+        )
         self._rated: dict[str, float] = {}  # session id -> when this process first counted its rating
         self.shutting_down = False
         self._drain_cut = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
+
+    async def keep_for_resume(self, session_id: str, who: str, agent: str, messages: list[dict]) -> None:
+        """Keep an ended conversation's messages for ATLAS_RESUME_WINDOW_SECS, for a client that resumes it (in
+        whichever process its reconnection lands: storage/resume.py)."""
+        await self.resume_store.keep(session_id, who, agent, messages, self.settings.resume_window_secs)
+
+    async def take_resumable(self, session_id: str, who: str) -> tuple[str, list[dict]] | None:
+        """An ended conversation's (agent, messages), once, if `who` had it and the window is still open."""
+        return await self.resume_store.take(session_id, who)
 
     def first_rating(self, session_id: str) -> bool:
         """Whether this is the first rating of the session this process sees (within a day; at most 100 000

@@ -43,6 +43,7 @@ from vocabulary.errors import ErrorCode
 from vocabulary.frames import CodedErrorFrame, coded_error
 from vocabulary.records import SessionEnd, TurnRecord
 
+RESUME_MESSAGES = 40  # what a resumed conversation gets back (the context window then keeps its last N)
 END_CALL_GRACE_SECS = 20.0  # an ending call whose goodbye has not finished playing by then is cut
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -104,6 +105,13 @@ class VoiceSession:
     speed: float = 1.0  # the voice's speed (session_start `speed`, checked by the door)
     rollout_key: str | None = None  # who the caller is, for the rollout's stable split (None: the caller's address)
     variant: str | None = field(default=None, init=False)  # the rollout's variant; None: no rollout, or asked for
+    # Resuming (doors whose clients can come back): the conversation's messages so far, the session it continues
+    # and how many times it was resumed; `resumable` keeps this session's messages for a resume when it ends.
+    history: list[dict] | None = None
+    resumed_from: str | None = None
+    reconnects: int = 0
+    resumable: bool = False
+    context: object | None = field(default=None, init=False)  # the pipeline's LLMContext (make_worker)
 
     def __post_init__(self):
         if self.agent is None:
@@ -124,6 +132,8 @@ class VoiceSession:
             store_transcripts=self.agent.store_transcripts,
             agent=self.agent.name,
             variant=self.variant,
+            resumed_from=self.resumed_from,
+            reconnects=self.reconnects,
         )
 
     # --- telemetry ---------------------------------------------------------------------------
@@ -178,6 +188,11 @@ class VoiceSession:
 
             words = transcript(end.summary.turn_records) if self.info.store_transcripts else None
             self.runtime.webhooks.submit(WEBHOOKS, INSERT, [session_ended_event(row, words)])
+
+    @property
+    def who(self) -> str:
+        """Who the caller is, for a resume: the verified user id, else the id the client gave."""
+        return self.caller.user_id or f"client:{self.caller.client_user_id or ''}"
 
     @property
     def agent_name(self) -> str:
@@ -345,7 +360,9 @@ class VoiceSession:
             tool_call=self.tool_call(),
             on_tool_failure=self.on_tool_failure,
             speed=self.speed,
+            history=self.history,
         )
+        self.context = built.context
         self.worker = PipelineWorker(
             built.pipeline,
             params=PipelineParams(
@@ -376,7 +393,7 @@ class VoiceSession:
         async def _on_started(_worker, _frame):
             self.pipeline_started.set()
             assert self.agent is not None
-            if self.agent.greeting:  # the agent speaks first; the prompt says what it said (config/agents.py)
+            if self.agent.greeting and not self.history:  # the agent speaks first (not again when resumed)
                 await self.worker.queue_frame(TTSSpeakFrame(self.agent.greeting, append_to_context=False))
 
         @self.worker.event_handler("on_pipeline_error")
@@ -408,6 +425,10 @@ class VoiceSession:
         try:
             await runner.run()
         finally:
+            if self.resumable and self.context is not None:
+                kept = self.context.get_messages()  # type: ignore[attr-defined]
+                messages = [dict(m) for m in kept if isinstance(m, dict)][-RESUME_MESSAGES:]
+                await rt.keep_for_resume(self.session_id, self.who, self.agent_name, messages)
             rt.live.pop(self.session_id, None)
             rt.return_llm_slot(self.llm_slot)
             self.llm_slot = None

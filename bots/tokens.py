@@ -80,3 +80,32 @@ class FeedbackTokens:
         if not isinstance(session_id, str) or claims.get("sub") != session_id:
             raise ProtocolError(ErrorCode.AUTH_FAILED, f"the {self.WHAT} is for another session")
         return claims.get("uid") or None, str(claims.get("door") or "websocket")
+
+
+class ResumeTokens:
+    """What lets a client that lost its connection resume the conversation in a new session (session_start
+    `resume`): the session id, who it was (the verified user id, else the client's userId) and how many times it
+    was resumed already. Issued in `session_started`; valid for the session's maximum length and then the resume
+    window; single-use (per process)."""
+
+    WHAT, AGAIN = "resume token", "start a new session"
+
+    def __init__(self, secret_key: str, ttl_secs: float):
+        self._tokens = SignedTokens(secret_key, "atlas:resume", ttl_secs)
+
+    def issue(self, session_id: str, who: str, reconnects: int) -> str:
+        return self._tokens.issue({"sub": session_id, "who": who, "n": reconnects})
+
+    def redeem(self, token, session_id, who: str) -> int:
+        """How many reconnects the session had, if `token` lets `who` resume `session_id` (then never again);
+        else ProtocolError RESUME_FAILED."""
+        try:
+            claims = self._tokens.check(token, self.WHAT, self.AGAIN)
+            if not isinstance(session_id, str) or claims.get("sub") != session_id:
+                raise ProtocolError(ErrorCode.RESUME_FAILED, f"the {self.WHAT} is for another session")
+            if claims.get("who") != who:
+                raise ProtocolError(ErrorCode.RESUME_FAILED, f"the {self.WHAT} is another user's")
+            self._tokens.spend(claims, self.WHAT, self.AGAIN)
+        except ProtocolError as e:
+            raise ProtocolError(ErrorCode.RESUME_FAILED, e.message) from None
+        return int(claims.get("n") or 0)

@@ -269,6 +269,9 @@ class Settings(BaseSettings):
     max_sessions: int = Field(25, ge=1, validation_alias=_env("ATLAS_MAX_SESSIONS"))
     session_idle_timeout_secs: float = Field(600.0, validation_alias=_env("ATLAS_SESSION_IDLE_TIMEOUT_SECS"))
     session_max_secs: float = Field(3600.0, validation_alias=_env("ATLAS_SESSION_MAX_SECS"))
+    # How long after a connection dropped its client may resume the conversation (session_start `resume`), with
+    # the same context window, in a new session linked to the old one.
+    resume_window_secs: float = Field(120.0, ge=0, validation_alias=_env("ATLAS_RESUME_WINDOW_SECS"))
     session_start_timeout_secs: float = Field(30.0, validation_alias=_env("ATLAS_SESSION_START_TIMEOUT_SECS"))
     max_audio_frame_bytes: int = Field(16384, ge=640, validation_alias=_env("ATLAS_MAX_AUDIO_FRAME_BYTES"))
     # Audio budget per connection, every door: real time plus a burst of this many seconds of audio; the
@@ -391,6 +394,12 @@ class Settings(BaseSettings):
     @property
     def resolved_sqlite_path(self) -> Path:
         return self.sqlite_path or self.cache_dir / "atlas.sqlite3"
+
+    @property
+    def resume_store_path(self) -> Path:
+        """Where the conversations a dropped client may resume are kept without Redis: beside the outbox, one file
+        for every worker of the machine (storage/resume.py)."""
+        return (self.outbox_path or self.cache_dir / "outbox.sqlite3").with_name("resume.sqlite3")
 
     @property
     def resolved_outbox_path(self) -> Path:

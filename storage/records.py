@@ -83,6 +83,8 @@ class SessionInfo:
     store_transcripts: bool = False  # the agent keeps what was said (turn rows carry user_text, bot_text)
     agent: str | None = None  # the agent that answers (config/agents.py)
     variant: str | None = None  # the rollout's variant (bots/rollout.py); None: no rollout, or the agent was asked for
+    resumed_from: str | None = None  # the session this one continues (a client that reconnected), else None
+    reconnects: int = 0  # how many times the conversation was resumed before this session
     rates: Rates = field(init=False)
 
     def __post_init__(self):
@@ -103,6 +105,7 @@ class SessionInfo:
             "agent": self.agent,
             # only under a rollout: a store not yet migrated takes the rows of every other session
             **({"variant": self.variant} if self.variant is not None else {}),
+            **({"resumed_from": self.resumed_from, "reconnects": self.reconnects} if self.resumed_from else {}),
         }
 
     def end_row(self, summary: SessionSummary, *, ended_at: float, end_reason: str) -> dict:

@@ -29,6 +29,8 @@ ADDED_COLUMNS = {
     "voice_sessions": {
         "agent": "TEXT CHECK (agent IS NULL OR length(agent) <= 64)",
         "variant": "TEXT CHECK (variant IS NULL OR length(variant) <= 64)",
+        "resumed_from": "TEXT",
+        "reconnects": "INTEGER NOT NULL DEFAULT 0",
     },
     "voice_turns": {
         "preempted": "INTEGER NOT NULL DEFAULT 0",

@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS voice_sessions (
   ip_address TEXT,
   agent TEXT CHECK (agent IS NULL OR length(agent) <= 64),
   variant TEXT CHECK (variant IS NULL OR length(variant) <= 64),
+  resumed_from TEXT,
+  reconnects INTEGER NOT NULL DEFAULT 0,
   CHECK (ended_at IS NULL OR ended_at > started_at)
 );
 

@@ -11,6 +11,7 @@ import json
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -581,3 +582,21 @@ async def refused_at_session_start(ws_url: str, user: str) -> str:
     await ws.close()
     assert answer["type"] == "error", answer
     return answer["code"]
+
+
+async def test_a_dropped_conversation_is_resumable_on_any_worker_or_node_through_redis(redis_server):
+    from redis.asyncio import Redis
+
+    from storage.resume import ResumeStore
+
+    clients = [Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)]
+    node_a, node_b = (ResumeStore(Path("/nonexistent/unused.sqlite3"), c, "atlas-test") for c in clients)
+    messages = [{"role": "user", "content": "what should I cook?"}]
+    await node_a.keep("s-1", "user-1", "atlas", messages, ttl_secs=30)
+    assert await node_b.take("s-1", "user-1") == ("atlas", messages)
+    assert await node_a.take("s-1", "user-1") is None  # resumed once
+    redis_server.stop()  # Redis down: no resume, no exception
+    await node_a.keep("s-2", "user-1", "atlas", messages, ttl_secs=30)
+    assert await node_b.take("s-2", "user-1") is None
+    for c in clients:
+        await c.aclose()

@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     TTS_FALLBACK = "TTS_FALLBACK"  # the TTS provider failed; the local voice speaks the rest of the reply
     TOOL_FAILED = "TOOL_FAILED"  # a tool the agent called raised or ran out of time; the caller heard an apology
     UNKNOWN_AGENT = "UNKNOWN_AGENT"  # session_start (or a door's request) named an agent the server does not have
+    RESUME_FAILED = "RESUME_FAILED"  # session_start's `resume` cannot continue that conversation; start a new one
     INTERNAL_ERROR = "INTERNAL_ERROR"  # anything else; the message names no internals
 
 

@@ -25,6 +25,7 @@ const STATES = {
   thinking: ["Thinking", "Atlas is working out an answer."],
   speaking: ["Speaking", "Atlas is answering. Talk to interrupt."],
   stopping: ["Ending the call", "Saying goodbye to the server..."],
+  reconnecting: ["Reconnecting", "The connection dropped. Getting it back; the conversation goes on..."],
 };
 
 // The server's error codes (docs/PROTOCOL.md's `error` table and HTTP errors) in a sentence. The code itself is
@@ -58,6 +59,7 @@ const ERROR_TEXT = {
   TTS_FALLBACK: "Atlas's usual voice failed, so a backup voice finishes this answer.",
   TOOL_FAILED: "A tool Atlas tried to use did not work; the call goes on.",
   UNKNOWN_AGENT: "The agent named in this address does not exist on the server. Remove ?agent=... and press Start.",
+  RESUME_FAILED: "The dropped call could not be picked up again. Press Start to begin a new one.",
   INTERNAL_ERROR: "Something went wrong on the server and the call ended. Press Start to try again.",
   TWILIO_SIGNATURE_INVALID: "A phone request was refused because it was not signed by Twilio.",
   TWILIO_STREAM_REFUSED: "A phone stream was refused.",
@@ -87,6 +89,7 @@ const SPEED_MIN = 0.7, SPEED_MAX = 1.2;
 const atlas = (window.atlas = {
   state: "idle", sessionId: null, audioChunks: 0, audioSeconds: 0, finals: [], partials: [], botText: [],
   errors: [], flushes: 0, sessionEnd: null, turnMetrics: [], speed: 1,
+  reconnects: 0, resumed: false, states: [], // a dropped connection picked up again (session_start `resume`)
   playedSeconds: 0, playing: false, // reply audio that reached the speakers (from the playback worklet)
   audioState: "none", // the AudioContext's state after the tap that started the call
   wakeLock: "wakeLock" in navigator ? "released" : "unsupported", // held | released | unavailable | unsupported
@@ -98,10 +101,14 @@ let ws = null, ctx = null, mic = null, capture = null, playback = null, source =
 let outRate = 22050, muted = false, running = false, callStarted = false, stopTimer = null;
 let botLine = null, partialLine = null, lastSessionId = null;
 let wakeLock = null, noticeTimer = null, startTimer = null;
+// What a dropped connection needs to resume the call: the session_start sent, and the server's resume token.
+let startMsg = null, resumeToken = null, reconnectTimer = null;
+const RECONNECT_DELAYS = [500, 1000, 2000, 4000, 8000, 8000]; // ms between tries (backoff)
 
 // --- the state shown and announced ------------------------------------------------------------------------
 
 function setStatus(s) {
+  if (atlas.state !== s) atlas.states.push(s);
   atlas.state = s;
   const [label, hint] = STATES[s] || [s, ""];
   ui.status.textContent = label;
@@ -127,7 +134,7 @@ function addLine(kind, text, note) {
   li.className = kind;
   const who = document.createElement("span");
   who.className = "who";
-  who.textContent = kind.startsWith("user") ? "You" : "Atlas";
+  who.textContent = kind.startsWith("user") ? "You" : kind === "system" ? "" : "Atlas";
   const body = document.createElement("span");
   body.className = "text";
   body.textContent = text;
@@ -370,6 +377,14 @@ function onMessage(ev) {
   switch (m.type) {
     case "session_started":
       atlas.sessionId = lastSessionId = m.sessionId;
+      resumeToken = m.resumeToken || null;
+      if (m.resumed) {
+        atlas.resumed = true;
+        atlas.reconnects++;
+        clearError();
+        addLine("system", "Reconnected. The conversation goes on.");
+        setStatus("listening");
+      }
       if (m.audioFormat && m.audioFormat.sampleRate) outRate = m.audioFormat.sampleRate;
       if (playback) playback.port.postMessage({ type: "format", sampleRate: outRate });
       running = callStarted = true;
@@ -425,7 +440,7 @@ function onMessage(ev) {
     case "error":
       showError(m);
       // Before session_started, an error means this start failed (the server ignores that session_start).
-      if (!atlas.sessionId && atlas.state === "connecting") cleanup();
+      if (!atlas.sessionId && (atlas.state === "connecting" || atlas.state === "reconnecting")) cleanup();
       break;
     case "session_end":
       atlas.sessionEnd = m;
@@ -501,16 +516,7 @@ async function start() {
       }
     };
 
-    const proto = location.protocol === "https:" ? "wss" : "ws";
-    const sock = (ws = new WebSocket(`${proto}://${location.host}/ws`));
-    sock.binaryType = "arraybuffer";
-    sock.onmessage = onMessage;
-    await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new StartError("CONNECTION", "timed out connecting")), 10000);
-      sock.onopen = () => { clearTimeout(timer); resolve(); };
-      sock.onclose = () => { clearTimeout(timer); reject(new StartError("CONNECTION", "connection refused")); };
-    });
-    sock.onclose = (ev) => onClosed(sock, ev);
+    const sock = await openSocket();
     const user = stored(localStorage, "atlas-user") || `browser-${crypto.randomUUID()}`;
     store(localStorage, "atlas-user", user);
     const msg = { type: "session_start", userId: user, conversationId: crypto.randomUUID(), speed: atlas.speed };
@@ -519,6 +525,9 @@ async function start() {
     // `?agent=<name>` on the page's URL talks to that agent of the server (its default otherwise).
     const agent = new URLSearchParams(location.search).get("agent");
     if (agent) msg.agent = agent;
+    startMsg = msg;
+    resumeToken = null;
+    atlas.resumed = false;
     sock.send(JSON.stringify(msg));
     startTimer = setTimeout(() => {
       if (ws === sock && !atlas.sessionId) {
@@ -536,14 +545,62 @@ async function start() {
   }
 }
 
+// A socket to /ws, open (rejects after 10 s or when refused); its messages go to onMessage.
+async function openSocket() {
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const sock = (ws = new WebSocket(`${proto}://${location.host}/ws`));
+  sock.binaryType = "arraybuffer";
+  sock.onmessage = onMessage;
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new StartError("CONNECTION", "timed out connecting")), 10000);
+    sock.onopen = () => { clearTimeout(timer); resolve(); };
+    sock.onclose = () => { clearTimeout(timer); reject(new StartError("CONNECTION", "connection refused")); };
+  });
+  sock.onclose = (ev) => onClosed(sock, ev);
+  return sock;
+}
+
 // The socket closed: after session_end (a normal end) or not (refused, or the connection dropped).
 function onClosed(sock, ev) {
   if (sock !== ws) return;
   const refusedWithReason = atlas.errors.length && !atlas.sessionId; // the server said why before closing
-  if (!atlas.sessionEnd && atlas.state !== "stopping" && !refusedWithReason) {
+  const dropped = !atlas.sessionEnd && atlas.state !== "stopping" && !refusedWithReason;
+  // A call that was running, dropped without a refusal (1008) or an end: pick it up again.
+  if (dropped && atlas.sessionId && resumeToken && ev.code !== 1008) {
+    reconnect(0);
+    return;
+  }
+  if (dropped) {
     showError({ code: atlas.sessionId ? "CONNECTION_LOST" : "CONNECTION", message: `closed with code ${ev.code}` });
   }
   cleanup();
+}
+
+// Connect again (with backoff) and resume the conversation: the server restores its context in a new session.
+function reconnect(attempt) {
+  ws = null;
+  atlas.sessionId = null; // no audio goes out until the new session has started
+  setStatus("reconnecting");
+  enableCallControls(false);
+  if (playback) playback.port.postMessage({ type: "flush" });
+  botLine = null;
+  if (attempt >= RECONNECT_DELAYS.length) {
+    showError({ code: "CONNECTION_LOST", message: `gave up after ${attempt} tries` });
+    cleanup();
+    return;
+  }
+  reconnectTimer = setTimeout(async () => {
+    if (atlas.state !== "reconnecting") return; // stopped meanwhile
+    try {
+      const sock = await openSocket();
+      const msg = { ...startMsg, resume: { sessionId: lastSessionId, token: resumeToken } };
+      const token = ui.token.value.trim(); // a token refreshed since the call started
+      if (token) msg.authToken = token;
+      sock.send(JSON.stringify(msg));
+    } catch (_) {
+      reconnect(attempt + 1);
+    }
+  }, RECONNECT_DELAYS[attempt]);
 }
 
 function stop() {
@@ -563,6 +620,8 @@ function stop() {
 function cleanup() {
   clearTimeout(stopTimer);
   clearTimeout(startTimer);
+  clearTimeout(reconnectTimer);
+  resumeToken = null;
   running = false;
   releaseWakeLock();
   if (ws) {
@@ -586,7 +645,7 @@ function cleanup() {
   ui.orb.style.setProperty("--level", "0");
 }
 
-ui.start.addEventListener("click", () => (ws ? stop() : start()));
+ui.start.addEventListener("click", () => (ws || atlas.state === "reconnecting" ? stop() : start()));
 // Leaving the page ends the call properly (the server records it as stopped, not dropped).
 window.addEventListener("pagehide", () => {
   if (ws && ws.readyState === WebSocket.OPEN && atlas.sessionId) ws.send(JSON.stringify({ type: "session_stop" }));

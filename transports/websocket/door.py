@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from fastapi import WebSocket, WebSocketDisconnect
 from loguru import logger
@@ -28,7 +28,7 @@ from bots.auth import AuthError
 from bots.feedback import record_feedback
 from bots.limits import AudioBudget, KeyedLimit, MessageRate, SharedKeyedLimit
 from bots.runtime import Runtime
-from bots.session import Caller, VoiceSession
+from bots.session import FIELD_LIMITS, Caller, VoiceSession, clean_text
 from processors.client_events import ClientEventsObserver
 from transports.common import audio_socket_params, close_quietly
 from transports.websocket.messages import session_end_message, turn_metrics_message
@@ -109,7 +109,47 @@ async def handshake(websocket: WebSocket, runtime: Runtime, rate: MessageRate | 
                 await _send_error(websocket, runtime, ErrorCode.AUTH_FAILED, str(e))
                 await websocket.close(CLOSE_POLICY)
                 return None
+        if start.resume_session_id is not None:
+            try:
+                return await resumed(start, runtime)
+            except ProtocolError as e:  # the client may start afresh on this connection
+                logger.info(f"resume of session {start.resume_session_id[:64]} refused: {e.message}")
+                await _send_error(websocket, runtime, e.code, e.message)
+                continue
         return start
+
+
+@dataclass(frozen=True)
+class Resumed(SessionStart):
+    """A session_start that resumes a conversation: its messages, its agent, how many times it was resumed."""
+
+    history: tuple = ()
+    resumed_agent: str | None = None
+    reconnects: int = 0
+
+
+def _agent_of(start: SessionStart, runtime: Runtime) -> str | None:
+    """The agent a session_start names; a resumed conversation keeps its agent (if the server still has it)."""
+    if isinstance(start, Resumed) and start.resumed_agent in runtime.agents.by_name:
+        return start.resumed_agent
+    return start.agent
+
+
+async def resumed(start: SessionStart, runtime: Runtime) -> Resumed:
+    """Check `start.resume` (the token, its user, the conversation still kept here) or ProtocolError RESUME_FAILED."""
+    who = start.verified_user_id or f"client:{clean_text(start.user_id, FIELD_LIMITS['client_user_id']) or ''}"
+    assert start.resume_session_id is not None
+    before = runtime.resume_tokens.redeem(start.resume_token, start.resume_session_id, who)
+    kept = await runtime.take_resumable(start.resume_session_id, who)
+    if kept is None:
+        window = runtime.settings.resume_window_secs
+        raise ProtocolError(
+            ErrorCode.RESUME_FAILED,
+            f"that conversation cannot be resumed (it ended over {window:g} s ago, or on another machine); "
+            "start a new session",
+        )
+    agent, history = kept
+    return Resumed(**vars(start), history=tuple(history), resumed_agent=agent, reconnects=before + 1)
 
 
 class Session(VoiceSession):
@@ -134,8 +174,16 @@ class Session(VoiceSession):
                 ip_address=ws.client.host if ws.client else None,
             ),
             transport_name="websocket",
-            agent=runtime.agents.named(start.agent),
+            agent=runtime.agents.named(_agent_of(start, runtime)),
+            resumable=True,
         )
+        if isinstance(start, Resumed):  # the conversation goes on: its messages, the session it continues
+            self.history, self.resumed_from, self.reconnects = (
+                list(start.history),
+                start.resume_session_id,
+                start.reconnects,
+            )
+            self.info.resumed_from, self.info.reconnects = self.resumed_from, self.reconnects
         self.websocket = websocket
         self.start = start
         self.speed = start.speed
@@ -219,6 +267,10 @@ class Session(VoiceSession):
             {
                 "type": "session_started",
                 "sessionId": self.session_id,
+                # What lets this client resume the conversation if its connection drops (session_start `resume`).
+                "resumeToken": self.runtime.resume_tokens.issue(self.session_id, self.who, self.reconnects),
+                "resumed": self.resumed_from is not None,
+                **({"resumedFrom": self.resumed_from} if self.resumed_from else {}),
                 "audioFormat": {"encoding": "pcm_s16le", "sampleRate": out_rate, "channels": 1},
                 "input": {
                     "encoding": "pcm_s16le",

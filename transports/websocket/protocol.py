@@ -24,6 +24,8 @@ class SessionStart:
     verified_user_id: str | None = None  # the token's `sub` when auth is on
     agent: str | None = None  # one of the server's agents (checked by the door), None for the default
     speed: float = 1.0  # the voice's speed, MIN_VOICE_SPEED..MAX_VOICE_SPEED
+    resume_session_id: str | None = None  # `resume`: the session whose conversation this one continues
+    resume_token: str | None = None  # ... and that session's resumeToken
 
 
 def _string_field(msg: dict, name: str, required: bool) -> str | None:
@@ -64,13 +66,28 @@ def _required_string(msg: dict, name: str) -> str:
     return value
 
 
+def _resume(msg: dict[str, Any]) -> tuple[str | None, str | None]:
+    resume = msg.get("resume")
+    if resume is None:
+        return None, None
+    if not isinstance(resume, dict):
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "'resume' must be an object with 'sessionId' and 'token'")
+    session_id, token = resume.get("sessionId"), resume.get("token")
+    if not isinstance(session_id, str) or not isinstance(token, str) or len(session_id) > 64 or len(token) > 2048:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "'resume' needs the string fields 'sessionId' and 'token'")
+    return session_id, token
+
+
 def parse_session_start(msg: dict[str, Any]) -> SessionStart:
+    resume_session_id, resume_token = _resume(msg)
     return SessionStart(
         user_id=_required_string(msg, "userId"),
         conversation_id=_required_string(msg, "conversationId"),
         auth_token=_string_field(msg, "authToken", False),
         agent=_string_field(msg, "agent", False),
         speed=parse_speed(msg.get("speed")),
+        resume_session_id=resume_session_id,
+        resume_token=resume_token,
     )
 
 
