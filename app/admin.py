@@ -78,19 +78,27 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def throttled(ip: str, throttle: FailureThrottle) -> JSONResponse | None:
+    """The 429 for an address past its allowance of wrong tokens (admin API, /metrics, /api/history), else None."""
+    wait = throttle.blocked(ip)
+    if not wait:
+        return None
+    return _error(
+        429,
+        "ADMIN_RATE_LIMITED",
+        f"too many wrong tokens from this address; retry in {wait:.0f} s",
+        headers={"Retry-After": str(int(wait + 0.999))},
+    )
+
+
 def check_token(
     request: Request, expected: str, throttle: FailureThrottle, code: str, hint: str
 ) -> JSONResponse | None:
     """None when the request carries `expected`; else the 401 (or, past the throttle, 429) to answer."""
     ip = client_ip(request)
-    wait = throttle.blocked(ip)
-    if wait:
-        return _error(
-            429,
-            "ADMIN_RATE_LIMITED",
-            f"too many wrong tokens from this address; retry in {wait:.0f} s",
-            headers={"Retry-After": str(int(wait + 0.999))},
-        )
+    refused = throttled(ip, throttle)
+    if refused is not None:
+        return refused
     if token_ok(_presented_token(request), expected):
         return None
     throttle.failed(ip)

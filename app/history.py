@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from loguru import logger
 
-from app.admin import client_ip
+from app.admin import client_ip, throttled
 from app.web_assets import web_dir
 from bots.auth import AuthError
 from bots.limits import FailureThrottle
@@ -73,14 +73,9 @@ def history_router(runtime: Runtime, throttle: FailureThrottle) -> APIRouter:
         if not runtime.auth.enabled:
             return _error(404, "HISTORY_DISABLED", "history needs signed-in users (SUPABASE_JWT_SECRET or JWKS)")
         ip = client_ip(request)
-        wait = throttle.blocked(ip)
-        if wait:
-            return _error(
-                429,
-                "ADMIN_RATE_LIMITED",
-                f"too many wrong tokens from this address; retry in {wait:.0f} s",
-                {"Retry-After": str(int(wait + 0.999))},
-            )
+        refused = throttled(ip, throttle)
+        if refused is not None:
+            return refused
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         try:

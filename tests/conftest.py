@@ -49,6 +49,14 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
+def engines():
+    """The process-wide local engines a pipeline needs without speech recognition: Piper, Silero (no Whisper)."""
+    from services.local.engines import LocalEngines
+
+    return LocalEngines.load(stt=False, smart_turn=False)
+
+
+@pytest.fixture(scope="session")
 def speech(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("speech")
     speaker = Speaker(out)

@@ -135,3 +135,18 @@ def chromium_with_microphone(playwright, wav: Path, *extra: str):
             *extra,
         ],
     )
+
+
+class TransportEnds:
+    """Stands in for a transport's two ends (the pipeline builder only calls input() and output())."""
+
+    def __init__(self):
+        from pipecat.processors.frame_processor import FrameProcessor
+
+        self._in, self._out = FrameProcessor(), FrameProcessor()
+
+    def input(self):
+        return self._in
+
+    def output(self):
+        return self._out

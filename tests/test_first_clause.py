@@ -20,12 +20,12 @@ from pipecat.frames.frames import (
     TTSTextFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from config.settings import Settings
 from processors.first_clause import FirstClauseAggregator, FirstClauseTextProcessor
 from processors.sentence_marker import SentenceMarker
+from tests.helpers import TransportEnds
 from transports.websocket.serializer import AtlasProtocolSerializer
 
 HARBOUR = "The best time to visit the harbour, if you ask me, is early. Boats come in at six."
@@ -157,26 +157,6 @@ def test_setting(monkeypatch):
     assert Settings().first_clause_words == 0
 
 
-@pytest.fixture(scope="module")
-def engines():
-    from services.local.engines import LocalEngines
-
-    return LocalEngines.load(stt=False, smart_turn=False)
-
-
-class _Transport:
-    """Stands in for a transport's two ends (the pipeline builder only calls input() and output())."""
-
-    def __init__(self):
-        self._in, self._out = FrameProcessor(), FrameProcessor()
-
-    def input(self):
-        return self._in
-
-    def output(self):
-        return self._out
-
-
 @pytest.mark.parametrize("words", [4, 0])
 def test_pipeline_has_the_spoken_reply_step_with_or_without_the_first_clause(engines, tmp_path, words):
     from bots.pipeline import build_pipeline
@@ -185,7 +165,7 @@ def test_pipeline_has_the_spoken_reply_step_with_or_without_the_first_clause(eng
     settings = Settings(cache_dir=tmp_path, first_clause_words=words, llm_url="http://127.0.0.1:9/v1")
     runtime = Runtime(settings=settings)
     runtime.engines, runtime.llm_base_url = engines, settings.llm_url
-    built = build_pipeline(runtime, _Transport())
+    built = build_pipeline(runtime, TransportEnds())
     steps = [type(p).__name__ for p in built.pipeline.processors]
     after_llm = steps[steps.index(type(built.llm).__name__) + 1 :][:2]
     assert after_llm == ["SpokenReplyProcessor", "SharedPiperTTSService"]

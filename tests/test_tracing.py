@@ -26,12 +26,11 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
-from pipecat.processors.frame_processor import FrameProcessor
 
 from config.settings import Settings
 from fakes.base import FakeServer
 from monitoring import tracing
-from tests.helpers import Speaker, free_port
+from tests.helpers import Speaker, TransportEnds, free_port
 
 SERVICE = "atlas-voice-test"
 VOICE = "21m00Tcm4TlvDq8EAJjs"
@@ -72,26 +71,6 @@ def exporter():
 # --- fast -------------------------------------------------------------------------------------------------
 
 
-class _Transport:
-    """Stands in for a transport's two ends (the pipeline builder only calls input() and output())."""
-
-    def __init__(self):
-        self._in, self._out = FrameProcessor(), FrameProcessor()
-
-    def input(self):
-        return self._in
-
-    def output(self):
-        return self._out
-
-
-@pytest.fixture(scope="module")
-def engines():
-    from services.local.engines import LocalEngines
-
-    return LocalEngines.load(stt=False, smart_turn=False)
-
-
 def _worker(engines, tmp_path, **settings):
     from bots.runtime import Runtime
     from bots.session import Caller, VoiceSession
@@ -107,7 +86,7 @@ def _worker(engines, tmp_path, **settings):
     )
     runtime = Runtime(settings=s)
     runtime.engines = engines
-    return VoiceSession(runtime, Caller()).make_worker(_Transport())
+    return VoiceSession(runtime, Caller()).make_worker(TransportEnds())
 
 
 def test_tracing_off_adds_no_tracer_and_no_turn_tracking(engines, tmp_path):
