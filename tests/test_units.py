@@ -71,15 +71,18 @@ def test_piper_speaks_a_sessions_speed_without_changing_the_shared_voice():
     from services.local import models
 
     voice = PiperVoice.load(str(models.verified_piper_dir(None) / f"{models.PIPER_VOICE}.onnx"))
+    own_scale = voice.config.length_scale
     text = "The quick brown fox jumps over the lazy dog near the river bank."
 
     def seconds(v) -> float:
-        return sum(len(c.audio_int16_bytes) for c in v.synthesize(text)) / 2 / voice.config.sample_rate
+        # Piper draws its phoneme durations with noise (a few % from one synthesis to the next): a mean of three
+        runs = [sum(len(c.audio_int16_bytes) for c in v.synthesize(text)) for _ in range(3)]
+        return sum(runs) / len(runs) / 2 / voice.config.sample_rate
 
     normal, slow, fast = seconds(voice), seconds(VoiceAtSpeed(voice, 0.8)), seconds(VoiceAtSpeed(voice, 1.2))
     # Length scale stretches the phonemes (1.5x from 1.2 to 0.8), not the voice's fixed silences: ~1.25x here.
-    assert slow / fast > 1.15 and fast < normal * 0.95 and slow > normal * 1.05, (slow, normal, fast)
-    assert seconds(voice) == pytest.approx(normal, rel=0.02)  # the shared voice itself is unchanged
+    assert slow / fast > 1.15 and fast < normal * 0.97 and slow > normal * 1.03, (slow, normal, fast)
+    assert voice.config.length_scale == own_scale  # the shared voice itself is unchanged
 
 
 def test_audio_checks():
