@@ -100,10 +100,9 @@ class Runtime:
         """Whether this is the first rating of the session this process sees (within a day; at most 100 000
         remembered): /metrics counts a session once, however often its rating is posted."""
         now = time.monotonic()
-        if len(self._rated) > 100_000 or (self._rated and next(iter(self._rated.values())) < now - 86400):
-            self._rated = {k: t for k, t in self._rated.items() if t > now - 86400}
-            while len(self._rated) > 100_000:
-                del self._rated[next(iter(self._rated))]
+        # Kept in the order they came (a dict's order), so the oldest, the first to go, is always the first key.
+        while self._rated and (len(self._rated) >= 100_000 or next(iter(self._rated.values())) < now - 86400):
+            del self._rated[next(iter(self._rated))]
         if session_id in self._rated:
             return False
         self._rated[session_id] = now

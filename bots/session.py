@@ -117,7 +117,7 @@ class VoiceSession:
         if self.agent is None:
             key = self.rollout_key or self.caller.user_id or self.caller.client_user_id or self.caller.ip_address
             self.agent, self.variant = self.runtime.rollout.assign(key)
-        self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn, on_reply_started=self._reply_started)
+        self.metrics = TurnMetricsObserver(on_turn_closed=self._record_turn, on_reply_started=self.on_reply_started)
         c = self.caller
         self.info = SessionInfo(
             id=self.session_id,
@@ -154,12 +154,9 @@ class VoiceSession:
     def on_turn_recorded(self, record: TurnRecord) -> None:
         """A turn closed and was recorded (called from inside the pipeline: do not wait here); doors override."""
 
-    def _reply_started(self, turn: Turn) -> None:
-        self.on_reply_started(turn.record())
-
-    def on_reply_started(self, record: TurnRecord) -> None:
-        """A turn's reply began to play: its latency, stage by stage, is known (called from inside the pipeline:
-        do not wait here); doors that tell their client override."""
+    def on_reply_started(self, turn: Turn) -> None:
+        """A turn's reply began to play: its latency, stage by stage, is known (`turn.record()`; called from inside
+        the pipeline: do not wait here); doors that tell their client override."""
 
     def count_error(self, code: str) -> None:
         """An error the session reported (to its client, or for a phone call, to the log)."""

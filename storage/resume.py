@@ -34,14 +34,18 @@ class ResumeStore:
         self.path = Path(path)
         self._redis = redis
         self._prefix = f"{prefix}:resume"
+        self._made = False  # the file and its table exist
 
     # --- SQLite (one machine) ------------------------------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=5, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(_SCHEMA)
+        if not self._made:
+            conn.execute("PRAGMA journal_mode=WAL")  # kept by the file
+            conn.executescript(_SCHEMA)
+            self._made = True
         return conn
 
     def _keep_sqlite(self, session_id: str, entry: str, who: str, agent: str, expires: float) -> None:

@@ -35,8 +35,9 @@ import json
 from fastapi import Request, WebSocket
 from fastapi.responses import JSONResponse
 from loguru import logger
-from pipecat.frames.frames import InputAudioRawFrame
+from pipecat.frames.frames import InputAudioRawFrame, OutputTransportMessageUrgentFrame
 from pipecat.processors.frameworks.rtvi import models as RTVI
+from pipecat.serializers.protobuf import ProtobufFrameSerializer
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -89,8 +90,7 @@ class RTVISession(VoiceSession):
         await self.tell(code, message)
 
     async def notify_limit(self, code: ErrorCode, message: str) -> None:
-        self.count_error(str(code))
-        await self.tell(code, message)
+        await self.tell_refused(code, message)
         await asyncio.sleep(0.2)  # the message goes out before the cancel that follows
 
     async def on_tool_failure(self, name: str, reason: str) -> None:
@@ -370,9 +370,6 @@ def _is_https(request: Request) -> bool:
 
 async def _refuse(websocket: WebSocket, code: ErrorCode, message: str, close: int) -> None:
     """Refuse a socket before its session: an RTVI `error` in a protobuf message frame, then the close."""
-    from pipecat.frames.frames import OutputTransportMessageUrgentFrame
-    from pipecat.serializers.protobuf import ProtobufFrameSerializer
-
     rtvi_error = RTVI.Error(data=RTVI.ErrorData(error=f"{code}: {message}", fatal=True)).model_dump()
     try:
         data = await ProtobufFrameSerializer().serialize(OutputTransportMessageUrgentFrame(message=rtvi_error))

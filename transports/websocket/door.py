@@ -30,6 +30,7 @@ from bots.limits import AudioBudget, KeyedLimit, MessageRate, SharedKeyedLimit
 from bots.runtime import Runtime
 from bots.session import FIELD_LIMITS, Caller, VoiceSession, clean_text
 from processors.client_events import ClientEventsObserver
+from processors.turn_metrics import Turn
 from transports.common import audio_socket_params, close_quietly
 from transports.websocket.messages import session_end_message, turn_metrics_message
 from transports.websocket.protocol import SessionStart, parse_before_start
@@ -38,7 +39,6 @@ from transports.websocket.transport import AtlasWebsocketTransport
 from vocabulary.audio import CLIENT_SAMPLE_RATE
 from vocabulary.errors import SHUTTING_DOWN_MESSAGE, CloseCode, ErrorCode, ProtocolError, error_message
 from vocabulary.frames import CodedErrorFrame
-from vocabulary.records import TurnRecord
 
 CLOSE_NORMAL = CloseCode.NORMAL
 CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
@@ -203,8 +203,8 @@ class Session(VoiceSession):
         if self.worker is not None and not self.worker.has_finished():
             await self.worker.queue_frame(OutputTransportMessageUrgentFrame(message=message))
 
-    def on_reply_started(self, record: TurnRecord) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(turn_metrics_message(record)))
+    def on_reply_started(self, turn: Turn) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(turn_metrics_message(turn.record())))
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
